@@ -1,0 +1,1 @@
+"""The four splitwise services, each a thin process: config -> core objects -> gRPC server."""

@@ -1,0 +1,1 @@
+"""kv_store: the KV relay and store."""

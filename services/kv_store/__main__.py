@@ -1,0 +1,3 @@
+from services.kv_store.app import main
+
+main()

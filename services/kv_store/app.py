@@ -1,0 +1,53 @@
+"""kv_store process: the KV relay and store."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from splitwise.config import KVStoreConfig, parse_config
+from splitwise.rpc.v1 import kv_store_pb2, kv_store_pb2_grpc
+from splitwise.server import GrpcService, bound_address, start_server, wait_for_termination
+from splitwise.telemetry.logs import setup_logging
+from splitwise.telemetry.tracing import setup_tracing
+
+from services.kv_store.server import KVStoreServicer
+
+SERVICE = "kv_store"
+
+
+@dataclass
+class KVStore:
+    service: GrpcService
+    servicer: KVStoreServicer
+    expiry: asyncio.Task
+    address: str
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self.expiry.cancel()
+        await self.service.stop(grace_s)
+
+
+async def start(config: KVStoreConfig) -> KVStore:
+    servicer = KVStoreServicer(config.ttl_s, config.max_bytes, config.get_wait_s)
+    service = await start_server(
+        config.listen,
+        [(kv_store_pb2_grpc.add_KVStoreServicer_to_server, servicer)],
+        [kv_store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name],
+    )
+    expiry = asyncio.create_task(servicer.expire_forever())
+    return KVStore(service, servicer, expiry, bound_address(config.listen, service.port))
+
+
+async def serve(config: KVStoreConfig) -> None:
+    store = await start(config)
+    print(f"{SERVICE} serving on {store.address}", flush=True)
+    await wait_for_termination()
+    await store.stop()
+
+
+def main(argv=None) -> None:
+    config = parse_config(KVStoreConfig, argv)
+    setup_logging(SERVICE, config.log_level)
+    setup_tracing(SERVICE, config.trace_file or None)
+    asyncio.run(serve(config))

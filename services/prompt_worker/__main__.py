@@ -1,0 +1,3 @@
+from services.prompt_worker.app import main
+
+main()

@@ -1,0 +1,75 @@
+"""Prompt worker process: config -> engine -> gRPC server, registered in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from splitwise.channels import ChannelPool
+from splitwise.cluster.registry import Heartbeat
+from splitwise.config import PromptWorkerConfig, parse_config
+from splitwise.engine.kv_cache import KVPool
+from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
+from splitwise.server import GrpcService, bound_address, wait_for_termination, start_server
+from splitwise.telemetry.logs import setup_logging
+from splitwise.telemetry.tracing import setup_tracing
+from splitwise.worker import load_engine, start_heartbeat
+
+from services.prompt_worker.server import PromptWorkerServicer
+
+SERVICE = "prompt_worker"
+# Prompts held at once, in units of the model's context window.
+CONCURRENT_CONTEXTS = 8
+
+
+@dataclass
+class PromptWorker:
+    service: GrpcService
+    servicer: PromptWorkerServicer
+    heartbeat: Heartbeat
+    channels: ChannelPool
+    address: str
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self.servicer.draining = True
+        await self.heartbeat.stop()
+        await self.service.stop(grace_s)
+        await self.channels.close()
+        self.servicer.runner.close()
+
+
+async def start(config: PromptWorkerConfig) -> PromptWorker:
+    engine = await asyncio.to_thread(load_engine, config)
+    loaded = engine.runner.loaded
+    pool = KVPool(loaded.config, CONCURRENT_CONTEXTS * loaded.config.max_position_embeddings,
+                  engine.runner.device, engine.runner.dtype)
+    channels = ChannelPool()
+    servicer = PromptWorkerServicer(engine.runner, pool, engine.layout, channels, config.kv_chunk_bytes,
+                                    config.kv_transfer_timeout_s)
+    service = await start_server(
+        config.listen,
+        [(worker_pb2_grpc.add_PromptWorkerServicer_to_server, servicer)],
+        [worker_pb2.DESCRIPTOR.services_by_name["PromptWorker"].full_name],
+    )
+    address = config.advertise or bound_address(config.listen, service.port)
+    heartbeat = start_heartbeat(
+        config, "prompt", address, engine,
+        lambda: {"pending_tokens": servicer.pending_tokens, "active_requests": servicer.active_requests,
+                 "kv_capacity_tokens": pool.capacity_tokens, "kv_used_tokens": pool.used_tokens},
+    )
+    await heartbeat.start()
+    return PromptWorker(service, servicer, heartbeat, channels, address)
+
+
+async def serve(config: PromptWorkerConfig) -> None:
+    worker = await start(config)
+    print(f"{SERVICE} {worker.heartbeat.describe().worker_id} serving on {worker.address}", flush=True)
+    await wait_for_termination()
+    await worker.stop()
+
+
+def main(argv=None) -> None:
+    config = parse_config(PromptWorkerConfig, argv)
+    setup_logging(SERVICE, config.log_level)
+    setup_tracing(SERVICE, config.trace_file or None)
+    asyncio.run(serve(config))

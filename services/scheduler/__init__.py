@@ -1,0 +1,1 @@
+"""Scheduler: the front door; routes each request to a prompt worker and a token worker."""

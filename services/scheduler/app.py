@@ -1,0 +1,72 @@
+"""Scheduler process: tokenizer and registry view -> gRPC front door."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+
+from splitwise.channels import ChannelPool
+from splitwise.cluster.registry import WorkerRegistry
+from splitwise.config import SchedulerConfig, cache_dir_of, parse_config
+from splitwise.model.weights import eos_token_ids, load_tokenizer, read_hf_config, resolve_model
+from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
+from splitwise.server import GrpcService, bound_address, start_server, wait_for_termination
+from splitwise.telemetry.logs import setup_logging
+from splitwise.telemetry.tracing import setup_tracing
+
+from services.scheduler.server import ModelInfo, SchedulerServicer
+
+SERVICE = "scheduler"
+
+
+@dataclass
+class Scheduler:
+    service: GrpcService
+    servicer: SchedulerServicer
+    refresher: asyncio.Task
+    channels: ChannelPool
+    address: str
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self.refresher.cancel()
+        await self.service.stop(grace_s)
+        await self.channels.close()
+
+
+def load_model_info(config: SchedulerConfig) -> ModelInfo:
+    name, folder = resolve_model(config.model, cache_dir_of(config))
+    hf = read_hf_config(folder)
+    return ModelInfo(name, load_tokenizer(folder), hf["max_position_embeddings"], hf["vocab_size"],
+                     frozenset(eos_token_ids(hf, folder)))
+
+
+async def start(config: SchedulerConfig) -> Scheduler:
+    model = await asyncio.to_thread(load_model_info, config)
+    registry = WorkerRegistry(redis.Redis.from_url(config.redis_url))
+    channels = ChannelPool()
+    servicer = SchedulerServicer(model, registry, channels, config.kv_transfer, config.kv_store_address,
+                                 config.request_timeout_s)
+    servicer.workers = await registry.workers()
+    refresher = asyncio.create_task(servicer.refresh_workers_forever(config.registry_refresh_s))
+    service = await start_server(
+        config.listen,
+        [(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer)],
+        [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name],
+    )
+    return Scheduler(service, servicer, refresher, channels, bound_address(config.listen, service.port))
+
+
+async def serve(config: SchedulerConfig) -> None:
+    scheduler = await start(config)
+    print(f"{SERVICE} serving on {scheduler.address}", flush=True)
+    await wait_for_termination()
+    await scheduler.stop()
+
+
+def main(argv=None) -> None:
+    config = parse_config(SchedulerConfig, argv)
+    setup_logging(SERVICE, config.log_level)
+    setup_tracing(SERVICE, config.trace_file or None)
+    asyncio.run(serve(config))

@@ -1,0 +1,47 @@
+"""Builds a request's GenerateResponse stream: detokenized text, stop strings, finish reason and usage."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from splitwise.engine.detokenizer import Detokenizer
+from splitwise.engine.sampling import SamplingParams
+from splitwise.rpc.v1 import common_pb2, scheduler_pb2
+
+
+class OutputStream:
+    def __init__(self, request_id: str, tokenizer, params: SamplingParams, prompt_tokens: int,
+                 eos_token_ids: frozenset[int]):
+        self.request_id = request_id
+        self.params = params
+        self.prompt_tokens = prompt_tokens
+        self.eos_token_ids = eos_token_ids
+        self.detokenizer = Detokenizer(tokenizer, params.stop)
+        self.completion_tokens = 0
+        self.finish_reason = common_pb2.FINISH_REASON_UNSPECIFIED
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+
+    def _own_finish_reason(self, token_ids: Sequence[int]) -> int:
+        if token_ids and token_ids[-1] in self.eos_token_ids and not self.params.ignore_eos:
+            return common_pb2.FINISH_REASON_STOP
+        if self.completion_tokens >= self.params.max_tokens:
+            return common_pb2.FINISH_REASON_LENGTH
+        return common_pb2.FINISH_REASON_UNSPECIFIED
+
+    def add(self, token_ids: Sequence[int], worker_finish_reason: int | None = None) -> scheduler_pb2.GenerateResponse:
+        """Takes new tokens (and the worker's finish reason, if it gave one) and returns the message to send."""
+        self.completion_tokens += len(token_ids)
+        reason = worker_finish_reason or self._own_finish_reason(token_ids)
+        delta = self.detokenizer.add(token_ids, final=bool(reason))
+        if delta.stopped:
+            reason = common_pb2.FINISH_REASON_STOP
+        self.finish_reason = reason or common_pb2.FINISH_REASON_UNSPECIFIED
+        response = scheduler_pb2.GenerateResponse(request_id=self.request_id, token_ids=token_ids, text=delta.text)
+        if self.finished:
+            response.finish_reason = self.finish_reason
+            response.usage.prompt_tokens = self.prompt_tokens
+            response.usage.completion_tokens = self.completion_tokens
+        return response

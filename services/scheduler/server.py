@@ -1,0 +1,231 @@
+"""The Scheduler servicer: validates, routes to a prompt worker and a token worker, and streams the output."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+import redis.asyncio as redis
+from opentelemetry.trace import SpanKind
+
+from splitwise.channels import ChannelPool
+from splitwise.cluster.registry import WorkerInfo, WorkerRegistry
+from splitwise.cluster.routing import NoWorkerAvailable, Route, route
+from splitwise.engine.sampling import SamplingParams
+from splitwise.rpc import convert
+from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from splitwise.telemetry.tracing import incoming_context, outgoing_metadata, record_error, tracer
+
+from services.scheduler.output import OutputStream
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequest(ValueError):
+    pass
+
+
+class WorkerFailed(Exception):
+    """A worker call failed; `code` is the status the client gets."""
+
+    def __init__(self, who: str, code: grpc.StatusCode, details: str):
+        super().__init__(f"{who}: {details}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    tokenizer: object
+    max_context_tokens: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(
+        self,
+        model: ModelInfo,
+        registry: WorkerRegistry,
+        channels: ChannelPool,
+        kv_transfer: str,
+        kv_store_address: str,
+        request_timeout_s: float,
+    ):
+        if kv_transfer not in ("direct", "relay"):
+            raise ValueError(f"kv_transfer must be 'direct' or 'relay', got {kv_transfer!r}")
+        self.model = model
+        self.registry = registry
+        self.channels = channels
+        self.kv_transfer = kv_transfer
+        self.kv_store_address = kv_store_address
+        self.request_timeout_s = request_timeout_s
+        self.workers: list[WorkerInfo] = []
+        self.in_flight_tokens: dict[str, int] = {}
+        self.requests_in_flight = 0
+
+    async def refresh_workers_forever(self, interval_s: float) -> None:
+        while True:
+            try:
+                self.workers = await self.registry.workers()
+            except (redis.RedisError, OSError) as e:
+                log.warning("cannot read the worker registry: %s", e)
+            await asyncio.sleep(interval_s)
+
+    # -- validation -------------------------------------------------------------------------------
+
+    def _prompt_ids(self, request: scheduler_pb2.GenerateRequest) -> list[int]:
+        tokenizer = self.model.tokenizer
+        kind = request.WhichOneof("input")
+        if kind == "prompt":
+            if not request.prompt:
+                raise InvalidRequest("prompt is empty")
+            ids = tokenizer.encode(request.prompt, add_special_tokens=False)
+        elif kind == "chat":
+            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not messages:
+                raise InvalidRequest("chat has no messages")
+            if any(m["role"] not in ("system", "user", "assistant") for m in messages):
+                raise InvalidRequest("chat message roles must be system, user or assistant")
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        elif kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            if ids and (min(ids) < 0 or max(ids) >= self.model.vocab_size):
+                raise InvalidRequest(f"token ids must be in [0, {self.model.vocab_size})")
+        else:
+            raise InvalidRequest("set one input: prompt, chat or token_ids")
+        if not ids:
+            raise InvalidRequest("the prompt has no tokens")
+        return ids
+
+    def _validate(self, request: scheduler_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        if request.model and request.model != self.model.name:
+            raise InvalidRequest(f"unknown model {request.model!r}; this cluster serves {self.model.name!r}")
+        params = convert.sampling_from_pb(request.sampling)
+        try:
+            params.validate()
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
+        ids = self._prompt_ids(request)
+        limit = self.model.max_context_tokens
+        if len(ids) + params.max_tokens > limit:
+            raise InvalidRequest(
+                f"this model's context window is {limit} tokens, but the request needs {len(ids) + params.max_tokens} "
+                f"({len(ids)} prompt + {params.max_tokens} max_tokens); shorten the prompt or lower max_tokens"
+            )
+        return ids, params
+
+    # -- Generate ---------------------------------------------------------------------------------
+
+    async def Generate(self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id or uuid.uuid4().hex
+        with incoming_context(context.invocation_metadata()), tracer().start_as_current_span(
+            "scheduler.generate", kind=SpanKind.SERVER
+        ) as span:
+            span.set_attribute("splitwise.request_id", rid)
+            try:
+                ids, params = self._validate(request)
+            except InvalidRequest as e:
+                record_error(span, e)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            span.set_attributes({"prompt.tokens": len(ids), "sampling.max_tokens": params.max_tokens})
+            remaining = context.time_remaining()
+            timeout_s = min(remaining, self.request_timeout_s) if remaining is not None else self.request_timeout_s
+            self.requests_in_flight += 1
+            try:
+                async for response in self._run(rid, ids, params, timeout_s, span):
+                    yield response
+            except WorkerFailed as e:
+                record_error(span, e)
+                await context.abort(e.code, str(e))
+            except NoWorkerAvailable as e:
+                record_error(span, e)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            finally:
+                self.requests_in_flight -= 1
+
+    def _route(self, num_prompt_tokens: int, params: SamplingParams) -> Route:
+        with tracer().start_as_current_span("scheduler.route") as span:
+            chosen = route(self.workers, self.model.name, num_prompt_tokens + params.max_tokens, self.in_flight_tokens)
+            span.set_attributes({
+                "route.prompt_worker": chosen.prompt_worker.worker_id,
+                "route.token_worker": chosen.token_worker.worker_id,
+                "route.prompt_worker.pending_tokens": chosen.prompt_worker.pending_tokens,
+                "route.token_worker.pending_tokens": chosen.token_worker.pending_tokens,
+                "route.workers": len(self.workers),
+            })
+            return chosen
+
+    async def _run(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span):
+        chosen = self._route(len(ids), params)
+        prompt_w, token_w = chosen.prompt_worker, chosen.token_worker
+        loads = {prompt_w.worker_id: len(ids), token_w.worker_id: len(ids) + params.max_tokens}
+        for worker_id, tokens in loads.items():
+            self.in_flight_tokens[worker_id] = self.in_flight_tokens.get(worker_id, 0) + tokens
+        sampling = convert.sampling_to_pb(params)
+        if self.kv_transfer == "relay":
+            target = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv_store_address)
+        else:
+            target = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_TOKEN_WORKER, address=token_w.address)
+        metadata = outgoing_metadata()
+        decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
+            worker_pb2.DecodeRequest(request_id=rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target),
+            timeout=timeout_s, metadata=metadata,
+        )
+        prefill = None
+        try:
+            await self._expect(decode, f"token worker {token_w.worker_id}", "reserved")
+            prefill = worker_pb2_grpc.PromptWorkerStub(self.channels.get(prompt_w.address)).Prefill(
+                worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling, kv_target=target),
+                timeout=timeout_s, metadata=metadata,
+            )
+            who = f"prompt worker {prompt_w.worker_id}"
+            first = await self._expect(prefill, who, "first_token")
+            output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
+            response = output.add([first.token_id])
+            span.add_event("first_token")
+            yield response
+            if output.finished:
+                return
+            transfer = await self._expect(prefill, who, "transfer")
+            span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.layers": transfer.num_layers,
+                                 "kv.transfer_s": transfer.seconds})
+            while not output.finished:
+                tokens = await self._expect(decode, f"token worker {token_w.worker_id}", "tokens")
+                response = output.add(list(tokens.token_ids), tokens.finish_reason or None)
+                if response.token_ids or response.text or output.finished:
+                    yield response
+            span.set_attributes({"completion.tokens": output.completion_tokens,
+                                 "finish_reason": common_pb2.FinishReason.Name(output.finish_reason)})
+        finally:
+            for call in (decode, prefill):
+                if call is not None and not call.done():
+                    call.cancel()
+            for worker_id, tokens in loads.items():
+                self.in_flight_tokens[worker_id] -= tokens
+
+    @staticmethod
+    async def _expect(call, who: str, kind: str):
+        """Reads the next event of a worker stream, which must be of `kind`; returns its payload."""
+        try:
+            msg = await call.read()
+        except grpc.aio.AioRpcError as e:
+            raise WorkerFailed(who, e.code(), e.details()) from e
+        if msg is grpc.aio.EOF or msg.WhichOneof("kind") != kind:
+            got = "the end of the stream" if msg is grpc.aio.EOF else msg.WhichOneof("kind")
+            raise WorkerFailed(who, grpc.StatusCode.INTERNAL, f"expected {kind}, got {got}")
+        return getattr(msg, kind)
+
+    async def ClusterStatus(self, request, context) -> scheduler_pb2.ClusterStatusResponse:
+        now = time.time()
+        return scheduler_pb2.ClusterStatusResponse(
+            model=self.model.name,
+            workers=[convert.worker_to_pb(w, now) for w in self.workers],
+            requests_in_flight=self.requests_in_flight,
+            kv_transfer_mode=self.kv_transfer,
+        )

@@ -1,0 +1,1 @@
+"""Token worker: receives KV caches and runs the token phase."""

@@ -1,0 +1,3 @@
+from services.token_worker.app import main
+
+main()

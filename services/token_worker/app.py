@@ -1,0 +1,73 @@
+"""Token worker process: config -> engine and KV budget -> gRPC server, registered in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from splitwise.channels import ChannelPool
+from splitwise.cluster.registry import Heartbeat
+from splitwise.config import TokenWorkerConfig, parse_config
+from splitwise.engine.kv_cache import KVPool
+from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
+from splitwise.server import GrpcService, bound_address, start_server, wait_for_termination
+from splitwise.telemetry.logs import setup_logging
+from splitwise.telemetry.tracing import setup_tracing
+from splitwise.worker import load_engine, start_heartbeat
+
+from services.token_worker.server import TokenWorkerServicer
+
+SERVICE = "token_worker"
+
+
+@dataclass
+class TokenWorker:
+    service: GrpcService
+    servicer: TokenWorkerServicer
+    heartbeat: Heartbeat
+    channels: ChannelPool
+    address: str
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self.servicer.draining = True
+        await self.heartbeat.stop()
+        await self.service.stop(grace_s)
+        await self.channels.close()
+        self.servicer.runner.close()
+
+
+async def start(config: TokenWorkerConfig) -> TokenWorker:
+    engine = await asyncio.to_thread(load_engine, config)
+    loaded = engine.runner.loaded
+    capacity = config.kv_memory_bytes // KVPool.bytes_per_token(loaded.config, engine.runner.dtype)
+    pool = KVPool(loaded.config, capacity, engine.runner.device, engine.runner.dtype)
+    channels = ChannelPool()
+    servicer = TokenWorkerServicer(engine.runner, pool, engine.layout, loaded.eos_token_ids, channels,
+                                   config.kv_wait_timeout_s)
+    service = await start_server(
+        config.listen,
+        [(worker_pb2_grpc.add_TokenWorkerServicer_to_server, servicer)],
+        [worker_pb2.DESCRIPTOR.services_by_name["TokenWorker"].full_name],
+    )
+    address = config.advertise or bound_address(config.listen, service.port)
+    heartbeat = start_heartbeat(
+        config, "token", address, engine,
+        lambda: {"pending_tokens": pool.used_tokens, "active_requests": pool.num_requests,
+                 "kv_capacity_tokens": pool.capacity_tokens, "kv_used_tokens": pool.used_tokens},
+    )
+    await heartbeat.start()
+    return TokenWorker(service, servicer, heartbeat, channels, address)
+
+
+async def serve(config: TokenWorkerConfig) -> None:
+    worker = await start(config)
+    print(f"{SERVICE} {worker.heartbeat.describe().worker_id} serving on {worker.address}", flush=True)
+    await wait_for_termination()
+    await worker.stop()
+
+
+def main(argv=None) -> None:
+    config = parse_config(TokenWorkerConfig, argv)
+    setup_logging(SERVICE, config.log_level)
+    setup_tracing(SERVICE, config.trace_file or None)
+    asyncio.run(serve(config))

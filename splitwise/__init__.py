@@ -1,0 +1,3 @@
+"""splitwise: phase-split LLM serving (prompt and token phases on separate workers)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Cluster: the worker registry in Redis and the routing policies (pure functions)."""

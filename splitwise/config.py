@@ -1,0 +1,147 @@
+"""One configuration dataclass per service, filled from command-line flags, then environment variables, then defaults."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+def option(default, env: str, help: str):
+    """A config field readable from flag --name and from environment variable `env`."""
+    return field(default=default, metadata={"env": env, "help": help})
+
+
+def _convert(value: str, kind):
+    if kind in (bool, "bool"):
+        return value.lower() in ("1", "true", "yes", "on")
+    if kind in (int, "int"):
+        return int(value)
+    if kind in (float, "float"):
+        return float(value)
+    return value
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+    parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    for f in dataclasses.fields(cls):
+        env = f.metadata["env"]
+        default = _convert(os.environ[env], f.type) if env in os.environ else f.default
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"{f.metadata['help']} [{env}]")
+        else:
+            kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} [{env}] (default: {default})")
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def config_table(*classes: type) -> str:
+    """The README's table of configuration variables."""
+    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
+    seen = set()
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            env = f.metadata["env"]
+            if env in seen:
+                continue
+            seen.add(env)
+            flag = "--" + f.name.replace("_", "-")
+            rows.append(f"| `{env}` | `{flag}` | `{f.default}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
+def default_worker_id(role: str) -> str:
+    return f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+
+
+MODEL_HELP = "model: smollm2-135m-instruct (default), tiny-llama, or a local Hugging Face Llama-family folder"
+
+
+@dataclass
+class SchedulerConfig:
+    """The scheduler: the cluster's front door."""
+
+    listen: str = option("127.0.0.1:50051", "SPLITWISE_SCHEDULER_LISTEN", "host:port the scheduler serves on")
+    model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
+    cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry")
+    kv_transfer: str = option("direct", "SPLITWISE_KV_TRANSFER", "direct: prompt worker pushes KV to the token worker; relay: through kv_store")
+    kv_store_address: str = option("127.0.0.1:50081", "SPLITWISE_KV_STORE_ADDRESS", "kv_store host:port (relay mode)")
+    request_timeout_s: float = option(600.0, "SPLITWISE_REQUEST_TIMEOUT_S", "deadline of a request whose client set none")
+    registry_refresh_s: float = option(0.25, "SPLITWISE_REGISTRY_REFRESH_S", "how often the scheduler re-reads the registry")
+    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
+    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
+
+
+@dataclass
+class PromptWorkerConfig:
+    """A prompt worker: runs the prompt phase and ships the KV cache layer by layer."""
+
+    listen: str = option("127.0.0.1:50061", "SPLITWISE_PROMPT_WORKER_LISTEN", "host:port the prompt worker serves on")
+    advertise: str = option("", "SPLITWISE_ADVERTISE", "address other services use to reach this worker (default: listen)")
+    worker_id: str = option("", "SPLITWISE_WORKER_ID", "unique worker id (default: role-host-random)")
+    model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
+    cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
+    device: str = option("auto", "SPLITWISE_DEVICE", "cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
+    dtype: str = option("float32", "SPLITWISE_DTYPE", "float32, bfloat16 or float16")
+    num_threads: int = option(0, "SPLITWISE_NUM_THREADS", "torch compute threads (0: torch's default)")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry")
+    heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
+    registry_ttl_s: float = option(3.0, "SPLITWISE_REGISTRY_TTL_S", "a worker silent this long leaves the registry")
+    kv_chunk_bytes: int = option(1 << 20, "SPLITWISE_KV_CHUNK_BYTES", "largest KV chunk on the wire")
+    kv_transfer_timeout_s: float = option(60.0, "SPLITWISE_KV_TRANSFER_TIMEOUT_S", "deadline of one KV transfer")
+    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
+    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
+
+
+@dataclass
+class TokenWorkerConfig:
+    """A token worker: receives a request's KV cache and runs the token phase."""
+
+    listen: str = option("127.0.0.1:50071", "SPLITWISE_TOKEN_WORKER_LISTEN", "host:port the token worker serves on")
+    advertise: str = option("", "SPLITWISE_ADVERTISE", "address other services use to reach this worker (default: listen)")
+    worker_id: str = option("", "SPLITWISE_WORKER_ID", "unique worker id (default: role-host-random)")
+    model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
+    cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
+    device: str = option("auto", "SPLITWISE_DEVICE", "cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
+    dtype: str = option("float32", "SPLITWISE_DTYPE", "float32, bfloat16 or float16")
+    num_threads: int = option(0, "SPLITWISE_NUM_THREADS", "torch compute threads (0: torch's default)")
+    kv_memory_bytes: int = option(1 << 30, "SPLITWISE_KV_MEMORY_BYTES", "KV cache budget of the token worker")
+    kv_wait_timeout_s: float = option(60.0, "SPLITWISE_KV_WAIT_TIMEOUT_S", "how long a reservation waits for its KV")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry")
+    heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
+    registry_ttl_s: float = option(3.0, "SPLITWISE_REGISTRY_TTL_S", "a worker silent this long leaves the registry")
+    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
+    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
+
+
+@dataclass
+class KVStoreConfig:
+    """The kv_store: relays and keeps KV transfers by request id."""
+
+    listen: str = option("127.0.0.1:50081", "SPLITWISE_KV_STORE_LISTEN", "host:port the kv_store serves on")
+    ttl_s: float = option(300.0, "SPLITWISE_KV_STORE_TTL_S", "how long a stored transfer is kept")
+    max_bytes: int = option(4 << 30, "SPLITWISE_KV_STORE_MAX_BYTES", "refuse new transfers beyond this many bytes held")
+    get_wait_s: float = option(30.0, "SPLITWISE_KV_STORE_GET_WAIT_S", "default wait for a transfer that has not arrived")
+    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
+    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
+
+
+def cache_dir_of(config) -> Path | None:
+    return Path(config.cache_dir) if config.cache_dir else None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -1,0 +1,1 @@
+"""Engine: per-request KV storage with exact accounting, sampling, and the model runner."""

@@ -1,0 +1,74 @@
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_MAX_TOKENS = 16
+MAX_TOKENS_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        """Raises ValueError with a message a user can act on."""
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
+        if self.max_tokens > MAX_TOKENS_LIMIT:
+            raise ValueError(f"max_tokens must be <= {MAX_TOKENS_LIMIT}, got {self.max_tokens}")
+        if not self.temperature >= 0:  # also catches NaN
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> SampledToken:
+    """Picks the token after float32 `logits` [vocab]; `step` is the output position (0 = first token).
+
+    A seeded request draws from a generator seeded by (seed, step), so the result does not depend on
+    which worker samples which step.
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if params.greedy:
+        token = int(torch.argmax(logits))
+        return SampledToken(token, float(logprobs[token]))
+    scaled = logits / params.temperature
+    if params.top_k > 0 and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=logits.device)
+        generator.manual_seed((params.seed * 1_000_003 + step) % (1 << 63))
+    token = int(torch.multinomial(probs, 1, generator=generator))
+    return SampledToken(token, float(logprobs[token]))

@@ -1,0 +1,1 @@
+"""KV cache on the wire: layout agreement, bounded checksummed chunks, and the gRPC stream transport."""

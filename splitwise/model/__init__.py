@@ -1,0 +1,1 @@
+"""Model: weights loading and caching, the Llama forward pass, the tiny test model."""

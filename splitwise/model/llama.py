@@ -1,0 +1,193 @@
+"""A Llama-family decoder in plain PyTorch, writing its KV cache into caller-owned tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Called as (layer, keys, values) when a layer's KV for the new tokens is ready:
+# keys and values are [num_kv_heads, new_tokens, head_dim].
+LayerKVCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        rope = hf.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type != "default" or hf.get("rope_scaling"):
+            raise ValueError(f"unsupported RoPE scaling {rope_type!r}; only plain RoPE models are supported")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+            rms_norm_eps=hf["rms_norm_eps"],
+            rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+            max_position_embeddings=hf["max_position_embeddings"],
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache_keys: torch.Tensor,
+        cache_values: torch.Tensor,
+        start: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [T, hidden]; cache_*: [num_kv_heads, capacity, head_dim]. Returns (out, new keys, new values)."""
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim).transpose(0, 1)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        end = start + n
+        cache_keys[:, start:end] = k
+        cache_values[:, start:end] = v
+        mask, causal = None, False
+        if n > 1 and start == 0:
+            causal = True
+        elif n > 1:
+            positions = torch.arange(end, device=x.device)
+            mask = positions[None, :] <= positions[start:end, None]
+        out = F.scaled_dot_product_attention(
+            q[None],
+            cache_keys[None, :, :end],
+            cache_values[None, :, :end],
+            attn_mask=mask,
+            is_causal=causal,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        out = out[0].transpose(0, 1).reshape(n, self.num_heads * self.head_dim)
+        return self.o_proj(out), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaModel(nn.Module):
+    """Parameter names follow Hugging Face's LlamaForCausalLM so its state dict loads as is."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        inv_freq = 1.0 / (
+            config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim)
+        )
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.model.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        start: int,
+        cache_keys: torch.Tensor,
+        cache_values: torch.Tensor,
+        on_layer_kv: LayerKVCallback | None = None,
+    ) -> torch.Tensor:
+        """Runs tokens at positions [start, start + T) and returns the float32 logits of the last one.
+
+        cache_keys / cache_values: [num_layers, num_kv_heads, capacity, head_dim]; positions before
+        `start` must already hold the sequence's KV.
+        """
+        x = self.model.embed_tokens(token_ids)
+        positions = torch.arange(start, start + token_ids.shape[0], device=token_ids.device)
+        cos, sin = self.rope(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            attn_out, k, v = layer.self_attn(
+                layer.input_layernorm(x), cos, sin, cache_keys[i], cache_values[i], start
+            )
+            if on_layer_kv is not None:
+                on_layer_kv(i, k, v)
+            x = x + attn_out
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        last = self.model.norm(x[-1:])
+        return self.lm_head(last)[0].float()

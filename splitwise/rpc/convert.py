@@ -1,0 +1,80 @@
+"""The only place protobuf messages become dataclasses and back."""
+
+from __future__ import annotations
+
+from splitwise.cluster.registry import WorkerInfo
+from splitwise.engine.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from splitwise.kv.chunks import KVChunk
+from splitwise.kv.layout import KVLayout
+from splitwise.rpc.v1 import common_pb2, scheduler_pb2
+
+
+def sampling_from_pb(msg: common_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=msg.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=msg.temperature,
+        top_p=msg.top_p or 1.0,
+        top_k=msg.top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        ignore_eos=msg.ignore_eos,
+    )
+
+
+def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        max_tokens=params.max_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        stop=list(params.stop),
+        ignore_eos=params.ignore_eos,
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def layout_to_pb(layout: KVLayout) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        dtype=layout.dtype,
+        model_fingerprint=layout.model_fingerprint,
+    )
+
+
+def layout_from_pb(msg: common_pb2.KVLayout) -> KVLayout:
+    return KVLayout(msg.num_layers, msg.num_kv_heads, msg.head_dim, msg.dtype, msg.model_fingerprint)
+
+
+def chunk_to_pb(chunk: KVChunk) -> common_pb2.KVTransferMessage:
+    return common_pb2.KVTransferMessage(
+        chunk=common_pb2.KVChunk(
+            layer=chunk.layer,
+            token_start=chunk.token_start,
+            token_count=chunk.token_count,
+            key=chunk.key,
+            value=chunk.value,
+            crc32=chunk.crc32,
+        )
+    )
+
+
+def chunk_from_pb(msg: common_pb2.KVChunk) -> KVChunk:
+    return KVChunk(msg.layer, msg.token_start, msg.token_count, msg.key, msg.value, msg.crc32)
+
+
+def worker_to_pb(worker: WorkerInfo, now: float) -> scheduler_pb2.WorkerStatus:
+    return scheduler_pb2.WorkerStatus(
+        worker_id=worker.worker_id,
+        role=worker.role,
+        address=worker.address,
+        model=worker.model,
+        pending_tokens=worker.pending_tokens,
+        active_requests=worker.active_requests,
+        kv_capacity_tokens=worker.kv_capacity_tokens,
+        kv_used_tokens=worker.kv_used_tokens,
+        heartbeat_age_s=max(0.0, now - worker.heartbeat_at),
+    )

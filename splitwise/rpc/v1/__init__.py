@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the splitwise.v1 contract."""

@@ -1,0 +1,75 @@
+"""Runs a grpc.aio server with standard health checking and reflection, and stops it gracefully on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class GrpcService:
+    """A started server: its bound port, its health servicer, and a way to stop it."""
+
+    def __init__(self, server: grpc.aio.Server, health: HealthServicer, port: int, service_names: list[str]):
+        self.server = server
+        self.health = health
+        self.port = port
+        self.service_names = service_names
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+
+async def start_server(
+    listen: str,
+    servicers: Iterable[tuple[Callable, object]],
+    service_names: Iterable[str],
+) -> GrpcService:
+    """Starts serving `servicers` ((add_to_server, servicer) pairs) on `listen`; port 0 picks a free one."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    for add_to_server, servicer in servicers:
+        add_to_server(servicer, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = list(service_names)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await server.start()
+    for name in ["", *names]:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return GrpcService(server, health, port, names)
+
+
+def bound_address(listen: str, port: int) -> str:
+    host = listen.rsplit(":", 1)[0]
+    if host in ("", "0.0.0.0", "[::]"):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+async def wait_for_termination() -> None:
+    """Returns when the process receives SIGTERM or SIGINT."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("termination signal received: draining")

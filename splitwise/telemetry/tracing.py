@@ -1,0 +1,85 @@
+"""Sets up the tracer provider (OTEL_* exporters plus an optional JSON-lines file) and propagates context over gRPC."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.trace import Status, StatusCode
+
+from splitwise.telemetry.jsonl_exporter import JsonLinesSpanExporter
+
+TRACER_NAME = "splitwise"
+
+
+def _otlp_exporter():
+    protocol = os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    )
+    if protocol.startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()  # endpoint, headers, timeout: from the standard OTEL_EXPORTER_OTLP_* variables
+
+
+def _configured_exporters() -> list[str]:
+    """OTEL_TRACES_EXPORTER as the spec reads it; unset means OTLP only when an endpoint is configured."""
+    value = os.environ.get("OTEL_TRACES_EXPORTER")
+    if value is None:
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        return ["otlp"] if endpoint else []
+    return [name.strip() for name in value.split(",") if name.strip() and name.strip() != "none"]
+
+
+def setup_tracing(service_name: str, trace_file: Path | None = None) -> TracerProvider:
+    """Installs the global tracer provider for this process (the one singleton we allow)."""
+    attributes = {"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)}
+    provider = TracerProvider(resource=Resource.create(attributes))
+    for name in _configured_exporters():
+        if name == "otlp":
+            provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
+        elif name == "console":
+            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        else:
+            raise ValueError(f"OTEL_TRACES_EXPORTER names {name!r}; supported: otlp, console, none")
+    if trace_file:
+        # Synchronous: a line per span is cheap, and the file is complete when a request returns.
+        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(trace_file)))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+def outgoing_metadata(extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """gRPC metadata carrying the current W3C trace context."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return [*carrier.items(), *extra]
+
+
+@contextmanager
+def incoming_context(metadata: Sequence[tuple[str, str | bytes]] | None) -> Iterator[None]:
+    """Makes the trace context sent by the caller current for the body of the with-block."""
+    carrier = {key: value for key, value in (metadata or ()) if isinstance(value, str)}
+    token = otel_context.attach(propagate.extract(carrier))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def record_error(span: trace.Span, error: BaseException | str) -> None:
+    span.set_status(Status(StatusCode.ERROR, str(error)))
+    if isinstance(error, BaseException):
+        span.record_exception(error)
