@@ -1,0 +1,129 @@
+"""The `splitwise` command: up | generate | status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from splitwise.client import DEFAULT_ADDRESS, SplitwiseClient
+from splitwise.model.weights import DEFAULT_MODEL
+
+
+def _address(args) -> str:
+    return args.address or os.environ.get("SPLITWISE_ADDRESS", DEFAULT_ADDRESS)
+
+
+async def _generate(args) -> int:
+    if args.raw:
+        kwargs = {"prompt": args.prompt}
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        kwargs = {"messages": [*messages, {"role": "user", "content": args.prompt}]}
+    async with SplitwiseClient(_address(args)) as client:
+        start = time.perf_counter()
+        first = None
+        last = None
+        try:
+            async for chunk in client.stream(
+                **kwargs, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=args.stop or (), ignore_eos=args.ignore_eos,
+                timeout=args.timeout,
+            ):
+                if first is None and chunk.token_ids:
+                    first = time.perf_counter() - start
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+        except grpc.aio.AioRpcError as e:
+            print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    total = time.perf_counter() - start
+    print()
+    if last is not None and not args.quiet:
+        decode_rate = (last.completion_tokens - 1) / max(total - (first or 0), 1e-9)
+        print(f"[{last.finish_reason}; {last.prompt_tokens} prompt + {last.completion_tokens} completion tokens; "
+              f"time to first token {first * 1e3:.0f} ms; {decode_rate:.1f} tokens/s after it; "
+              f"request {last.request_id}]", file=sys.stderr)
+    return 0
+
+
+async def _status(args) -> int:
+    async with SplitwiseClient(_address(args)) as client:
+        try:
+            status = await client.cluster_status()
+        except grpc.aio.AioRpcError as e:
+            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(f"model {status.model}; KV transfer {status.kv_transfer_mode}; {status.requests_in_flight} requests in flight")
+    print(f"{'worker':<24} {'role':<7} {'address':<22} {'pending tok':>11} {'active':>6} {'KV used/capacity tok':>22} {'heartbeat':>9}")
+    for w in status.workers:
+        kv = f"{w.kv_used_tokens}/{w.kv_capacity_tokens}"
+        print(f"{w.worker_id:<24} {w.role:<7} {w.address:<22} {w.pending_tokens:>11} {w.active_requests:>6} "
+              f"{kv:>22} {w.heartbeat_age_s:>8.1f}s")
+    if not status.workers:
+        print("(no workers registered)")
+    return 0
+
+
+def _up(args) -> int:
+    from splitwise.launcher import UpOptions, up
+
+    return up(UpOptions(
+        model=args.model, host=args.host, scheduler_port=args.port, redis_port=args.redis_port,
+        redis_url=args.redis_url, prompt_workers=args.prompt_workers, token_workers=args.token_workers,
+        kv_transfer=args.kv_transfer, run_dir=Path(args.run_dir), device=args.device,
+    ))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitwise", description="Phase-split LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a local cluster (Redis + the four services) until Ctrl-C")
+    up.add_argument("--model", default=os.environ.get("SPLITWISE_MODEL", DEFAULT_MODEL))
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051, help="scheduler port")
+    up.add_argument("--redis-port", type=int, default=6379)
+    up.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
+    up.add_argument("--prompt-workers", type=int, default=1)
+    up.add_argument("--token-workers", type=int, default=1)
+    up.add_argument("--kv-transfer", choices=["direct", "relay"], default="direct")
+    up.add_argument("--device", default=os.environ.get("SPLITWISE_DEVICE", "auto"))
+    up.add_argument("--run-dir", default=".splitwise", help="logs and trace files go here")
+    up.set_defaults(run=_up)
+
+    gen = sub.add_parser("generate", help="stream a completion to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default="", help=f"scheduler address [SPLITWISE_ADDRESS] (default {DEFAULT_ADDRESS})")
+    gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    gen.add_argument("--system", default="", help="system message")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--timeout", type=float, default=600.0)
+    gen.add_argument("--quiet", action="store_true", help="no timing line")
+    gen.set_defaults(run=lambda a: asyncio.run(_generate(a)))
+
+    status = sub.add_parser("status", help="print the cluster's workers and load")
+    status.add_argument("--address", default="")
+    status.set_defaults(run=lambda a: asyncio.run(_status(a)))
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    sys.exit(args.run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""`splitwise up`: runs Redis and the four services as subprocesses, waits until healthy, and stops them all."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitwise.cluster.redis_server import start_redis
+from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Child side of fork: receive SIGTERM when `splitwise up` dies, even by SIGKILL (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class UpOptions:
+    model: str
+    host: str = "127.0.0.1"
+    scheduler_port: int = 50051
+    prompt_port: int = 50061
+    token_port: int = 50071
+    kv_store_port: int = 50081
+    redis_port: int = 6379
+    redis_url: str = ""  # use this Redis instead of starting one
+    prompt_workers: int = 1
+    token_workers: int = 1
+    kv_transfer: str = "direct"
+    run_dir: Path = Path(".splitwise")
+    device: str = "auto"
+    startup_timeout_s: float = 600.0
+    extra_env: dict = field(default_factory=dict)
+
+
+@dataclass
+class Child:
+    name: str
+    address: str | None
+    proc: subprocess.Popen
+
+
+class Cluster:
+    def __init__(self, options: UpOptions):
+        self.o = options
+        self.children: list[Child] = []
+        self.redis: subprocess.Popen | None = None
+
+    def _spawn(self, name: str, module: str, env: dict, address: str | None) -> None:
+        log_dir = self.o.run_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module],
+            env={**os.environ, **self.o.extra_env, **env},
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent, start_new_session=True,
+        )
+        log.close()
+        self.children.append(Child(name, address, proc))
+
+    def start(self) -> None:
+        o = self.o
+        redis_url = o.redis_url
+        if not redis_url:
+            self.redis = start_redis(o.redis_port, o.host)
+            redis_url = f"redis://{o.host}:{o.redis_port}/0"
+        traces = (o.run_dir / "traces").resolve()
+        common = {"SPLITWISE_MODEL": o.model, "SPLITWISE_REDIS_URL": redis_url, "SPLITWISE_DEVICE": o.device}
+        kv_store = f"{o.host}:{o.kv_store_port}"
+        self._spawn("kv_store", "services.kv_store", {
+            "SPLITWISE_KV_STORE_LISTEN": kv_store, "SPLITWISE_TRACE_FILE": str(traces / "kv_store.jsonl")}, kv_store)
+        for role, count, port in (("prompt_worker", o.prompt_workers, o.prompt_port),
+                                  ("token_worker", o.token_workers, o.token_port)):
+            for i in range(count):
+                address = f"{o.host}:{port + i}"
+                name = f"{role}-{i}"
+                self._spawn(name, f"services.{role}", {
+                    **common, f"SPLITWISE_{role.upper()}_LISTEN": address, "SPLITWISE_WORKER_ID": name,
+                    "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")}, address)
+        scheduler = f"{o.host}:{o.scheduler_port}"
+        self._spawn("scheduler", "services.scheduler", {
+            **common, "SPLITWISE_SCHEDULER_LISTEN": scheduler, "SPLITWISE_KV_TRANSFER": o.kv_transfer,
+            "SPLITWISE_KV_STORE_ADDRESS": kv_store, "SPLITWISE_TRACE_FILE": str(traces / "scheduler.jsonl")}, scheduler)
+
+    def dead_child(self) -> Child | None:
+        return next((c for c in self.children if c.proc.poll() is not None), None)
+
+    def wait_healthy(self) -> None:
+        """Waits for every service's gRPC health check, then for all workers to join the registry."""
+        deadline = time.monotonic() + self.o.startup_timeout_s
+        pending = [c for c in self.children if c.address]
+        while pending:
+            self._check_alive(deadline)
+            pending = [c for c in pending if not _serving(c.address)]
+            time.sleep(0.2)
+        expected = self.o.prompt_workers + self.o.token_workers
+        scheduler = self.children[-1].address
+        while True:
+            self._check_alive(deadline)
+            with grpc.insecure_channel(scheduler) as channel:
+                status = scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(
+                    scheduler_pb2.ClusterStatusRequest(), timeout=5)
+            if len(status.workers) >= expected:
+                return
+            time.sleep(0.2)
+
+    def _check_alive(self, deadline: float) -> None:
+        dead = self.dead_child()
+        if dead:
+            raise RuntimeError(f"{dead.name} exited with code {dead.proc.returncode}; see {self.o.run_dir}/logs/{dead.name}.log")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"services not healthy within {self.o.startup_timeout_s}s; see {self.o.run_dir}/logs")
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to every child (scheduler first), then SIGKILL to what is left after grace_s."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        if self.redis is not None:
+            self.redis.terminate()
+            try:
+                self.redis.wait(5)
+            except subprocess.TimeoutExpired:
+                self.redis.kill()
+
+
+def _serving(address: str) -> bool:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def up(options: UpOptions) -> int:
+    """Runs the cluster in the foreground until Ctrl-C / SIGTERM or until a service dies."""
+    from splitwise.model.weights import resolve_model
+
+    print(f"preparing model {options.model} (the first run converts the GGUF, ~30 s)...", flush=True)
+    resolve_model(options.model)
+    stop_requested = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop_requested.append(True))
+    cluster = Cluster(options)
+    code = 0
+    try:
+        cluster.start()
+        started = time.monotonic()
+        print("starting redis, kv_store, workers and scheduler...", flush=True)
+        while not stop_requested:
+            try:
+                cluster.wait_healthy()
+                break
+            except grpc.RpcError:
+                time.sleep(0.2)
+        if not stop_requested:
+            print(f"cluster healthy in {time.monotonic() - started:.1f}s", flush=True)
+            for child in cluster.children:
+                print(f"  {child.name:<16} {child.address or '':<22} pid {child.proc.pid}")
+            print(f"  logs and traces in {options.run_dir.resolve()}")
+            print(f"try: splitwise generate --address {cluster.children[-1].address} \"What is the capital of France?\"")
+            print("Ctrl-C stops everything.", flush=True)
+        while not stop_requested:
+            dead = cluster.dead_child()
+            if dead:
+                print(f"{dead.name} exited with code {dead.proc.returncode}; stopping the cluster", file=sys.stderr)
+                code = 1
+                break
+            time.sleep(0.2)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
+    finally:
+        print("stopping...", flush=True)
+        cluster.stop()
+    return code
