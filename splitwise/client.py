@@ -92,10 +92,17 @@ class SplitwiseClient:
         await self.channel.close()
 
     async def stream(self, *args, timeout: float | None = None, **kwargs) -> AsyncIterator[Chunk]:
-        """Streams a completion; arguments as build_request. Raises grpc.aio.AioRpcError on failure."""
-        async for r in self.stub.Generate(build_request(*args, **kwargs), timeout=timeout):
-            yield Chunk(r.request_id, list(r.token_ids), r.text, _finish_reason_name(r.finish_reason),
-                        r.usage.prompt_tokens, r.usage.completion_tokens)
+        """Streams a completion; arguments as build_request. Raises grpc.aio.AioRpcError on failure.
+
+        Leaving the loop early cancels the request on every worker.
+        """
+        call = self.stub.Generate(build_request(*args, **kwargs), timeout=timeout)
+        try:
+            async for r in call:
+                yield Chunk(r.request_id, list(r.token_ids), r.text, _finish_reason_name(r.finish_reason),
+                            r.usage.prompt_tokens, r.usage.completion_tokens)
+        finally:
+            call.cancel()
 
     async def generate(self, *args, timeout: float | None = None, **kwargs) -> Completion:
         """The whole completion at once."""

@@ -29,3 +29,13 @@ def redis_url():
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     return Path(os.environ.get("SPLITWISE_CACHE_DIR", Path.home() / ".cache" / "splitwise"))
+
+
+@pytest.fixture(scope="session")
+def trace_file(tmp_path_factory) -> Path:
+    """Every in-process service of this test session exports its spans here."""
+    from splitwise.telemetry.tracing import setup_tracing
+
+    path = tmp_path_factory.mktemp("traces") / "spans.jsonl"
+    setup_tracing("splitwise-tests", path)
+    return path

@@ -24,6 +24,9 @@ from services.scheduler.output import OutputStream
 
 log = logging.getLogger(__name__)
 
+# Attempts of a request whose worker is unreachable before anything was streamed to the client.
+MAX_ATTEMPTS = 3
+
 
 class InvalidRequest(ValueError):
     pass
@@ -32,8 +35,9 @@ class InvalidRequest(ValueError):
 class WorkerFailed(Exception):
     """A worker call failed; `code` is the status the client gets."""
 
-    def __init__(self, who: str, code: grpc.StatusCode, details: str):
-        super().__init__(f"{who}: {details}")
+    def __init__(self, worker: WorkerInfo, code: grpc.StatusCode, details: str):
+        super().__init__(f"{worker.role} worker {worker.worker_id}: {details}")
+        self.worker = worker
         self.code = code
 
 
@@ -149,9 +153,27 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             finally:
                 self.requests_in_flight -= 1
 
-    def _route(self, num_prompt_tokens: int, params: SamplingParams) -> Route:
+    async def _run(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span):
+        """Tries the request on freshly routed workers while a worker is unreachable and nothing was streamed."""
+        unreachable: set[str] = set()
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            streamed = False
+            try:
+                async for response in self._attempt(rid, ids, params, timeout_s, span, unreachable):
+                    streamed = True
+                    yield response
+                return
+            except WorkerFailed as e:
+                if streamed or e.code != grpc.StatusCode.UNAVAILABLE or attempt == MAX_ATTEMPTS:
+                    raise
+                unreachable.add(e.worker.worker_id)
+                span.add_event("retry", {"worker": e.worker.worker_id, "error": str(e), "attempt": attempt})
+                log.warning("request %s: %s; routing again", rid, e)
+
+    def _route(self, num_prompt_tokens: int, params: SamplingParams, unreachable: set[str]) -> Route:
         with tracer().start_as_current_span("scheduler.route") as span:
-            chosen = route(self.workers, self.model.name, num_prompt_tokens + params.max_tokens, self.in_flight_tokens)
+            candidates = [w for w in self.workers if w.worker_id not in unreachable]
+            chosen = route(candidates, self.model.name, num_prompt_tokens + params.max_tokens, self.in_flight_tokens)
             span.set_attributes({
                 "route.prompt_worker": chosen.prompt_worker.worker_id,
                 "route.token_worker": chosen.token_worker.worker_id,
@@ -161,8 +183,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             })
             return chosen
 
-    async def _run(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span):
-        chosen = self._route(len(ids), params)
+    async def _attempt(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span,
+                       unreachable: set[str]):
+        chosen = self._route(len(ids), params, unreachable)
         prompt_w, token_w = chosen.prompt_worker, chosen.token_worker
         loads = {prompt_w.worker_id: len(ids), token_w.worker_id: len(ids) + params.max_tokens}
         for worker_id, tokens in loads.items():
@@ -179,24 +202,23 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         prefill = None
         try:
-            await self._expect(decode, f"token worker {token_w.worker_id}", "reserved")
+            await self._expect(decode, token_w, "reserved")
             prefill = worker_pb2_grpc.PromptWorkerStub(self.channels.get(prompt_w.address)).Prefill(
                 worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling, kv_target=target),
                 timeout=timeout_s, metadata=metadata,
             )
-            who = f"prompt worker {prompt_w.worker_id}"
-            first = await self._expect(prefill, who, "first_token")
+            first = await self._expect(prefill, prompt_w, "first_token")
             output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
             response = output.add([first.token_id])
             span.add_event("first_token")
             yield response
             if output.finished:
                 return
-            transfer = await self._expect(prefill, who, "transfer")
+            transfer = await self._expect(prefill, prompt_w, "transfer")
             span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.layers": transfer.num_layers,
                                  "kv.transfer_s": transfer.seconds})
             while not output.finished:
-                tokens = await self._expect(decode, f"token worker {token_w.worker_id}", "tokens")
+                tokens = await self._expect(decode, token_w, "tokens")
                 response = output.add(list(tokens.token_ids), tokens.finish_reason or None)
                 if response.token_ids or response.text or output.finished:
                     yield response
@@ -210,7 +232,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 self.in_flight_tokens[worker_id] -= tokens
 
     @staticmethod
-    async def _expect(call, who: str, kind: str):
+    async def _expect(call, who: WorkerInfo, kind: str):
         """Reads the next event of a worker stream, which must be of `kind`; returns its payload."""
         try:
             msg = await call.read()
