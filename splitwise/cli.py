@@ -75,7 +75,8 @@ def _up(args) -> int:
     from splitwise.launcher import UpOptions, up
 
     return up(UpOptions(
-        model=args.model, host=args.host, scheduler_port=args.port, redis_port=args.redis_port,
+        model=args.model, host=args.host, scheduler_port=args.port, prompt_port=args.prompt_port,
+        token_port=args.token_port, kv_store_port=args.kv_store_port, redis_port=args.redis_port,
         redis_url=args.redis_url, prompt_workers=args.prompt_workers, token_workers=args.token_workers,
         kv_transfer=args.kv_transfer, run_dir=Path(args.run_dir), device=args.device,
     ))
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default=os.environ.get("SPLITWISE_MODEL", DEFAULT_MODEL))
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="scheduler port")
+    up.add_argument("--prompt-port", type=int, default=50061, help="first prompt worker's port (then +1, +2, ...)")
+    up.add_argument("--token-port", type=int, default=50071, help="first token worker's port (then +1, +2, ...)")
+    up.add_argument("--kv-store-port", type=int, default=50081)
     up.add_argument("--redis-port", type=int, default=6379)
     up.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
     up.add_argument("--prompt-workers", type=int, default=1)

@@ -178,6 +178,8 @@ def up(options: UpOptions) -> int:
                 time.sleep(0.2)
         if not stop_requested:
             print(f"cluster healthy in {time.monotonic() - started:.1f}s", flush=True)
+            if cluster.redis is not None:
+                print(f"  {'redis':<16} {options.host + ':' + str(options.redis_port):<22} pid {cluster.redis.pid}")
             for child in cluster.children:
                 print(f"  {child.name:<16} {child.address or '':<22} pid {child.proc.pid}")
             print(f"  logs and traces in {options.run_dir.resolve()}")

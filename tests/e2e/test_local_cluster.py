@@ -1,0 +1,105 @@
+"""End to end: `splitwise up` runs the services as separate OS processes on the real SmolLM2 model."""
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from splitwise.client import SplitwiseClient
+from splitwise.model.weights import load_tokenizer, resolve_model
+from splitwise.telemetry.jsonl_exporter import read_spans
+from tests.conftest import free_port
+from tests.reference import hf_greedy
+
+pytestmark = pytest.mark.e2e
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
+             "def fib(n):"]
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, cache_dir):
+    run_dir = tmp_path_factory.mktemp("run")
+    ports = {name: free_port() for name in ("port", "prompt-port", "token-port", "kv-store-port", "redis-port")}
+    args = [sys.executable, "-m", "splitwise.cli", "up", "--run-dir", str(run_dir), "--device", "cpu"]
+    for name, port in ports.items():
+        args += [f"--{name}", str(port)]
+    env = {**os.environ, "SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C stops everything"):
+            break
+    else:
+        proc.kill()
+    output = "".join(lines)
+    if proc.poll() is not None or "cluster healthy" not in output:
+        proc.kill()
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (run_dir / "logs").glob("*.log"))
+        pytest.fail(f"splitwise up did not come up:\n{output}\n{logs}")
+    pids = [int(p) for p in re.findall(r"pid (\d+)", output)]
+    yield {"address": f"127.0.0.1:{ports['port']}", "run_dir": run_dir, "pids": pids, "proc": proc}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+async def test_concurrent_clients_get_transformers_greedy_output_from_smollm2(cluster, cache_dir):
+    folder = resolve_model("smollm2-135m-instruct", cache_dir)[1]
+    tokenizer = load_tokenizer(folder)
+    async with SplitwiseClient(cluster["address"]) as client:
+        outs = await asyncio.gather(*(
+            client.generate(messages=[{"role": "user", "content": q}], max_tokens=MAX_TOKENS, timeout=300)
+            for q in QUESTIONS
+        ))
+    for question, out in zip(QUESTIONS, outs):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        assert out.token_ids == hf_greedy(folder, list(ids), MAX_TOKENS), question
+    assert "Paris" in outs[0].text
+    cluster["request_id"] = outs[0].request_id
+
+
+async def test_one_trace_id_in_the_exports_of_scheduler_prompt_worker_and_token_worker(cluster):
+    async with SplitwiseClient(cluster["address"]) as client:
+        out = await client.generate(prompt="Hello", max_tokens=4, timeout=120)
+    traces = cluster["run_dir"] / "traces"
+    trace_ids = {}
+    for service in ("scheduler", "prompt_worker-0", "token_worker-0"):
+        spans = [s for s in read_spans(traces / f"{service}.jsonl")
+                 if s["attributes"].get("splitwise.request_id") == out.request_id]
+        assert spans, f"{service} exported no span of request {out.request_id}"
+        trace_ids[service] = {s["trace_id"] for s in spans}
+    assert len(set().union(*trace_ids.values())) == 1, trace_ids
+
+
+def test_sigterm_stops_every_process(cluster):
+    proc = cluster["proc"]
+    assert all(alive(pid) for pid in cluster["pids"])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in cluster["pids"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in cluster["pids"] if alive(pid)]
