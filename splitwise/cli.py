@@ -1,4 +1,4 @@
-"""The `splitwise` command: up | generate | status."""
+"""The `splitwise` command: up | generate | status | health | prepare."""
 
 from __future__ import annotations
 
@@ -82,6 +82,20 @@ def _up(args) -> int:
     ))
 
 
+def _health(args) -> int:
+    from splitwise.launcher import serving
+
+    return 0 if serving(args.address) else 1
+
+
+def _prepare(args) -> int:
+    from splitwise.model.weights import resolve_model
+
+    name, folder = resolve_model(args.model)
+    print(f"{name}: {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitwise", description="Phase-split LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="print the cluster's workers and load")
     status.add_argument("--address", default="")
     status.set_defaults(run=lambda a: asyncio.run(_status(a)))
+    health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (gRPC health)")
+    health.add_argument("address")
+    health.set_defaults(run=_health)
+
+    prepare = sub.add_parser("prepare", help="convert and cache the model now (done on first start otherwise)")
+    prepare.add_argument("--model", default=os.environ.get("SPLITWISE_MODEL", DEFAULT_MODEL))
+    prepare.set_defaults(run=_prepare)
     return parser
 
 

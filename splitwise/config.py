@@ -44,18 +44,20 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
 
 
 def config_table(*classes: type) -> str:
-    """The README's table of configuration variables."""
-    rows = ["| variable | flag | default | meaning |", "|---|---|---|---|"]
-    seen = set()
+    """The README's table of configuration variables, one row per variable with the services that read it."""
+    rows: dict[str, list] = {}
     for cls in classes:
+        service = cls.__name__.removesuffix("Config")
         for f in dataclasses.fields(cls):
             env = f.metadata["env"]
-            if env in seen:
-                continue
-            seen.add(env)
-            flag = "--" + f.name.replace("_", "-")
-            rows.append(f"| `{env}` | `{flag}` | `{f.default}` | {f.metadata['help']} |")
-    return "\n".join(rows)
+            if env in rows:
+                rows[env][1].append(service)
+            else:
+                rows[env] = [f"--{f.name.replace('_', '-')}", [service], f.default, f.metadata["help"]]
+    lines = ["| variable | flag | services | default | meaning |", "|---|---|---|---|---|"]
+    for env, (flag, services, default, help) in rows.items():
+        lines.append(f"| `{env}` | `{flag}` | {', '.join(services)} | `{default}` | {help} |")
+    return "\n".join(lines)
 
 
 def default_worker_id(role: str) -> str:

@@ -106,7 +106,7 @@ class Cluster:
         pending = [c for c in self.children if c.address]
         while pending:
             self._check_alive(deadline)
-            pending = [c for c in pending if not _serving(c.address)]
+            pending = [c for c in pending if not serving(c.address)]
             time.sleep(0.2)
         expected = self.o.prompt_workers + self.o.token_workers
         scheduler = self.children[-1].address
@@ -146,7 +146,8 @@ class Cluster:
                 self.redis.kill()
 
 
-def _serving(address: str) -> bool:
+def serving(address: str) -> bool:
+    """True when the gRPC server at address answers the standard health check with SERVING."""
     try:
         with grpc.insecure_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from typing import Callable, Iterable
 
 import grpc
@@ -59,9 +60,13 @@ async def start_server(
 
 
 def bound_address(listen: str, port: int) -> str:
+    """The address peers use to reach a server listening on `listen` (on all interfaces: this host's IP)."""
     host = listen.rsplit(":", 1)[0]
     if host in ("", "0.0.0.0", "[::]"):
-        host = "127.0.0.1"
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
     return f"{host}:{port}"
 
 
