@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from splitwise.client import DEFAULT_ADDRESS, SplitwiseClient
-from splitwise.model.weights import DEFAULT_MODEL
+from splitwise.model import DEFAULT_MODEL
 
 
 def _address(args) -> str:

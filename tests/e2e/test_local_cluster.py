@@ -78,7 +78,6 @@ async def test_concurrent_clients_get_transformers_greedy_output_from_smollm2(cl
                                             tokenize=True, return_dict=False)
         assert out.token_ids == hf_greedy(folder, list(ids), MAX_TOKENS), question
     assert "Paris" in outs[0].text
-    cluster["request_id"] = outs[0].request_id
 
 
 async def test_one_trace_id_in_the_exports_of_scheduler_prompt_worker_and_token_worker(cluster):
@@ -92,6 +91,19 @@ async def test_one_trace_id_in_the_exports_of_scheduler_prompt_worker_and_token_
         assert spans, f"{service} exported no span of request {out.request_id}"
         trace_ids[service] = {s["trace_id"] for s in spans}
     assert len(set().union(*trace_ids.values())) == 1, trace_ids
+
+
+def test_cli_generate_and_status_talk_to_the_cluster(cluster):
+    cli = [sys.executable, "-m", "splitwise.cli"]
+    generate = subprocess.run([*cli, "generate", "--address", cluster["address"], "What is the capital of France?"],
+                              capture_output=True, text=True, timeout=120)
+    assert generate.returncode == 0, generate.stderr
+    assert "Paris" in generate.stdout
+    assert "time to first token" in generate.stderr
+    status = subprocess.run([*cli, "status", "--address", cluster["address"]], capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert "prompt_worker-0" in status.stdout and "token_worker-0" in status.stdout
 
 
 def test_sigterm_stops_every_process(cluster):
