@@ -91,6 +91,8 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
                 outgoing_metadata(),
             )
             send_task = asyncio.create_task(sender.send())
+            # A transfer that fails stops the compute at the next layer: its KV has nowhere to go.
+            send_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or cancelled.set())
             try:
                 submitted_ns = time.time_ns()
                 result = await self.runner.run(
@@ -112,9 +114,13 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
                 )
             except KVTransferError as e:
                 record_error(span, e)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+                await context.abort(e.code, str(e))
             except Cancelled:
-                record_error(span, "cancelled")
+                failed = send_task.done() and not send_task.cancelled() and send_task.exception()
+                record_error(span, failed or "cancelled")
+                if failed:
+                    code = failed.code if isinstance(failed, KVTransferError) else grpc.StatusCode.UNAVAILABLE
+                    await context.abort(code, str(failed))
             finally:
                 cancelled.set()
                 sender.abort()

@@ -156,6 +156,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def _run(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span):
         """Tries the request on freshly routed workers while a worker is unreachable and nothing was streamed."""
         unreachable: set[str] = set()
+        last_failure: WorkerFailed | None = None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             streamed = False
             try:
@@ -163,9 +164,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     streamed = True
                     yield response
                 return
+            except NoWorkerAvailable:
+                if last_failure is not None:  # the workers left were all unreachable: say what happened
+                    raise last_failure
+                raise
             except WorkerFailed as e:
                 if streamed or e.code != grpc.StatusCode.UNAVAILABLE or attempt == MAX_ATTEMPTS:
                     raise
+                last_failure = e
                 unreachable.add(e.worker.worker_id)
                 span.add_event("retry", {"worker": e.worker.worker_id, "error": str(e), "attempt": attempt})
                 log.warning("request %s: %s; routing again", rid, e)

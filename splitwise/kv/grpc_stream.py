@@ -22,7 +22,11 @@ _DONE = object()
 
 
 class KVTransferError(Exception):
-    """A KV transfer that could not complete; the message says why."""
+    """A KV transfer that could not complete; the message says why, `code` how the receiver refused it."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -113,7 +117,7 @@ class KVSender:
             try:
                 await self._call(self._messages(span), timeout=self.timeout_s, metadata=self.metadata)
             except grpc.aio.AioRpcError as e:
-                raise KVTransferError(f"KV transfer failed: {e.code().name}: {e.details()}") from e
+                raise KVTransferError(f"KV transfer failed: {e.code().name}: {e.details()}", e.code()) from e
             self.stats.seconds = time.perf_counter() - start
             span.set_attributes(
                 {

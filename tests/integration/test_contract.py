@@ -91,3 +91,17 @@ async def test_kv_from_another_model_is_refused_and_the_reservation_freed(cluste
             await decode.read()
         assert decode_error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert servicer.pool.used_tokens == 0 and not servicer.receivers
+
+
+async def test_failed_kv_transfer_reaches_the_client_and_frees_kv_everywhere(cluster, monkeypatch):
+    import dataclasses
+
+    token = cluster.token_worker.servicer
+    monkeypatch.setattr(token, "layout", dataclasses.replace(token.layout, model_fingerprint="other-weights"))
+    async with SplitwiseClient(cluster.address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.generate(prompt="doomed", max_tokens=8, timeout=30)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "model mismatch" in error.value.details()
+    assert token.pool.used_tokens == 0 and not token.receivers
+    assert cluster.prompt_worker.servicer.pool.used_tokens == 0
