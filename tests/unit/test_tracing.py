@@ -1,0 +1,58 @@
+"""Exporters are chosen by the standard OTEL_* variables; OTLP reaches a real OTLP/gRPC receiver."""
+
+import asyncio
+import os
+import sys
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from splitwise.telemetry.tracing import _configured_exporters
+
+EMIT_ONE_SPAN = """
+from splitwise.telemetry.tracing import setup_tracing, tracer
+provider = setup_tracing("test-service")
+with tracer().start_as_current_span("hello") as span:
+    span.set_attribute("answer", 42)
+provider.shutdown()
+"""
+
+
+def test_exporters_follow_otel_traces_exporter(monkeypatch):
+    for name in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    assert _configured_exporters() == []
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    assert _configured_exporters() == ["otlp"]
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console, otlp")
+    assert _configured_exporters() == ["console", "otlp"]
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert _configured_exporters() == []
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self):
+        self.requests = []
+
+    async def Export(self, request, context):
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def test_spans_reach_an_otlp_grpc_receiver():
+    collector = Collector()
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_TRACES_EXPORTER": "otlp",
+               "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", EMIT_ONE_SPAN, env=env)
+        assert await proc.wait() == 0
+    finally:
+        await server.stop(0)
+    spans = [(rs, s) for r in collector.requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert [s.name for _, s in spans] == ["hello"]
+    resource = {a.key: a.value.string_value for a in spans[0][0].resource.attributes}
+    assert resource["service.name"] == "test-service"
