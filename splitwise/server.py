@@ -6,7 +6,8 @@ import asyncio
 import logging
 import signal
 import socket
-from typing import Callable, Iterable
+import sys
+from typing import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -78,3 +79,12 @@ async def wait_for_termination() -> None:
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info("termination signal received: draining")
+
+
+def run_service(name: str, serve: Callable[[], Awaitable[None]]) -> None:
+    """Runs a service's main coroutine; a startup failure is one clear log line and exit code 1."""
+    try:
+        asyncio.run(serve())
+    except (ConnectionError, OSError, ValueError) as e:
+        log.error("%s cannot start: %s", name, e)
+        sys.exit(1)

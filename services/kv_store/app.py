@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from services.kv_store.server import KVStoreServicer
 from splitwise.config import KVStoreConfig, parse_config
 from splitwise.rpc.v1 import kv_store_pb2, kv_store_pb2_grpc
-from splitwise.server import GrpcService, bound_address, start_server, wait_for_termination
+from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.tracing import setup_tracing
-
-from services.kv_store.server import KVStoreServicer
 
 SERVICE = "kv_store"
 
@@ -50,4 +49,4 @@ def main(argv=None) -> None:
     config = parse_config(KVStoreConfig, argv)
     setup_logging(SERVICE, config.log_level)
     setup_tracing(SERVICE, config.trace_file or None)
-    asyncio.run(serve(config))
+    run_service(SERVICE, lambda: serve(config))

@@ -122,7 +122,7 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                     remaining = deadline - time.monotonic()
                     try:
                         await asyncio.wait_for(
-                            transfer.changed.wait_for(lambda: len(transfer.messages) > sent or transfer.finished),
+                            transfer.changed.wait_for(lambda seen=sent: len(transfer.messages) > seen or transfer.finished),
                             max(remaining, 0),
                         )
                     except asyncio.TimeoutError:

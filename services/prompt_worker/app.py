@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from services.prompt_worker.server import PromptWorkerServicer
 from splitwise.channels import ChannelPool
 from splitwise.cluster.registry import Heartbeat
 from splitwise.config import PromptWorkerConfig, parse_config
 from splitwise.engine.kv_cache import KVPool
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
-from splitwise.server import GrpcService, bound_address, wait_for_termination, start_server
+from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.tracing import setup_tracing
 from splitwise.worker import load_engine, start_heartbeat
-
-from services.prompt_worker.server import PromptWorkerServicer
 
 SERVICE = "prompt_worker"
 # Prompts held at once, in units of the model's context window.
@@ -57,7 +56,11 @@ async def start(config: PromptWorkerConfig) -> PromptWorker:
         lambda: {"pending_tokens": servicer.pending_tokens, "active_requests": servicer.active_requests,
                  "kv_capacity_tokens": pool.capacity_tokens, "kv_used_tokens": pool.used_tokens},
     )
-    await heartbeat.start()
+    try:
+        await heartbeat.start()
+    except ConnectionError:
+        await service.stop(0)
+        raise
     return PromptWorker(service, servicer, heartbeat, channels, address)
 
 
@@ -72,4 +75,4 @@ def main(argv=None) -> None:
     config = parse_config(PromptWorkerConfig, argv)
     setup_logging(SERVICE, config.log_level)
     setup_tracing(SERVICE, config.trace_file or None)
-    asyncio.run(serve(config))
+    run_service(SERVICE, lambda: serve(config))

@@ -74,9 +74,11 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
                                  "kv.target": request.kv_target.address})
             try:
                 kv = self.pool.reserve(request.request_id, len(ids))
-            except (KVCapacityError, ValueError) as e:
+            except KVCapacityError as e:
                 record_error(span, e)
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
             self.pending_tokens += len(ids)
             self.active_requests += 1
             cancelled = threading.Event()

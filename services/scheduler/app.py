@@ -7,16 +7,15 @@ from dataclasses import dataclass
 
 import redis.asyncio as redis
 
+from services.scheduler.server import ModelInfo, SchedulerServicer
 from splitwise.channels import ChannelPool
 from splitwise.cluster.registry import WorkerRegistry
 from splitwise.config import SchedulerConfig, cache_dir_of, parse_config
 from splitwise.model.weights import eos_token_ids, load_tokenizer, read_hf_config, resolve_model
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
-from splitwise.server import GrpcService, bound_address, start_server, wait_for_termination
+from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.tracing import setup_tracing
-
-from services.scheduler.server import ModelInfo, SchedulerServicer
 
 SERVICE = "scheduler"
 
@@ -69,4 +68,4 @@ def main(argv=None) -> None:
     config = parse_config(SchedulerConfig, argv)
     setup_logging(SERVICE, config.log_level)
     setup_tracing(SERVICE, config.trace_file or None)
-    asyncio.run(serve(config))
+    run_service(SERVICE, lambda: serve(config))

@@ -12,6 +12,7 @@ import grpc
 import redis.asyncio as redis
 from opentelemetry.trace import SpanKind
 
+from services.scheduler.output import OutputStream
 from splitwise.channels import ChannelPool
 from splitwise.cluster.registry import WorkerInfo, WorkerRegistry
 from splitwise.cluster.routing import NoWorkerAvailable, Route, route
@@ -20,10 +21,9 @@ from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from splitwise.telemetry.tracing import incoming_context, outgoing_metadata, record_error, tracer
 
-from services.scheduler.output import OutputStream
-
 log = logging.getLogger(__name__)
 
+MAX_REQUEST_ID_CHARS = 128
 # Attempts of a request whose worker is unreachable before anything was streamed to the client.
 MAX_ATTEMPTS = 3
 
@@ -108,6 +108,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return ids
 
     def _validate(self, request: scheduler_pb2.GenerateRequest) -> tuple[list[int], SamplingParams]:
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS or not request.request_id.isprintable():
+            raise InvalidRequest(f"request_id must be printable and at most {MAX_REQUEST_ID_CHARS} characters")
         if request.model and request.model != self.model.name:
             raise InvalidRequest(f"unknown model {request.model!r}; this cluster serves {self.model.name!r}")
         params = convert.sampling_from_pb(request.sampling)

@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from services.token_worker.server import TokenWorkerServicer
 from splitwise.channels import ChannelPool
 from splitwise.cluster.registry import Heartbeat
 from splitwise.config import TokenWorkerConfig, parse_config
 from splitwise.engine.kv_cache import KVPool
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
-from splitwise.server import GrpcService, bound_address, start_server, wait_for_termination
+from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.tracing import setup_tracing
 from splitwise.worker import load_engine, start_heartbeat
-
-from services.token_worker.server import TokenWorkerServicer
 
 SERVICE = "token_worker"
 
@@ -55,7 +54,11 @@ async def start(config: TokenWorkerConfig) -> TokenWorker:
         lambda: {"pending_tokens": pool.used_tokens, "active_requests": pool.num_requests,
                  "kv_capacity_tokens": pool.capacity_tokens, "kv_used_tokens": pool.used_tokens},
     )
-    await heartbeat.start()
+    try:
+        await heartbeat.start()
+    except ConnectionError:
+        await service.stop(0)
+        raise
     return TokenWorker(service, servicer, heartbeat, channels, address)
 
 
@@ -70,4 +73,4 @@ def main(argv=None) -> None:
     config = parse_config(TokenWorkerConfig, argv)
     setup_logging(SERVICE, config.log_level)
     setup_tracing(SERVICE, config.trace_file or None)
-    asyncio.run(serve(config))
+    run_service(SERVICE, lambda: serve(config))

@@ -60,7 +60,10 @@ class Heartbeat:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await self.registry.announce(self.describe())  # fail fast if Redis is unreachable at start
+        try:  # fail fast, and clearly, if Redis is unreachable at start
+            await self.registry.announce(self.describe())
+        except (redis.RedisError, OSError) as e:
+            raise ConnectionError(f"cannot register in Redis: {e}") from e
         self._task = asyncio.create_task(self._run(), name="heartbeat")
 
     async def _run(self) -> None:

@@ -6,12 +6,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitwise.config import KVStoreConfig, PromptWorkerConfig, SchedulerConfig, TokenWorkerConfig
-
 from services.kv_store import app as kv_store_app
 from services.prompt_worker import app as prompt_app
 from services.scheduler import app as scheduler_app
 from services.token_worker import app as token_app
+from splitwise.config import KVStoreConfig, PromptWorkerConfig, SchedulerConfig, TokenWorkerConfig
 
 
 @dataclass

@@ -147,6 +147,7 @@ async def test_seeded_sampling_is_reproducible(client):
         (dict(prompt="hi", top_p=-0.1), "top_p must be in"),
         (dict(prompt="hi", top_k=-3), "top_k"),
         (dict(prompt="hi", model="gpt-17"), "unknown model 'gpt-17'"),
+        (dict(prompt="hi", request_id="x" * 500), "request_id must be"),
     ],
 )
 async def test_bad_input_is_invalid_argument_and_holds_no_kv(cluster, client, kwargs, message):

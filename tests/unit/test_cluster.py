@@ -18,7 +18,7 @@ def worker(worker_id: str, role: str, pending: int = 0, capacity: int = 10_000, 
 async def registry(redis_url):
     client = redis.Redis.from_url(redis_url)
     await client.flushdb()
-    yield WorkerRegistry(client, ttl_s=0.5)
+    yield WorkerRegistry(client, ttl_s=1.0)
     await client.flushdb()
     await client.aclose()
 
@@ -31,11 +31,11 @@ async def test_worker_joins_heartbeats_and_disappears_when_it_stops(registry):
     await heartbeat.start()
     assert [w.worker_id for w in await registry.workers()] == ["p0"]
     load["pending"] = 42
-    await asyncio.sleep(0.8)  # longer than the TTL: only heartbeats keep it
+    await asyncio.sleep(1.5)  # longer than the TTL: only heartbeats keep it
     (seen,) = await registry.workers("prompt")
     assert seen.pending_tokens == 42 and seen.heartbeat_at > 0
     await heartbeat.stop(deregister=False)
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(1.3)
     assert await registry.workers() == []
 
 
