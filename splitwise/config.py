@@ -98,6 +98,9 @@ class PromptWorkerConfig:
     redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry")
     heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
     registry_ttl_s: float = option(3.0, "SPLITWISE_REGISTRY_TTL_S", "a worker silent this long leaves the registry")
+    kv_memory_bytes: int = option(512 << 20, "SPLITWISE_PROMPT_KV_MEMORY_BYTES", "KV cache budget of the prompt worker")
+    block_size: int = option(16, "SPLITWISE_BLOCK_SIZE", "tokens per KV cache block")
+    max_batch_tokens: int = option(2048, "SPLITWISE_MAX_BATCH_TOKENS", "prefill batch budget; longer prompts are chunked")
     kv_chunk_bytes: int = option(1 << 20, "SPLITWISE_KV_CHUNK_BYTES", "largest KV chunk on the wire")
     kv_transfer_timeout_s: float = option(60.0, "SPLITWISE_KV_TRANSFER_TIMEOUT_S", "deadline of one KV transfer")
     trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
@@ -116,7 +119,13 @@ class TokenWorkerConfig:
     device: str = option("auto", "SPLITWISE_DEVICE", "cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
     dtype: str = option("float32", "SPLITWISE_DTYPE", "float32, bfloat16 or float16")
     num_threads: int = option(0, "SPLITWISE_NUM_THREADS", "torch compute threads (0: torch's default)")
+    role: str = option("token", "SPLITWISE_TOKEN_WORKER_ROLE", "token, or mixed: also serves the prompt phase (the mixed pool)")
     kv_memory_bytes: int = option(1 << 30, "SPLITWISE_KV_MEMORY_BYTES", "KV cache budget of the token worker")
+    block_size: int = option(16, "SPLITWISE_BLOCK_SIZE", "tokens per KV cache block")
+    max_batch_tokens: int = option(2048, "SPLITWISE_MAX_BATCH_TOKENS", "prefill batch budget; longer prompts are chunked")
+    max_decode_batch: int = option(256, "SPLITWISE_MAX_DECODE_BATCH", "most sequences decoded in one step")
+    kv_chunk_bytes: int = option(1 << 20, "SPLITWISE_KV_CHUNK_BYTES", "largest KV chunk on the wire")
+    kv_transfer_timeout_s: float = option(60.0, "SPLITWISE_KV_TRANSFER_TIMEOUT_S", "deadline of one KV transfer")
     kv_wait_timeout_s: float = option(60.0, "SPLITWISE_KV_WAIT_TIMEOUT_S", "how long a reservation waits for its KV")
     redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry")
     heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
@@ -147,3 +156,7 @@ def resolve_device(device: str) -> str:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+if __name__ == "__main__":  # prints the README's configuration table
+    print(config_table(SchedulerConfig, PromptWorkerConfig, TokenWorkerConfig, KVStoreConfig))

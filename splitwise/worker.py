@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import redis.asyncio as redis
 
 from splitwise.cluster.registry import Heartbeat, WorkerInfo, WorkerRegistry
 from splitwise.config import cache_dir_of, default_worker_id, resolve_device
-from splitwise.engine.runner import ModelRunner
+from splitwise.engine.llm_engine import Engine, EngineConfig
 from splitwise.kv.layout import KVLayout
 from splitwise.model.weights import load_model
 
@@ -19,27 +18,37 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Engine:
-    runner: ModelRunner
+class LoadedEngine:
+    engine: Engine
     layout: KVLayout
 
 
-def load_engine(config) -> Engine:
+def load_engine(config, max_decode_batch: int = 256) -> LoadedEngine:
     device = resolve_device(config.device)
     start = time.perf_counter()
     loaded = load_model(config.model, device=device, dtype=config.dtype, cache_dir=cache_dir_of(config))
-    log.info("loaded %s on %s (%s) in %.1fs", loaded.name, device, config.dtype, time.perf_counter() - start)
-    runner = ModelRunner(loaded, device, config.num_threads or None)
-    return Engine(runner, KVLayout.of(loaded.config, runner.dtype, loaded.fingerprint))
+    engine = Engine(loaded, device, EngineConfig(
+        kv_memory_bytes=config.kv_memory_bytes, block_size=config.block_size,
+        max_batch_tokens=config.max_batch_tokens, max_decode_batch=max_decode_batch,
+        num_threads=config.num_threads,
+    ))
+    log.info("loaded %s on %s (%s) in %.1fs; KV cache %d blocks of %d tokens", loaded.name, device, config.dtype,
+             time.perf_counter() - start, engine.blocks.num_blocks, engine.blocks.block_size)
+    return LoadedEngine(engine, KVLayout.of(loaded.config, engine.runner.dtype, loaded.fingerprint))
 
 
-def start_heartbeat(config, role: str, address: str, engine: Engine, load: Callable[[], dict]) -> Heartbeat:
-    """A heartbeat announcing this worker with its current load (a dict of WorkerInfo's load fields)."""
+def start_heartbeat(config, role: str, address: str, engine: Engine) -> Heartbeat:
+    """A heartbeat announcing this worker with its current load."""
     worker_id = config.worker_id or default_worker_id(role)
     registry = WorkerRegistry(redis.Redis.from_url(config.redis_url), ttl_s=config.registry_ttl_s)
-    loaded = engine.runner.loaded
+    loaded = engine.loaded
+    blocks = engine.blocks
 
     def describe() -> WorkerInfo:
-        return WorkerInfo(worker_id, role, address, loaded.name, loaded.fingerprint, **load())
+        return WorkerInfo(
+            worker_id, role, address, loaded.name, loaded.fingerprint,
+            pending_tokens=engine.pending_tokens, active_requests=engine.num_requests,
+            kv_capacity_tokens=blocks.capacity_tokens, kv_used_tokens=blocks.num_used * blocks.block_size,
+        )
 
     return Heartbeat(registry, describe, config.heartbeat_s)

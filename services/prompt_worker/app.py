@@ -9,7 +9,6 @@ from services.prompt_worker.server import PromptWorkerServicer
 from splitwise.channels import ChannelPool
 from splitwise.cluster.registry import Heartbeat
 from splitwise.config import PromptWorkerConfig, parse_config
-from splitwise.engine.kv_cache import KVPool
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
@@ -17,8 +16,6 @@ from splitwise.telemetry.tracing import setup_tracing
 from splitwise.worker import load_engine, start_heartbeat
 
 SERVICE = "prompt_worker"
-# Prompts held at once, in units of the model's context window.
-CONCURRENT_CONTEXTS = 8
 
 
 @dataclass
@@ -34,16 +31,13 @@ class PromptWorker:
         await self.heartbeat.stop()
         await self.service.stop(grace_s)
         await self.channels.close()
-        self.servicer.runner.close()
+        self.servicer.engine.stop()
 
 
 async def start(config: PromptWorkerConfig) -> PromptWorker:
-    engine = await asyncio.to_thread(load_engine, config)
-    loaded = engine.runner.loaded
-    pool = KVPool(loaded.config, CONCURRENT_CONTEXTS * loaded.config.max_position_embeddings,
-                  engine.runner.device, engine.runner.dtype)
+    loaded = await asyncio.to_thread(load_engine, config)
     channels = ChannelPool()
-    servicer = PromptWorkerServicer(engine.runner, pool, engine.layout, channels, config.kv_chunk_bytes,
+    servicer = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
                                     config.kv_transfer_timeout_s)
     service = await start_server(
         config.listen,
@@ -51,11 +45,7 @@ async def start(config: PromptWorkerConfig) -> PromptWorker:
         [worker_pb2.DESCRIPTOR.services_by_name["PromptWorker"].full_name],
     )
     address = config.advertise or bound_address(config.listen, service.port)
-    heartbeat = start_heartbeat(
-        config, "prompt", address, engine,
-        lambda: {"pending_tokens": servicer.pending_tokens, "active_requests": servicer.active_requests,
-                 "kv_capacity_tokens": pool.capacity_tokens, "kv_used_tokens": pool.used_tokens},
-    )
+    heartbeat = start_heartbeat(config, "prompt", address, loaded.engine)
     try:
         await heartbeat.start()
     except ConnectionError:

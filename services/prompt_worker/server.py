@@ -1,18 +1,18 @@
-"""The PromptWorker servicer: runs the prompt phase and ships the KV cache layer by layer while it runs."""
+"""The PromptWorker servicer: runs the prompt phase in batches and ships each request's KV layer by layer."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 
 import grpc
 from opentelemetry.trace import SpanKind
 
 from splitwise.channels import ChannelPool
-from splitwise.engine.kv_cache import KVCapacityError, KVPool
-from splitwise.engine.runner import Cancelled, ModelRunner
+from splitwise.engine.block_manager import KVCapacityError
+from splitwise.engine.llm_engine import Engine, Finished
+from splitwise.engine.sequence import Sequence
 from splitwise.kv.grpc_stream import KVSender, KVTransferError
 from splitwise.kv.layout import KVLayout
 from splitwise.rpc import convert
@@ -22,29 +22,23 @@ from splitwise.telemetry.tracing import incoming_context, outgoing_metadata, rec
 log = logging.getLogger(__name__)
 
 
+def capacity_status(error: KVCapacityError) -> grpc.StatusCode:
+    return grpc.StatusCode.INVALID_ARGUMENT if error.ever else grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
-    def __init__(
-        self,
-        runner: ModelRunner,
-        pool: KVPool,
-        layout: KVLayout,
-        channels: ChannelPool,
-        kv_chunk_bytes: int,
-        kv_transfer_timeout_s: float,
-    ):
-        self.runner = runner
-        self.pool = pool
+    def __init__(self, engine: Engine, layout: KVLayout, channels: ChannelPool, kv_chunk_bytes: int,
+                 kv_transfer_timeout_s: float):
+        self.engine = engine
         self.layout = layout
         self.channels = channels
         self.kv_chunk_bytes = kv_chunk_bytes
         self.kv_transfer_timeout_s = kv_transfer_timeout_s
-        self.pending_tokens = 0
-        self.active_requests = 0
         self.draining = False
 
     def _validate(self, request: worker_pb2.PrefillRequest):
         ids = list(request.prompt_token_ids)
-        vocab = self.runner.loaded.config.vocab_size
+        vocab = self.engine.loaded.config.vocab_size
         if not request.request_id:
             return None, "request_id is required"
         if not ids:
@@ -67,77 +61,60 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         ids, params = parsed
+        rid = request.request_id
         with incoming_context(context.invocation_metadata()), tracer().start_as_current_span(
             "prompt_worker.prefill_request", kind=SpanKind.SERVER
         ) as span:
-            span.set_attributes({"splitwise.request_id": request.request_id, "prompt.tokens": len(ids),
+            span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
                                  "kv.target": request.kv_target.address})
+            sender = KVSender(self.channels.get(request.kv_target.address), request.kv_target.kind, rid,
+                              self.layout, len(ids), self.kv_chunk_bytes, self.kv_transfer_timeout_s,
+                              outgoing_metadata())
+            submitted_ns = time.time_ns()
             try:
-                kv = self.pool.reserve(request.request_id, len(ids))
+                handle = self.engine.submit(rid, ids, params, prefill_only=True, on_layer_kv=sender.on_layer_kv)
             except KVCapacityError as e:
                 record_error(span, e)
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+                await context.abort(capacity_status(e), str(e))
             except ValueError as e:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-            self.pending_tokens += len(ids)
-            self.active_requests += 1
-            cancelled = threading.Event()
-            sender = KVSender(
-                self.channels.get(request.kv_target.address),
-                request.kv_target.kind,
-                request.request_id,
-                self.layout,
-                len(ids),
-                self.kv_chunk_bytes,
-                self.kv_transfer_timeout_s,
-                outgoing_metadata(),
-            )
             send_task = asyncio.create_task(sender.send())
-            # A transfer that fails stops the compute at the next layer: its KV has nowhere to go.
-            send_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or cancelled.set())
+            # A transfer that fails aborts the prefill: its KV has nowhere to go.
+            send_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or self.engine.abort(rid))
             try:
-                submitted_ns = time.time_ns()
-                result = await self.runner.run(
-                    self.runner.prefill, ids, params, kv, sender.on_layer_kv, cancelled.is_set
-                )
-                self._record_compute_spans(submitted_ns, result)
-                sender.commit(result.first)
-                yield worker_pb2.PrefillEvent(
-                    first_token=worker_pb2.FirstToken(
-                        token_id=result.first.token_id, logprob=result.first.logprob, prefill_ms=result.prefill_s * 1e3
-                    )
-                )
+                event = await handle.next_event()
+                if isinstance(event, Finished):  # aborted before its first token
+                    failed = send_task.done() and not send_task.cancelled() and send_task.exception()
+                    record_error(span, failed or "aborted")
+                    code = failed.code if isinstance(failed, KVTransferError) else grpc.StatusCode.ABORTED
+                    await context.abort(code, str(failed or "prefill aborted"))
+                self._record_compute_spans(submitted_ns, handle.seq)
+                sender.commit(event)
+                yield worker_pb2.PrefillEvent(first_token=worker_pb2.FirstToken(
+                    token_id=event.token_id, logprob=event.logprob,
+                    prefill_ms=(handle.seq.first_token_ns - handle.seq.first_scheduled_ns) / 1e6,
+                ))
                 stats = await send_task
-                yield worker_pb2.PrefillEvent(
-                    transfer=worker_pb2.KVTransferSummary(
-                        num_bytes=stats.num_bytes, num_layers=stats.num_layers, num_chunks=stats.num_chunks,
-                        seconds=stats.seconds,
-                    )
-                )
+                yield worker_pb2.PrefillEvent(transfer=worker_pb2.KVTransferSummary(
+                    num_bytes=stats.num_bytes, num_layers=stats.num_layers, num_chunks=stats.num_chunks,
+                    seconds=stats.seconds,
+                ))
             except KVTransferError as e:
                 record_error(span, e)
                 await context.abort(e.code, str(e))
-            except Cancelled:
-                failed = send_task.done() and not send_task.cancelled() and send_task.exception()
-                record_error(span, failed or "cancelled")
-                if failed:
-                    code = failed.code if isinstance(failed, KVTransferError) else grpc.StatusCode.UNAVAILABLE
-                    await context.abort(code, str(failed))
             finally:
-                cancelled.set()
+                self.engine.abort(rid)
                 sender.abort()
                 if not send_task.done():
                     send_task.cancel()
                 await asyncio.gather(send_task, return_exceptions=True)
-                self.pool.free(request.request_id)
-                self.pending_tokens -= len(ids)
-                self.active_requests -= 1
 
-    def _record_compute_spans(self, submitted_ns: int, result) -> None:
-        """Queue and prefill spans with the times the compute thread measured."""
-        started_ns = result.started_ns
+    @staticmethod
+    def _record_compute_spans(submitted_ns: int, seq: Sequence) -> None:
+        """Queue and prefill spans with the times the engine measured."""
+        started_ns = max(submitted_ns, seq.first_scheduled_ns)
         queue = tracer().start_span("prompt_worker.queue", start_time=submitted_ns)
-        queue.end(end_time=max(submitted_ns, started_ns))
+        queue.end(end_time=started_ns)
         prefill = tracer().start_span("prompt_worker.prefill", start_time=started_ns)
-        prefill.set_attributes({"prefill.ms": result.prefill_s * 1e3, "first_token.id": result.first.token_id})
-        prefill.end(end_time=started_ns + int(result.prefill_s * 1e9))
+        prefill.set_attributes({"prompt.tokens": len(seq.prompt_ids), "first_token.id": seq.output[0].token_id})
+        prefill.end(end_time=max(started_ns, seq.first_token_ns))

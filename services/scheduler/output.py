@@ -31,7 +31,8 @@ class OutputStream:
             return common_pb2.FINISH_REASON_LENGTH
         return common_pb2.FINISH_REASON_UNSPECIFIED
 
-    def add(self, token_ids: Sequence[int], worker_finish_reason: int | None = None) -> scheduler_pb2.GenerateResponse:
+    def add(self, token_ids: Sequence[int], worker_finish_reason: int | None = None,
+            logprobs: Sequence[float] = ()) -> scheduler_pb2.GenerateResponse:
         """Takes new tokens (and the worker's finish reason, if it gave one) and returns the message to send."""
         self.completion_tokens += len(token_ids)
         reason = worker_finish_reason or self._own_finish_reason(token_ids)
@@ -40,6 +41,8 @@ class OutputStream:
             reason = common_pb2.FINISH_REASON_STOP
         self.finish_reason = reason or common_pb2.FINISH_REASON_UNSPECIFIED
         response = scheduler_pb2.GenerateResponse(request_id=self.request_id, token_ids=token_ids, text=delta.text)
+        if self.params.logprobs:
+            response.logprobs.extend(logprobs)
         if self.finished:
             response.finish_reason = self.finish_reason
             response.usage.prompt_tokens = self.prompt_tokens

@@ -204,30 +204,36 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         else:
             target = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_TOKEN_WORKER, address=token_w.address)
         metadata = outgoing_metadata()
+        colocated = prompt_w.worker_id == token_w.worker_id  # a mixed worker runs both phases
+        span.set_attribute("route.colocated", colocated)
         decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
-            worker_pb2.DecodeRequest(request_id=rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target),
+            worker_pb2.DecodeRequest(request_id=rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target,
+                                     prompt_token_ids=ids, prefill_here=colocated),
             timeout=timeout_s, metadata=metadata,
         )
         prefill = None
+        output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
         try:
             await self._expect(decode, token_w, "reserved")
-            prefill = worker_pb2_grpc.PromptWorkerStub(self.channels.get(prompt_w.address)).Prefill(
-                worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling, kv_target=target),
-                timeout=timeout_s, metadata=metadata,
-            )
-            first = await self._expect(prefill, prompt_w, "first_token")
-            output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
-            response = output.add([first.token_id])
-            span.add_event("first_token")
-            yield response
-            if output.finished:
-                return
-            transfer = await self._expect(prefill, prompt_w, "transfer")
-            span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.layers": transfer.num_layers,
-                                 "kv.transfer_s": transfer.seconds})
+            if not colocated:
+                prefill = worker_pb2_grpc.PromptWorkerStub(self.channels.get(prompt_w.address)).Prefill(
+                    worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling,
+                                              kv_target=target),
+                    timeout=timeout_s, metadata=metadata,
+                )
+                first = await self._expect(prefill, prompt_w, "first_token")
+                span.add_event("first_token")
+                yield output.add([first.token_id], None, [first.logprob])
+                if output.finished:
+                    return
+                transfer = await self._expect(prefill, prompt_w, "transfer")
+                span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.layers": transfer.num_layers,
+                                     "kv.transfer_s": transfer.seconds})
             while not output.finished:
                 tokens = await self._expect(decode, token_w, "tokens")
-                response = output.add(list(tokens.token_ids), tokens.finish_reason or None)
+                if output.completion_tokens == 0 and tokens.token_ids:
+                    span.add_event("first_token")
+                response = output.add(list(tokens.token_ids), tokens.finish_reason or None, list(tokens.logprobs))
                 if response.token_ids or response.text or output.finished:
                     yield response
             span.set_attributes({"completion.tokens": output.completion_tokens,

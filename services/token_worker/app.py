@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from services.prompt_worker.server import PromptWorkerServicer
 from services.token_worker.server import TokenWorkerServicer
 from splitwise.channels import ChannelPool
 from splitwise.cluster.registry import Heartbeat
 from splitwise.config import TokenWorkerConfig, parse_config
-from splitwise.engine.kv_cache import KVPool
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
@@ -32,28 +32,25 @@ class TokenWorker:
         await self.heartbeat.stop()
         await self.service.stop(grace_s)
         await self.channels.close()
-        self.servicer.runner.close()
+        self.servicer.engine.stop()
 
 
 async def start(config: TokenWorkerConfig) -> TokenWorker:
-    engine = await asyncio.to_thread(load_engine, config)
-    loaded = engine.runner.loaded
-    capacity = config.kv_memory_bytes // KVPool.bytes_per_token(loaded.config, engine.runner.dtype)
-    pool = KVPool(loaded.config, capacity, engine.runner.device, engine.runner.dtype)
+    if config.role not in ("token", "mixed"):
+        raise ValueError(f"token worker role must be 'token' or 'mixed', got {config.role!r}")
+    loaded = await asyncio.to_thread(load_engine, config, config.max_decode_batch)
     channels = ChannelPool()
-    servicer = TokenWorkerServicer(engine.runner, pool, engine.layout, loaded.eos_token_ids, channels,
-                                   config.kv_wait_timeout_s)
-    service = await start_server(
-        config.listen,
-        [(worker_pb2_grpc.add_TokenWorkerServicer_to_server, servicer)],
-        [worker_pb2.DESCRIPTOR.services_by_name["TokenWorker"].full_name],
-    )
+    servicer = TokenWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_wait_timeout_s)
+    servicers = [(worker_pb2_grpc.add_TokenWorkerServicer_to_server, servicer)]
+    names = [worker_pb2.DESCRIPTOR.services_by_name["TokenWorker"].full_name]
+    if config.role == "mixed":  # the same engine also serves the prompt phase
+        prompt = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
+                                      config.kv_transfer_timeout_s)
+        servicers.append((worker_pb2_grpc.add_PromptWorkerServicer_to_server, prompt))
+        names.append(worker_pb2.DESCRIPTOR.services_by_name["PromptWorker"].full_name)
+    service = await start_server(config.listen, servicers, names)
     address = config.advertise or bound_address(config.listen, service.port)
-    heartbeat = start_heartbeat(
-        config, "token", address, engine,
-        lambda: {"pending_tokens": pool.used_tokens, "active_requests": pool.num_requests,
-                 "kv_capacity_tokens": pool.capacity_tokens, "kv_used_tokens": pool.used_tokens},
-    )
+    heartbeat = start_heartbeat(config, config.role, address, loaded.engine)
     try:
         await heartbeat.start()
     except ConnectionError:

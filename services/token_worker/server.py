@@ -1,4 +1,5 @@
-"""The TokenWorker servicer: reserves KV for a request, receives it layer by layer, and runs the token phase."""
+"""The TokenWorker servicer: reserves KV blocks for a request, receives its KV layer by layer, and decodes it
+in the engine's continuous batch. A mixed worker also runs the prompt phase of colocated requests."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import grpc
 from opentelemetry.trace import SpanKind
 
 from splitwise.channels import ChannelPool
-from splitwise.engine.kv_cache import KVCapacityError, KVPool
-from splitwise.engine.runner import ModelRunner
-from splitwise.engine.sampling import SampledToken, SamplingParams
+from splitwise.engine.block_manager import KVCapacityError
+from splitwise.engine.llm_engine import Engine, Finished, RequestHandle
+from splitwise.engine.sampling import SampledToken
+from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import KVIntegrityError
 from splitwise.kv.grpc_stream import KVReceiver, KVTransferError
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
@@ -20,10 +22,11 @@ from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
 from splitwise.telemetry.tracing import incoming_context, outgoing_metadata, record_error, tracer
 
+from services.prompt_worker.server import capacity_status
+
 log = logging.getLogger(__name__)
 
-STOP = common_pb2.FINISH_REASON_STOP
-LENGTH = common_pb2.FINISH_REASON_LENGTH
+FINISH_REASONS = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
 
 
 def transfer_status(error: Exception) -> grpc.StatusCode:
@@ -41,76 +44,70 @@ async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
 
 
 class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
-    def __init__(
-        self,
-        runner: ModelRunner,
-        pool: KVPool,
-        layout: KVLayout,
-        eos_token_ids: tuple[int, ...],
-        channels: ChannelPool,
-        kv_wait_timeout_s: float,
-    ):
-        self.runner = runner
-        self.pool = pool
+    def __init__(self, engine: Engine, layout: KVLayout, channels: ChannelPool, kv_wait_timeout_s: float):
+        self.engine = engine
         self.layout = layout
-        self.eos_token_ids = frozenset(eos_token_ids)
         self.channels = channels
         self.kv_wait_timeout_s = kv_wait_timeout_s
         self.receivers: dict[str, KVReceiver] = {}
         self.draining = False
 
-    @property
-    def pending_tokens(self) -> int:
-        return self.pool.used_tokens
-
-    def _finish_reason(self, token: SampledToken, generated: int, params: SamplingParams) -> int | None:
-        if token.token_id in self.eos_token_ids and not params.ignore_eos:
-            return STOP
-        if generated >= params.max_tokens:
-            return LENGTH
-        return None
+    def _validate(self, request: worker_pb2.DecodeRequest):
+        params = convert.sampling_from_pb(request.sampling)
+        params.validate()
+        ids = list(request.prompt_token_ids)
+        vocab = self.engine.loaded.config.vocab_size
+        if not request.request_id:
+            raise ValueError("request_id is required")
+        if not ids or len(ids) != request.num_prompt_tokens:
+            raise ValueError("prompt_token_ids must hold the num_prompt_tokens > 0 prompt tokens")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        return ids, params
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "token worker is draining")
-        params = convert.sampling_from_pb(request.sampling)
         try:
-            params.validate()
-            if not request.request_id or request.num_prompt_tokens <= 0:
-                raise ValueError("request_id and num_prompt_tokens > 0 are required")
+            ids, params = self._validate(request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id
         with incoming_context(context.invocation_metadata()), tracer().start_as_current_span(
             "token_worker.decode_request", kind=SpanKind.SERVER
         ) as span:
-            span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": request.num_prompt_tokens})
-            needed = request.num_prompt_tokens + params.max_tokens
+            span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
+                                 "colocated": request.prefill_here})
             try:
-                kv = self.pool.reserve(rid, needed)
+                if request.prefill_here:
+                    handle = self.engine.submit(rid, ids, params)
+                else:
+                    handle = self.engine.reserve(rid, ids, params)
             except KVCapacityError as e:
                 record_error(span, e)
-                code = grpc.StatusCode.INVALID_ARGUMENT if e.ever else grpc.StatusCode.RESOURCE_EXHAUSTED
-                await context.abort(code, str(e))
+                await context.abort(capacity_status(e), str(e))
             except ValueError as e:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-            receiver = self.receivers[rid] = KVReceiver(kv, self.layout, request.num_prompt_tokens)
             pull = None
             try:
-                yield worker_pb2.DecodeEvent(
-                    reserved=worker_pb2.Reserved(layout=convert.layout_to_pb(self.layout), reserved_tokens=needed)
-                )
-                if request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE:
-                    pull = asyncio.create_task(self._pull_from_store(receiver, rid, request.kv_source.address))
-                first = await self._wait_for_kv(receiver, context)
-                async for event in self._decode(kv, first, params):
+                yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
+                    layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids)))
+                if not request.prefill_here:
+                    receiver = self.receivers[rid] = KVReceiver(
+                        lambda layer, start, k, v: self.engine.write_kv(handle, layer, start, k, v),
+                        self.layout, len(ids))
+                    if request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE:
+                        pull = asyncio.create_task(self._pull_from_store(receiver, rid, request.kv_source.address))
+                    first = await self._wait_for_kv(receiver, context)
+                    self.engine.start_decoding(handle, first)
+                async for event in self._stream(handle, context):
                     yield event
             finally:
                 if pull is not None:
                     pull.cancel()
                     await asyncio.gather(pull, return_exceptions=True)
                 self.receivers.pop(rid, None)
-                self.pool.free(rid)
+                self.engine.abort(rid)
 
     async def _wait_for_kv(self, receiver: KVReceiver, context) -> SampledToken:
         with tracer().start_as_current_span("kv_transfer.receive") as span:
@@ -128,26 +125,25 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                                  "kv.chunks": receiver.stats.num_chunks})
             return first
 
-    async def _decode(self, kv, first: SampledToken, params: SamplingParams) -> AsyncIterator[worker_pb2.DecodeEvent]:
-        generated = 1
-        reason = self._finish_reason(first, generated, params)
-        if reason is not None:
-            yield worker_pb2.DecodeEvent(tokens=worker_pb2.Tokens(finish_reason=reason))
-            return
+    async def _stream(self, handle: RequestHandle, context) -> AsyncIterator[worker_pb2.DecodeEvent]:
+        """Relays the tokens the engine samples here, then the finish reason."""
         with tracer().start_as_current_span("token_worker.decode") as span:
-            last = first.token_id
-            while reason is None:
-                token = await self.runner.run(self.runner.decode_step, last, kv, params, generated)
-                generated += 1
-                if generated == 2:
-                    span.add_event("first_decoded_token")
-                reason = self._finish_reason(token, generated, params)
-                last = token.token_id
-                yield worker_pb2.DecodeEvent(
-                    tokens=worker_pb2.Tokens(token_ids=[token.token_id], logprobs=[token.logprob],
-                                             finish_reason=reason or 0)
-                )
-            span.set_attributes({"decode.tokens": generated - 1, "finish_reason": common_pb2.FinishReason.Name(reason)})
+            produced = 0
+            while True:
+                event = await handle.next_event()
+                if isinstance(event, Finished):
+                    break
+                produced += 1
+                if produced == 1:
+                    span.add_event("first_token_here")
+                yield worker_pb2.DecodeEvent(tokens=worker_pb2.Tokens(token_ids=[event.token_id],
+                                                                      logprobs=[event.logprob]))
+            span.set_attributes({"decode.tokens": produced, "finish_reason": event.reason.value,
+                                 "preemptions": handle.seq.num_preemptions})
+            if event.reason not in FINISH_REASONS:
+                record_error(span, event.reason.value)
+                await context.abort(grpc.StatusCode.ABORTED, f"request {event.reason.value} on the token worker")
+            yield worker_pb2.DecodeEvent(tokens=worker_pb2.Tokens(finish_reason=FINISH_REASONS[event.reason]))
 
     async def _pull_from_store(self, receiver: KVReceiver, rid: str, address: str) -> None:
         stub = kv_store_pb2_grpc.KVStoreStub(self.channels.get(address))
@@ -156,6 +152,7 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
             timeout=self.kv_wait_timeout_s,
             metadata=outgoing_metadata(),
         )
+
         async def messages():
             try:
                 async for msg in call:

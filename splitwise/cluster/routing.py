@@ -37,12 +37,14 @@ def route(
 ) -> Route:
     """Picks a prompt worker and a token worker at once (join-the-shortest-queue on pending tokens).
 
+    A mixed worker can serve either phase; when it is picked for both, the request runs colocated there.
+
     Only workers serving the model qualify (the KV handshake between the pair checks the weights
     themselves), and only token workers whose KV capacity can ever hold the request.
     """
     same_model = [w for w in workers if w.model == model]
-    prompt = [w for w in same_model if w.role == "prompt"]
-    token = [w for w in same_model if w.role == "token" and w.kv_capacity_tokens >= needed_kv_tokens]
+    prompt = [w for w in same_model if w.role in ("prompt", "mixed")]
+    token = [w for w in same_model if w.role in ("token", "mixed") and w.kv_capacity_tokens >= needed_kv_tokens]
     if not prompt:
         raise NoWorkerAvailable("no prompt worker serving this model is registered")
     if not token:

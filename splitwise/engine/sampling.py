@@ -19,6 +19,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: bool = False
 
     def validate(self) -> None:
         """Raises ValueError with a message a user can act on."""

@@ -1,4 +1,4 @@
-"""Splits a layer's KV into bounded, checksummed chunks and writes received chunks into a RequestKV."""
+"""Splits a layer's KV into bounded, checksummed chunks, and verifies and decodes received ones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Iterator
 
 import torch
 
-from splitwise.engine.kv_cache import RequestKV
 from splitwise.kv.layout import KVLayout
 
 DEFAULT_MAX_CHUNK_BYTES = 1 << 20
@@ -53,19 +52,24 @@ def split_layer(
         yield KVChunk(layer, token_start + begin, end - begin, k, v, checksum(k, v))
 
 
-def write_chunk(kv: RequestKV, chunk: KVChunk, layout: KVLayout) -> None:
-    """Verifies a chunk and copies it into its place in kv; raises KVIntegrityError when it cannot."""
+def decode_chunk(chunk: KVChunk, layout: KVLayout, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verifies a chunk of a num_tokens-token transfer; returns its keys and values [tokens, kv_heads, head_dim].
+
+    Raises KVIntegrityError when the chunk does not belong where it says or its bytes are corrupt.
+    """
     if not 0 <= chunk.layer < layout.num_layers:
         raise KVIntegrityError(f"chunk for layer {chunk.layer} but the model has {layout.num_layers}")
     end = chunk.token_start + chunk.token_count
-    if chunk.token_start < 0 or chunk.token_count <= 0 or end > kv.capacity:
-        raise KVIntegrityError(f"chunk tokens [{chunk.token_start}, {end}) outside the reserved {kv.capacity}")
+    if chunk.token_start < 0 or chunk.token_count <= 0 or end > num_tokens:
+        raise KVIntegrityError(f"chunk tokens [{chunk.token_start}, {end}) outside the {num_tokens} transferred")
     expected = chunk.token_count * layout.bytes_per_token_per_layer // 2
     if len(chunk.key) != expected or len(chunk.value) != expected:
         raise KVIntegrityError(f"chunk carries {len(chunk.key)}+{len(chunk.value)} bytes, expected {expected} each")
     if checksum(chunk.key, chunk.value) != chunk.crc32:
         raise KVIntegrityError(f"checksum mismatch in layer {chunk.layer} tokens [{chunk.token_start}, {end})")
     shape = (layout.num_kv_heads, chunk.token_count, layout.head_dim)
-    for src, dst in ((chunk.key, kv.keys), (chunk.value, kv.values)):
-        t = torch.frombuffer(bytearray(src), dtype=torch.uint8).view(layout.torch_dtype).view(shape)
-        dst[chunk.layer, :, chunk.token_start : end].copy_(t)
+    keys, values = (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(layout.torch_dtype).view(shape).transpose(0, 1)
+        for raw in (chunk.key, chunk.value)
+    )
+    return keys, values

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 import torch
 
-from splitwise.engine.kv_cache import RequestKV
 from splitwise.engine.sampling import SampledToken
-from splitwise.kv.chunks import KVIntegrityError, split_layer, write_chunk
+from splitwise.kv.chunks import KVIntegrityError, decode_chunk, split_layer
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -69,9 +68,9 @@ class KVSender:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
 
-    def on_layer_kv(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def on_layer_kv(self, layer: int, keys: torch.Tensor, values: torch.Tensor, token_start: int) -> None:
         """Compute thread: serialise the layer (a copy, so compute may go on) and hand it to the loop."""
-        chunks = list(split_layer(layer, keys, values, 0, self.layout, self.max_chunk_bytes))
+        chunks = list(split_layer(layer, keys, values, token_start, self.layout, self.max_chunk_bytes))
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, chunks))
 
     def commit(self, first: SampledToken) -> None:
@@ -130,11 +129,15 @@ class KVSender:
             return self.stats
 
 
-class KVReceiver:
-    """Writes one reserved request's incoming transfer into its RequestKV and resolves with the commit."""
+# Where received KV goes: (layer, first position, keys, values), keys/values [tokens, kv_heads, head_dim].
+KVSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
-    def __init__(self, kv: RequestKV, layout: KVLayout, num_tokens: int):
-        self.kv = kv
+
+class KVReceiver:
+    """Writes one reserved request's incoming transfer through `sink` and resolves with the commit."""
+
+    def __init__(self, sink: KVSink, layout: KVLayout, num_tokens: int):
+        self.sink = sink
         self.layout = layout
         self.num_tokens = num_tokens
         self.stats = TransferStats()
@@ -159,9 +162,8 @@ class KVReceiver:
                     self._check_header(msg.header)
                 elif kind == "chunk":
                     chunk = convert.chunk_from_pb(msg.chunk)
-                    if chunk.token_start + chunk.token_count > self.num_tokens:
-                        raise KVIntegrityError(f"chunk beyond the {self.num_tokens} prompt tokens")
-                    write_chunk(self.kv, chunk, self.layout)
+                    keys, values = decode_chunk(chunk, self.layout, self.num_tokens)
+                    self.sink(chunk.layer, chunk.token_start, keys, values)
                     self._layers_seen.add(chunk.layer)
                     self.stats.num_chunks += 1
                     self.stats.num_bytes += chunk.num_bytes
@@ -169,7 +171,6 @@ class KVReceiver:
                     self._check_commit(msg.commit)
                     self.stats.num_layers = len(self._layers_seen)
                     self.stats.seconds = time.perf_counter() - start
-                    self.kv.length = self.num_tokens
                     if not self.committed.done():
                         self.committed.set_result(
                             SampledToken(msg.commit.first_token_id, msg.commit.first_token_logprob)
@@ -190,6 +191,9 @@ class KVReceiver:
     def _check_commit(self, commit: common_pb2.KVCommit) -> None:
         if len(self._layers_seen) != self.layout.num_layers:
             raise KVIntegrityError(f"commit after {len(self._layers_seen)} of {self.layout.num_layers} layers")
+        expected = self.layout.num_layers * self.num_tokens * self.layout.bytes_per_token_per_layer
+        if self.stats.num_bytes != expected:
+            raise KVIntegrityError(f"received {self.stats.num_bytes} bytes of KV, expected {expected}")
         if commit.num_chunks != self.stats.num_chunks or commit.num_bytes != self.stats.num_bytes:
             raise KVIntegrityError(
                 f"commit counts {commit.num_chunks} chunks / {commit.num_bytes} bytes, "

@@ -1,4 +1,4 @@
-"""A Llama-family decoder in plain PyTorch, writing its KV cache into caller-owned tensors."""
+"""A Llama-family decoder in plain PyTorch over a flattened batch, with its KV cache in caller-owned paged slots."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Called as (layer, keys, values) when a layer's KV for the new tokens is ready:
-# keys and values are [num_kv_heads, new_tokens, head_dim].
+from splitwise.model.attention import BatchLayout, paged_attention
+
+# Called as (layer, keys, values) when a layer's KV for the batch's new tokens is ready:
+# keys and values are [new_tokens, num_kv_heads, head_dim].
 LayerKVCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -85,34 +87,17 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache_keys: torch.Tensor,
         cache_values: torch.Tensor,
-        start: int,
+        batch: BatchLayout,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [T, hidden]; cache_*: [num_kv_heads, capacity, head_dim]. Returns (out, new keys, new values)."""
+        """x: [N, hidden]; cache_*: [slots, num_kv_heads, head_dim]. Returns (out, new keys, new values)."""
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim).transpose(0, 1)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        end = start + n
-        cache_keys[:, start:end] = k
-        cache_values[:, start:end] = v
-        mask, causal = None, False
-        if n > 1 and start == 0:
-            causal = True
-        elif n > 1:
-            positions = torch.arange(end, device=x.device)
-            mask = positions[None, :] <= positions[start:end, None]
-        out = F.scaled_dot_product_attention(
-            q[None],
-            cache_keys[None, :, :end],
-            cache_values[None, :, :end],
-            attn_mask=mask,
-            is_causal=causal,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
-        out = out[0].transpose(0, 1).reshape(n, self.num_heads * self.head_dim)
-        return self.o_proj(out), k, v
+        out = paged_attention(q, k, v, cache_keys, cache_values, batch)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim)), k, v
 
 
 class MLP(nn.Module):
@@ -168,26 +153,26 @@ class LlamaForCausalLM(nn.Module):
     def forward(
         self,
         token_ids: torch.Tensor,
-        start: int,
+        batch: BatchLayout,
         cache_keys: torch.Tensor,
         cache_values: torch.Tensor,
         on_layer_kv: LayerKVCallback | None = None,
     ) -> torch.Tensor:
-        """Runs tokens at positions [start, start + T) and returns the float32 logits of the last one.
+        """Runs a flattened batch of new tokens and returns float32 logits [len(batch.logits_rows), vocab].
 
-        cache_keys / cache_values: [num_layers, num_kv_heads, capacity, head_dim]; positions before
-        `start` must already hold the sequence's KV.
+        cache_keys / cache_values: [num_layers, slots, num_kv_heads, head_dim]; the context of every
+        sequence before its new tokens must already be in its slots.
         """
         x = self.model.embed_tokens(token_ids)
-        positions = torch.arange(start, start + token_ids.shape[0], device=token_ids.device)
-        cos, sin = self.rope(positions, x.dtype)
+        cos, sin = self.rope(batch.positions, x.dtype)
+        cos, sin = cos[:, None, :], sin[:, None, :]
         for i, layer in enumerate(self.model.layers):
             attn_out, k, v = layer.self_attn(
-                layer.input_layernorm(x), cos, sin, cache_keys[i], cache_values[i], start
+                layer.input_layernorm(x), cos, sin, cache_keys[i], cache_values[i], batch
             )
             if on_layer_kv is not None:
                 on_layer_kv(i, k, v)
             x = x + attn_out
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last = self.model.norm(x[-1:])
-        return self.lm_head(last)[0].float()
+        last = self.model.norm(x[batch.logits_rows])
+        return self.lm_head(last).float()

@@ -18,6 +18,7 @@ def sampling_from_pb(msg: common_pb2.SamplingParams) -> SamplingParams:
         seed=msg.seed if msg.HasField("seed") else None,
         stop=tuple(msg.stop),
         ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs,
     )
 
 
@@ -29,6 +30,7 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
         top_k=params.top_k,
         stop=list(params.stop),
         ignore_eos=params.ignore_eos,
+        logprobs=params.logprobs,
     )
     if params.seed is not None:
         msg.seed = params.seed

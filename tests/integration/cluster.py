@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,3 +40,22 @@ async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer
     finally:
         for service in (scheduler, prompt, token, kv_store):
             await service.stop(grace_s=1.0)
+
+
+def assert_all_blocks_free(engine) -> None:
+    assert engine.blocks.num_free == engine.blocks.num_blocks, f"{engine.blocks.num_used} KV blocks still held"
+    assert engine.num_requests == 0
+
+
+async def assert_no_kv_held(cluster, within_s: float = 1.0) -> None:
+    """Every worker's KV blocks are free again (within a second: cancellation crosses processes)."""
+    engines = [cluster.prompt_worker.servicer.engine, cluster.token_worker.servicer.engine]
+    receivers = cluster.token_worker.servicer.receivers
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while any(e.blocks.num_used or e.num_requests for e in engines) or receivers:
+        if loop.time() > deadline:
+            for engine in engines:
+                assert_all_blocks_free(engine)
+            assert not receivers, f"{len(receivers)} KV receivers still open"
+        await asyncio.sleep(0.02)

@@ -8,7 +8,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from splitwise.client import SplitwiseClient
 from splitwise.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from splitwise.telemetry.jsonl_exporter import read_spans
-from tests.integration.cluster import local_cluster
+from tests.integration.cluster import assert_all_blocks_free, assert_no_kv_held, local_cluster
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +56,13 @@ async def test_one_request_is_one_trace_whose_spans_form_a_tree(cluster, trace_f
 async def test_token_worker_refuses_a_request_it_could_never_hold(cluster):
     async with grpc.aio.insecure_channel(cluster.token_worker.address) as channel:
         call = worker_pb2_grpc.TokenWorkerStub(channel).Decode(worker_pb2.DecodeRequest(
-            request_id="too-big", num_prompt_tokens=100_000, sampling=common_pb2.SamplingParams(max_tokens=10)))
+            request_id="too-big", num_prompt_tokens=100_000, prompt_token_ids=[5] * 100_000,
+                sampling=common_pb2.SamplingParams(max_tokens=10)))
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await call.read()
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "holds at most" in error.value.details()
-    assert cluster.token_worker.servicer.pool.used_tokens == 0
+    assert_all_blocks_free(cluster.token_worker.servicer.engine)
 
 
 async def test_kv_pushed_for_an_unknown_request_is_not_found(cluster):
@@ -77,6 +78,7 @@ async def test_kv_from_another_model_is_refused_and_the_reservation_freed(cluste
     async with grpc.aio.insecure_channel(cluster.token_worker.address) as channel:
         stub = worker_pb2_grpc.TokenWorkerStub(channel)
         decode = stub.Decode(worker_pb2.DecodeRequest(request_id="mismatch", num_prompt_tokens=3,
+                                                      prompt_token_ids=[5, 6, 7],
                                                       sampling=common_pb2.SamplingParams(max_tokens=4)), timeout=10)
         assert (await decode.read()).WhichOneof("kind") == "reserved"
         layout = common_pb2.KVLayout(num_layers=4, num_kv_heads=2, head_dim=16, dtype="float32",
@@ -90,7 +92,8 @@ async def test_kv_from_another_model_is_refused_and_the_reservation_freed(cluste
         with pytest.raises(grpc.aio.AioRpcError) as decode_error:
             await decode.read()
         assert decode_error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert servicer.pool.used_tokens == 0 and not servicer.receivers
+    assert_all_blocks_free(servicer.engine)
+    assert not servicer.receivers
 
 
 async def test_failed_kv_transfer_reaches_the_client_and_frees_kv_everywhere(cluster, monkeypatch):
@@ -103,5 +106,4 @@ async def test_failed_kv_transfer_reaches_the_client_and_frees_kv_everywhere(clu
             await client.generate(prompt="doomed", max_tokens=8, timeout=30)
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "model mismatch" in error.value.details()
-    assert token.pool.used_tokens == 0 and not token.receivers
-    assert cluster.prompt_worker.servicer.pool.used_tokens == 0
+    await assert_no_kv_held(cluster)

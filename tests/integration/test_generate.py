@@ -7,7 +7,7 @@ import pytest
 
 from splitwise.client import SplitwiseClient
 from splitwise.model.weights import load_tokenizer, resolve_model
-from tests.integration.cluster import local_cluster
+from tests.integration.cluster import assert_no_kv_held, local_cluster
 from tests.reference import hf_greedy
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fib(n):", "zzz " * 50]
@@ -43,20 +43,6 @@ async def wait_for_workers(cluster, count: int = 2) -> None:
                 return
             await asyncio.sleep(0.05)
     raise TimeoutError("workers did not register")
-
-
-async def assert_no_kv_held(cluster, within_s: float = 1.0) -> None:
-    prompt_pool = cluster.prompt_worker.servicer.pool
-    token = cluster.token_worker.servicer
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while prompt_pool.used_tokens or token.pool.used_tokens or token.receivers:
-        if loop.time() > deadline:
-            raise AssertionError(
-                f"KV still held: prompt worker {prompt_pool.used_tokens} tokens, token worker "
-                f"{token.pool.used_tokens} tokens, {len(token.receivers)} receivers"
-            )
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -15,12 +15,12 @@ async def cluster(redis_url, cache_dir, trace_file):
 
 
 async def test_layer_kv_reaches_the_token_worker_before_the_next_layer_is_computed(cluster):
-    runner = cluster.prompt_worker.servicer.runner
+    runner = cluster.prompt_worker.servicer.engine.runner
     receivers = cluster.token_worker.servicer.receivers
     layers_received_at = {}  # layer computed -> layers the token worker held at that moment
-    original = runner.prefill
+    original = runner.model
 
-    def prefill(ids, params, kv, on_layer_kv, is_cancelled):
+    def model(token_ids, batch, cache_keys, cache_values, on_layer_kv=None):
         def after_layer(layer, keys, values):
             on_layer_kv(layer, keys, values)
             # Hold the compute thread until this layer has landed on the token worker (or 5 s pass).
@@ -32,14 +32,14 @@ async def test_layer_kv_reaches_the_token_worker_before_the_next_layer_is_comput
                 time.sleep(0.001)
             layers_received_at[layer] = landed
 
-        return original(ids, params, kv, after_layer, is_cancelled)
+        return original(token_ids, batch, cache_keys, cache_values, after_layer if on_layer_kv else None)
 
-    runner.prefill = prefill
+    runner.model = model
     try:
         async with SplitwiseClient(cluster.address) as client:
             out = await client.generate(prompt="layer by layer " * 20, max_tokens=4, timeout=60)
     finally:
-        runner.prefill = original
+        runner.model = original
     assert out.completion_tokens == 4
     num_layers = cluster.prompt_worker.servicer.layout.num_layers
     assert sorted(layers_received_at) == list(range(num_layers))

@@ -1,18 +1,24 @@
-"""The engine against transformers, and KV moved between two engine instances."""
+"""The engine against transformers: single requests, mixed continuous batches, chunked prefill, preemption,
+KV moved between two engine instances, and exact block accounting."""
+
+import asyncio
+import random
 
 import pytest
 import torch
 
-from splitwise.engine.kv_cache import KVCapacityError, KVPool
-from splitwise.engine.runner import ModelRunner
-from splitwise.engine.sampling import SamplingParams
-from splitwise.kv.chunks import split_layer, write_chunk
+from splitwise.engine.block_manager import KVCapacityError
+from splitwise.engine.llm_engine import Engine, EngineConfig, Finished, RequestHandle
+from splitwise.engine.model_runner import ModelRunner
+from splitwise.engine.sampling import SampledToken, SamplingParams
+from splitwise.engine.sequence import FinishReason
+from splitwise.kv.chunks import decode_chunk, split_layer
 from splitwise.kv.layout import KVLayout
+from splitwise.model.attention import BatchLayout
 from splitwise.model.weights import load_model, load_tokenizer
 from tests.reference import hf_greedy, hf_model
 
 PROMPTS = ["Hello, world", "The capital of France is", "def fib(n):", "a" * 300]
-GREEDY = SamplingParams(max_tokens=24)
 
 
 @pytest.fixture(scope="module")
@@ -21,76 +27,166 @@ def tiny(cache_dir):
     return loaded, load_tokenizer(loaded.folder)
 
 
-def make_runner(cache_dir) -> tuple[ModelRunner, KVPool]:
-    loaded = load_model("tiny-llama", cache_dir=cache_dir)
-    return ModelRunner(loaded, "cpu"), KVPool(loaded.config, 10_000, "cpu", torch.float32)
+def kv_bytes(loaded, tokens: int) -> int:
+    return ModelRunner.bytes_per_token(loaded, torch.float32) * tokens
 
 
-def generate(runner: ModelRunner, pool: KVPool, ids: list[int], params: SamplingParams) -> list[int]:
-    kv = pool.reserve("r", len(ids) + params.max_tokens)
-    try:
-        out = [runner.prefill(ids, params, kv).first.token_id]
-        while len(out) < params.max_tokens and out[-1] not in runner.loaded.eos_token_ids:
-            out.append(runner.decode_step(out[-1], kv, params, len(out)).token_id)
-        return out
-    finally:
-        pool.free("r")
+def make_engine(loaded, kv_tokens: int = 8192, **overrides) -> Engine:
+    config = EngineConfig(kv_memory_bytes=kv_bytes(loaded, kv_tokens), **overrides)
+    return Engine(loaded, "cpu", config)
+
+
+async def collect(handle: RequestHandle) -> tuple[list[int], FinishReason]:
+    out = []
+    while True:
+        event = await handle.next_event()
+        if isinstance(event, Finished):
+            return out, event.reason
+        out.append(event.token_id)
 
 
 def test_prefill_logits_match_transformers(tiny):
     loaded, tokenizer = tiny
     ids = tokenizer.encode("The quick brown fox", add_special_tokens=False)
-    pool = KVPool(loaded.config, 1000, "cpu", torch.float32)
-    kv = pool.reserve("r", len(ids))
-    ours = loaded.model(torch.tensor(ids), 0, kv.keys, kv.values)
+    c = loaded.config
+    cache = torch.zeros(c.num_layers, 64, c.num_kv_heads, c.head_dim)
+    layout = BatchLayout.build([(0, len(ids), torch.arange(len(ids)))], [True])
+    ours = loaded.model(torch.tensor(ids), layout, cache, cache.clone())[0]
     theirs = hf_model(loaded.folder)(torch.tensor([ids])).logits[0, -1]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_generation_equals_transformers(tiny, cache_dir, prompt):
+async def test_greedy_generation_equals_transformers(tiny, prompt):
     loaded, tokenizer = tiny
-    runner, pool = make_runner(cache_dir)
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    assert generate(runner, pool, ids, GREEDY) == hf_greedy(loaded.folder, ids, GREEDY.max_tokens)
+    engine = make_engine(loaded)
+    try:
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        out, _ = await collect(engine.submit("r", ids, SamplingParams(max_tokens=24)))
+        assert out == hf_greedy(loaded.folder, ids, 24)
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.stop()
 
 
-def test_kv_exported_by_one_engine_continues_identically_in_another(tiny, cache_dir):
+async def test_requests_of_different_lengths_join_and_leave_a_running_batch(tiny):
+    loaded, tokenizer = tiny
+    engine = make_engine(loaded)
+    try:
+        prompts = [f"request {i}: " + "xy" * (7 * i) for i in range(8)]
+        handles = []
+        for i, prompt in enumerate(prompts):
+            params = SamplingParams(max_tokens=8 + 5 * i, ignore_eos=i % 2 == 0)
+            handles.append(engine.submit(f"r{i}", tokenizer.encode(prompt, add_special_tokens=False), params))
+            await asyncio.sleep(0.01 * i)  # later requests arrive while earlier ones decode
+        outs = await asyncio.gather(*(collect(h) for h in handles))
+        for i, (prompt, (out, _)) in enumerate(zip(prompts, outs)):
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+            reference = hf_greedy(loaded.folder, ids, 8 + 5 * i)
+            assert out[: len(reference)] == reference, i
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.stop()
+
+
+async def test_prompts_longer_than_the_batch_budget_are_chunked_and_still_exact(tiny):
+    loaded, tokenizer = tiny
+    engine = make_engine(loaded, max_batch_tokens=32)
+    try:
+        ids = tokenizer.encode("a long prompt that needs several chunks " * 4, add_special_tokens=False)
+        assert len(ids) > 3 * 32
+        out, _ = await collect(engine.submit("long", ids, SamplingParams(max_tokens=16)))
+        assert out == hf_greedy(loaded.folder, ids, 16)
+    finally:
+        engine.stop()
+
+
+async def test_preempted_requests_are_recomputed_with_identical_output(tiny):
+    loaded, tokenizer = tiny
+    engine = make_engine(loaded, kv_tokens=160)  # 10 blocks: four requests of up to 70 tokens cannot all fit
+    try:
+        prompts = [f"story {i} begins" for i in range(4)]
+        handles = [engine.submit(f"p{i}", tokenizer.encode(p, add_special_tokens=False),
+                                 SamplingParams(max_tokens=50, ignore_eos=True)) for i, p in enumerate(prompts)]
+        outs = await asyncio.gather(*(collect(h) for h in handles))
+        assert sum(h.seq.num_preemptions for h in handles) > 0
+        for prompt, (out, reason) in zip(prompts, outs):
+            ids = tokenizer.encode(prompt, add_special_tokens=False)
+            assert reason is FinishReason.LENGTH and len(out) == 50
+            reference = hf_greedy(loaded.folder, ids, 50)
+            assert out[: len(reference)] == reference
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.stop()
+
+
+async def test_kv_exported_by_one_engine_continues_identically_in_another(tiny):
     loaded, tokenizer = tiny
     ids = tokenizer.encode("KV moves between machines layer by layer", add_special_tokens=False)
-    sender, sender_pool = make_runner(cache_dir)
-    receiver, receiver_pool = make_runner(cache_dir)
+    prompt_engine, token_engine = make_engine(loaded), make_engine(loaded)
     layout = KVLayout.of(loaded.config, torch.float32, loaded.fingerprint)
     chunks = []
+    params = SamplingParams(max_tokens=24)
+    try:
+        def export(layer, keys, values, start):
+            chunks.extend(split_layer(layer, keys, values, start, layout, max_chunk_bytes=1000))
 
-    def export(layer, keys, values):
-        chunks.extend(split_layer(layer, keys, values, 0, layout, max_chunk_bytes=1000))
+        handle = prompt_engine.submit("r", ids, params, prefill_only=True, on_layer_kv=export)
+        first = await handle.next_event()
+        assert isinstance(first, SampledToken)
+        assert await handle.next_event() == Finished(FinishReason.PREFILLED)
+        assert {c.layer for c in chunks} == set(range(loaded.config.num_layers))
+        assert all(c.num_bytes <= 1000 for c in chunks)
+        assert prompt_engine.blocks.num_free == prompt_engine.blocks.num_blocks
 
-    kv_out = sender_pool.reserve("export", len(ids))
-    first = sender.prefill(ids, GREEDY, kv_out, export).first
-    assert {c.layer for c in chunks} == set(range(loaded.config.num_layers))
-    assert all(c.num_bytes <= 1000 for c in chunks)
-
-    kv_in = receiver_pool.reserve("r", len(ids) + GREEDY.max_tokens)
-    for chunk in chunks:
-        write_chunk(kv_in, chunk, layout)
-    kv_in.length = len(ids)
-    out = [first.token_id]
-    while len(out) < GREEDY.max_tokens and out[-1] not in loaded.eos_token_ids:
-        out.append(receiver.decode_step(out[-1], kv_in, GREEDY, len(out)).token_id)
-    assert out == generate(sender, sender_pool, ids, GREEDY)
+        target = token_engine.reserve("r", ids, params)
+        for chunk in chunks:
+            keys, values = decode_chunk(chunk, layout, len(ids))
+            token_engine.write_kv(target, chunk.layer, chunk.token_start, keys, values)
+        token_engine.start_decoding(target, first)
+        rest, _ = await collect(target)
+        assert [first.token_id, *rest] == hf_greedy(loaded.folder, ids, 24)
+        assert token_engine.blocks.num_free == token_engine.blocks.num_blocks
+    finally:
+        prompt_engine.stop()
+        token_engine.stop()
 
 
-def test_kv_pool_accounts_exactly_and_refuses_what_does_not_fit(tiny):
+async def test_requests_that_can_never_fit_are_refused_up_front(tiny):
     loaded, _ = tiny
-    pool = KVPool(loaded.config, 100, "cpu", torch.float32)
-    pool.reserve("a", 60)
-    with pytest.raises(KVCapacityError) as full:
-        pool.reserve("b", 50)
-    assert not full.value.ever
-    with pytest.raises(KVCapacityError) as never:
-        pool.reserve("c", 101)
-    assert never.value.ever
-    assert pool.used_tokens == 60
-    assert pool.free("a") and not pool.free("a")
-    assert pool.used_tokens == 0 and pool.num_requests == 0
+    engine = make_engine(loaded, kv_tokens=64)
+    try:
+        with pytest.raises(KVCapacityError) as error:
+            engine.submit("big", [5] * 40, SamplingParams(max_tokens=40))
+        assert error.value.ever
+        with pytest.raises(KVCapacityError) as full:
+            engine.reserve("a", [5] * 48, SamplingParams(max_tokens=8))
+            engine.reserve("b", [5] * 32, SamplingParams(max_tokens=8))
+        assert not full.value.ever
+        engine.abort("a")
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.stop()
+
+
+async def test_blocks_return_to_all_free_after_a_randomized_run_with_cancellations(tiny):
+    loaded, _ = tiny
+    engine = make_engine(loaded, kv_tokens=400, max_batch_tokens=64)
+    rng = random.Random(0)
+    try:
+        async def one(i: int):
+            ids = [rng.randrange(3, loaded.config.vocab_size) for _ in range(rng.randint(1, 120))]
+            params = SamplingParams(max_tokens=rng.randint(1, 60), temperature=rng.choice([0.0, 1.0]), seed=i,
+                                    ignore_eos=rng.random() < 0.5)
+            handle = engine.submit(f"r{i}", ids, params)
+            if rng.random() < 0.4:  # cancelled somewhere along the way
+                await asyncio.sleep(rng.random() * 0.05)
+                engine.abort(f"r{i}")
+            return await collect(handle)
+
+        results = await asyncio.gather(*(one(i) for i in range(40)))
+        assert {reason for _, reason in results} <= set(FinishReason) - {FinishReason.PREFILLED}
+        assert engine.num_requests == 0
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.stop()

@@ -1,0 +1,236 @@
+"""The engine: a compute thread stepping the batch scheduler, and the asyncio-side API of each request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from splitwise.engine.block_manager import BlockManager, KVCapacityError
+from splitwise.engine.model_runner import ModelRunner
+from splitwise.engine.sampling import SampledToken, SamplingParams
+from splitwise.engine.scheduler import BatchScheduler, ScheduledBatch
+from splitwise.engine.sequence import FinishReason, Sequence, SequenceKVCallback, Status
+from splitwise.model.weights import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+
+
+class RequestHandle:
+    """The asyncio side of one request: tokens as they are sampled, then Finished (or an exception)."""
+
+    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop):
+        self.seq = seq
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+
+    def _deliver(self, event) -> None:  # engine thread
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone: nobody is waiting
+            pass
+
+    async def next_event(self) -> SampledToken | Finished:
+        event = await self._events.get()
+        if isinstance(event, BaseException):
+            raise event
+        return event
+
+
+@dataclass
+class EngineConfig:
+    kv_memory_bytes: int = 1 << 30
+    block_size: int = 16
+    max_batch_tokens: int = 2048
+    max_decode_batch: int = 256
+    decode_age_bound_s: float = 0.05
+    num_threads: int = 0
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, device: str, config: EngineConfig):
+        self.loaded = loaded
+        self.config = config
+        dtype = next(loaded.model.parameters()).dtype
+        num_blocks = config.kv_memory_bytes // (ModelRunner.bytes_per_token(loaded, dtype) * config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.runner = ModelRunner(loaded, device, self.blocks)
+        self.scheduler = BatchScheduler(self.blocks, config.max_batch_tokens, config.max_decode_batch,
+                                        config.decode_age_bound_s)
+        self.eos_token_ids = frozenset(loaded.eos_token_ids)
+        self.max_context = loaded.config.max_position_embeddings
+        self._handles: dict[str, RequestHandle] = {}
+        self._in_flight: set[Sequence] = set()
+        self._abort_requested: set[Sequence] = set()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # -- asyncio side ------------------------------------------------------------------------------
+
+    @property
+    def num_requests(self) -> int:
+        with self._cond:
+            return len(self._handles)
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens still to compute or hold: prompts not yet prefilled, plus KV held."""
+        with self._cond:
+            queued = sum(s.num_tokens - s.num_cached for s in self.scheduler.waiting)
+        return queued + self.blocks.num_used * self.blocks.block_size
+
+    def _check_fits(self, seq: Sequence) -> None:
+        needed = seq.num_tokens + (0 if seq.prefill_only else seq.params.max_tokens)
+        if needed > self.blocks.capacity_tokens:
+            raise KVCapacityError(
+                f"request needs KV for {needed} tokens but this worker holds at most {self.blocks.capacity_tokens}",
+                ever=True,
+            )
+        if seq.request_id in self._handles:
+            raise ValueError(f"request {seq.request_id!r} is already here")
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prefill_only: bool = False,
+               on_layer_kv: SequenceKVCallback | None = None) -> RequestHandle:
+        """Queues a prompt; prefill_only stops after the first token (the prompt worker's job)."""
+        seq = Sequence(request_id, list(prompt_ids), params, prefill_only, on_layer_kv)
+        handle = RequestHandle(seq, asyncio.get_running_loop())
+        with self._cond:
+            self._check_fits(seq)
+            self._handles[request_id] = handle
+            self.scheduler.add(seq)
+            self._cond.notify()
+        return handle
+
+    def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+        """Allocates blocks for a prompt's KV that another worker will send (the token worker's admission)."""
+        seq = Sequence(request_id, list(prompt_ids), params, status=Status.RESERVED)
+        handle = RequestHandle(seq, asyncio.get_running_loop())
+        with self._cond:
+            self._check_fits(seq)
+            self.blocks.grow(seq.block_table, len(prompt_ids))
+            self._handles[request_id] = handle
+        return handle
+
+    def write_kv(self, handle: RequestHandle, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Writes received KV ([tokens, kv_heads, head_dim]) into the reserved blocks."""
+        self.runner.write_kv(handle.seq.block_table, layer, start, keys, values)
+
+    def start_decoding(self, handle: RequestHandle, first: SampledToken) -> None:
+        """A reserved request's KV has arrived: it joins the running batch after its first token."""
+        seq = handle.seq
+        with self._cond:
+            if seq.finished:
+                return
+            seq.num_cached = len(seq.prompt_ids)
+            seq.output.append(first)
+            if self._finish_reason(seq) is None:
+                self.scheduler.start_decoding(seq)
+                self._cond.notify()
+            else:
+                self._finish(seq, self._finish_reason(seq))
+
+    def abort(self, request_id: str) -> None:
+        """Ends a request wherever it is and frees its blocks (at the end of the step it is computing)."""
+        with self._cond:
+            handle = self._handles.get(request_id)
+            if handle is None:
+                return
+            if handle.seq in self._in_flight:
+                self._abort_requested.add(handle.seq)
+            else:
+                self._finish(handle.seq, FinishReason.ABORTED)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # -- engine thread -----------------------------------------------------------------------------
+
+    def _finish_reason(self, seq: Sequence) -> FinishReason | None:
+        last = seq.output[-1].token_id
+        if last in self.eos_token_ids and not seq.params.ignore_eos:
+            return FinishReason.STOP
+        if len(seq.output) >= seq.params.max_tokens or seq.num_tokens >= self.max_context:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """Caller holds the lock."""
+        self.scheduler.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        handle = self._handles.pop(seq.request_id, None)
+        if handle is not None:
+            handle._deliver(Finished(reason))
+
+    def _loop(self) -> None:
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        while True:
+            with self._cond:
+                batch = self.scheduler.schedule() if not self._stopped else None
+                while batch is None and not self._stopped:
+                    self._cond.wait(timeout=0.05)
+                    batch = self.scheduler.schedule()
+                if self._stopped:
+                    return
+                self._in_flight = set(batch.seqs)
+                now_ns = time.time_ns()
+                for seq in batch.seqs:
+                    if seq.first_scheduled_ns is None:
+                        seq.first_scheduled_ns = now_ns
+            try:
+                results = self.runner.run(batch)
+            except Exception as e:  # a failing batch fails its requests, not the engine
+                log.exception("engine step failed")
+                with self._cond:
+                    for seq in batch.seqs:
+                        handle = self._handles.pop(seq.request_id, None)
+                        self.scheduler.remove(seq)
+                        seq.status = Status.FINISHED
+                        if handle is not None:
+                            handle._deliver(RuntimeError(f"engine step failed: {e}"))
+                    self._in_flight = set()
+                continue
+            with self._cond:
+                self._postprocess(batch, results)
+                self._in_flight = set()
+
+    def _postprocess(self, batch: ScheduledBatch, results: list[SampledToken | None]) -> None:
+        for seq, (_, end), token in zip(batch.seqs, batch.spans, results, strict=True):
+            if seq in self._abort_requested:
+                self._abort_requested.discard(seq)
+                self._finish(seq, FinishReason.ABORTED)
+                continue
+            if seq.status is not Status.WAITING and seq.status is not Status.RUNNING:
+                continue
+            seq.num_cached = end
+            if token is None:
+                continue  # a chunk of a longer prompt
+            seq.output.append(token)
+            if seq.first_token_ns is None:
+                seq.first_token_ns = time.time_ns()
+            handle = self._handles.get(seq.request_id)
+            if handle is not None:
+                handle._deliver(token)
+            if seq.prefill_only:
+                self._finish(seq, FinishReason.PREFILLED)
+                continue
+            reason = self._finish_reason(seq)
+            if reason is not None:
+                self._finish(seq, reason)
+            elif seq.status is Status.WAITING:
+                self.scheduler.waiting.remove(seq)
+                self.scheduler.start_decoding(seq)

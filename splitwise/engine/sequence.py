@@ -1,0 +1,61 @@
+"""A request's token state inside the engine."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from splitwise.engine.sampling import SampledToken, SamplingParams
+
+_arrival = itertools.count()
+
+# Per-request KV export: (layer, keys, values, first position), keys/values [num_kv_heads, tokens, head_dim].
+SequenceKVCallback = Callable[[int, torch.Tensor, torch.Tensor, int], None]
+
+
+class Status(enum.Enum):
+    RESERVED = "reserved"  # holds blocks, waiting for its KV from a prompt worker
+    WAITING = "waiting"  # needs prefill compute (a new prompt, or recompute after preemption)
+    RUNNING = "running"  # decoding
+    FINISHED = "finished"
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # end-of-sequence token
+    LENGTH = "length"  # max_tokens or the context window
+    PREFILLED = "prefilled"  # prompt-only: the prompt phase is done, the first token sampled
+    ABORTED = "aborted"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prefill_only: bool = False
+    on_layer_kv: SequenceKVCallback | None = None
+    output: list[SampledToken] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # positions whose KV is in the cache
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    num_preemptions: int = 0
+    first_scheduled_ns: int | None = None  # wall clock when its first batch started (queueing ends)
+    first_token_ns: int | None = None  # wall clock when its first token here was sampled
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + [t.token_id for t in self.output]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

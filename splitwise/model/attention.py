@@ -1,0 +1,95 @@
+"""What one forward pass computes (BatchLayout) and attention over the paged KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Segment:
+    """One sequence's new tokens in a flattened batch: rows [start, start + length)."""
+
+    start: int
+    length: int
+    context_slots: torch.Tensor  # cache slots of every position 0 .. end-1, the new tokens included
+
+    @property
+    def context_len(self) -> int:
+        return self.context_slots.shape[0]
+
+
+@dataclass
+class BatchLayout:
+    positions: torch.Tensor  # [N] position of each new token
+    slot_mapping: torch.Tensor  # [N] cache slot where each new token's K and V go
+    segments: list[Segment]
+    logits_rows: torch.Tensor  # rows whose logits are wanted (the last token of sequences that sample)
+    decode_slots: torch.Tensor | None = None  # [S, max_context] when every segment is one token
+    decode_mask: torch.Tensor | None = None  # [S, 1, 1, max_context], True where a slot is real
+
+    @classmethod
+    def build(cls, segments: list[tuple[int, int, torch.Tensor]], sample: list[bool]) -> "BatchLayout":
+        """segments: per sequence (first new position, number of new tokens, slots of positions 0..end-1)."""
+        device = segments[0][2].device
+        positions, segs, rows = [], [], []
+        row = 0
+        for (first, n, context_slots), wants_logits in zip(segments, sample, strict=True):
+            positions.append(torch.arange(first, first + n, device=device))
+            segs.append(Segment(row, n, context_slots))
+            if wants_logits:
+                rows.append(row + n - 1)
+            row += n
+        layout = cls(
+            torch.cat(positions),
+            torch.cat([s.context_slots[s.context_len - s.length :] for s in segs]),
+            segs,
+            torch.tensor(rows, dtype=torch.long, device=device),
+        )
+        if all(s.length == 1 for s in segs):
+            lengths = torch.tensor([s.context_len for s in segs], device=device)
+            layout.decode_slots = torch.nn.utils.rnn.pad_sequence([s.context_slots for s in segs], batch_first=True)
+            mask = torch.arange(layout.decode_slots.shape[1], device=device)[None, :] < lengths[:, None]
+            layout.decode_mask = mask[:, None, None, :]
+        return layout
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_keys: torch.Tensor,
+    cache_values: torch.Tensor,
+    batch: BatchLayout,
+) -> torch.Tensor:
+    """q: [N, heads, D]; k, v: [N, kv_heads, D]; cache_*: [slots, kv_heads, D]. Returns [N, heads, D].
+
+    Writes the new K and V into their slots, then attends each token to its sequence's context.
+    """
+    cache_keys.index_copy_(0, batch.slot_mapping, k)
+    cache_values.index_copy_(0, batch.slot_mapping, v)
+    gqa = q.shape[1] != k.shape[1]
+    if batch.decode_slots is not None:
+        keys = cache_keys[batch.decode_slots].transpose(1, 2)  # [S, kv_heads, context, D]
+        values = cache_values[batch.decode_slots].transpose(1, 2)
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=batch.decode_mask,
+                                             enable_gqa=gqa)
+        return out[:, :, 0, :]
+    outs = []
+    for seg in batch.segments:
+        rows = slice(seg.start, seg.start + seg.length)
+        qs = q[rows].transpose(0, 1)[None]
+        if seg.context_len == seg.length:  # a whole prompt: its own K and V, causal
+            keys, values, mask = k[rows], v[rows], None
+        else:  # a later chunk or a decode step: earlier context comes from the cache
+            keys, values = cache_keys[seg.context_slots], cache_values[seg.context_slots]
+            past = seg.context_len - seg.length
+            positions = torch.arange(seg.context_len, device=q.device)
+            mask = positions[None, :] <= positions[past:, None]
+        out = F.scaled_dot_product_attention(qs, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                                             attn_mask=mask, is_causal=mask is None and seg.length > 1,
+                                             enable_gqa=gqa)
+        outs.append(out[0].transpose(0, 1))
+    return torch.cat(outs, dim=0)
