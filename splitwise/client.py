@@ -24,6 +24,7 @@ class Chunk:
     finish_reason: str | None = None  # "stop", "length", ... on the last chunk
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Completion:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
 
@@ -58,12 +60,13 @@ def build_request(
     seed: int | None = None,
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
+    logprobs: bool = False,
 ) -> scheduler_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages or token_ids")
     sampling = common_pb2.SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=list(stop),
-        ignore_eos=ignore_eos,
+        ignore_eos=ignore_eos, logprobs=logprobs,
     )
     if seed is not None:
         sampling.seed = seed
@@ -100,7 +103,7 @@ class SplitwiseClient:
         try:
             async for r in call:
                 yield Chunk(r.request_id, list(r.token_ids), r.text, _finish_reason_name(r.finish_reason),
-                            r.usage.prompt_tokens, r.usage.completion_tokens)
+                            r.usage.prompt_tokens, r.usage.completion_tokens, list(r.logprobs))
         finally:
             call.cancel()
 
@@ -114,6 +117,7 @@ class SplitwiseClient:
             out.request_id = chunk.request_id
             out.text += chunk.text
             out.token_ids += chunk.token_ids
+            out.logprobs += chunk.logprobs
             if chunk.finish_reason:
                 out.finish_reason = chunk.finish_reason
                 out.prompt_tokens, out.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens

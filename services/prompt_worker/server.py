@@ -16,14 +16,11 @@ from splitwise.engine.sequence import Sequence
 from splitwise.kv.grpc_stream import KVSender, KVTransferError
 from splitwise.kv.layout import KVLayout
 from splitwise.rpc import convert
+from splitwise.rpc.errors import capacity_status
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
 from splitwise.telemetry.tracing import incoming_context, outgoing_metadata, record_error, tracer
 
 log = logging.getLogger(__name__)
-
-
-def capacity_status(error: KVCapacityError) -> grpc.StatusCode:
-    return grpc.StatusCode.INVALID_ARGUMENT if error.ever else grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):

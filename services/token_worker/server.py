@@ -19,22 +19,13 @@ from splitwise.kv.chunks import KVIntegrityError
 from splitwise.kv.grpc_stream import KVReceiver, KVTransferError
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.rpc import convert
+from splitwise.rpc.errors import capacity_status, transfer_status
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
 from splitwise.telemetry.tracing import incoming_context, outgoing_metadata, record_error, tracer
-
-from services.prompt_worker.server import capacity_status
 
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
-
-
-def transfer_status(error: Exception) -> grpc.StatusCode:
-    if isinstance(error, KVLayoutMismatch):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(error, KVIntegrityError):
-        return grpc.StatusCode.DATA_LOSS
-    return grpc.StatusCode.UNAVAILABLE
 
 
 async def _chain(first, rest: AsyncIterator) -> AsyncIterator:

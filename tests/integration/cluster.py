@@ -27,10 +27,14 @@ class LocalCluster:
 
 
 @asynccontextmanager
-async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer: str = "direct", **token_overrides):
+async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer: str = "direct",
+                        prompt_worker: bool = True, **token_overrides):
+    """prompt_worker=False with role="mixed" in token_overrides: one mixed worker runs both phases."""
     common = dict(model=model, cache_dir=str(cache_dir), redis_url=redis_url)
     kv_store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0"))
-    prompt = await prompt_app.start(PromptWorkerConfig(listen="127.0.0.1:0", device="cpu", **common))
+    prompt = None
+    if prompt_worker:
+        prompt = await prompt_app.start(PromptWorkerConfig(listen="127.0.0.1:0", device="cpu", **common))
     token = await token_app.start(TokenWorkerConfig(listen="127.0.0.1:0", device="cpu", **common, **token_overrides))
     scheduler = await scheduler_app.start(
         SchedulerConfig(listen="127.0.0.1:0", kv_transfer=kv_transfer, kv_store_address=kv_store.address, **common)
@@ -39,7 +43,8 @@ async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer
         yield LocalCluster(scheduler, prompt, token, kv_store)
     finally:
         for service in (scheduler, prompt, token, kv_store):
-            await service.stop(grace_s=1.0)
+            if service is not None:
+                await service.stop(grace_s=1.0)
 
 
 def assert_all_blocks_free(engine) -> None:
@@ -49,7 +54,7 @@ def assert_all_blocks_free(engine) -> None:
 
 async def assert_no_kv_held(cluster, within_s: float = 1.0) -> None:
     """Every worker's KV blocks are free again (within a second: cancellation crosses processes)."""
-    engines = [cluster.prompt_worker.servicer.engine, cluster.token_worker.servicer.engine]
+    engines = [w.servicer.engine for w in (cluster.prompt_worker, cluster.token_worker) if w is not None]
     receivers = cluster.token_worker.servicer.receivers
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s

@@ -168,3 +168,9 @@ async def test_cluster_status_lists_both_workers_with_their_kv_capacity(client):
     roles = sorted(w.role for w in status.workers)
     assert roles[:1] == ["prompt"] and "token" in roles
     assert all(w.kv_capacity_tokens > 0 for w in status.workers)
+
+
+async def test_logprobs_cover_the_prompt_workers_token_and_the_token_workers(client):
+    out = await client.generate(prompt="How likely?", max_tokens=5, ignore_eos=True, logprobs=True, timeout=60)
+    assert len(out.logprobs) == len(out.token_ids) == 5
+    assert all(lp <= 0 for lp in out.logprobs)
