@@ -11,7 +11,7 @@ from opentelemetry.trace import SpanKind
 
 from splitwise.channels import ChannelPool
 from splitwise.engine.block_manager import KVCapacityError
-from splitwise.engine.llm_engine import Engine, Finished
+from splitwise.engine.llm_engine import Engine, Finished, RequestHandle
 from splitwise.engine.sequence import Sequence
 from splitwise.kv.grpc_stream import KVSender, KVTransferError
 from splitwise.kv.layout import KVLayout
@@ -76,8 +76,11 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             except ValueError as e:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
             send_task = asyncio.create_task(sender.send())
+            # Cleanup runs when the RPC ends however it ends (a cancelled stream may be finalised late).
+            context.add_done_callback(lambda _: self._release(handle, sender, send_task))
             # A transfer that fails aborts the prefill: its KV has nowhere to go.
-            send_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or self.engine.abort(rid))
+            send_task.add_done_callback(
+                lambda t: t.cancelled() or t.exception() is None or self.engine.abort(rid, handle))
             try:
                 event = await handle.next_event()
                 if isinstance(event, Finished):  # aborted before its first token
@@ -100,11 +103,12 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
                 record_error(span, e)
                 await context.abort(e.code, str(e))
             finally:
-                self.engine.abort(rid)
-                sender.abort()
-                if not send_task.done():
-                    send_task.cancel()
-                await asyncio.gather(send_task, return_exceptions=True)
+                self._release(handle, sender, send_task)
+
+    def _release(self, handle: RequestHandle, sender: KVSender, send_task: asyncio.Task) -> None:
+        self.engine.abort(handle.seq.request_id, handle)
+        sender.abort()
+        send_task.cancel()
 
     @staticmethod
     def _record_compute_spans(submitted_ns: int, seq: Sequence) -> None:

@@ -161,8 +161,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         last_failure: WorkerFailed | None = None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             streamed = False
+            # Workers know each attempt by its own id, so one attempt's cleanup never touches the next.
+            worker_rid = rid if attempt == 1 else f"{rid}/attempt-{attempt}"
             try:
-                async for response in self._attempt(rid, ids, params, timeout_s, span, unreachable):
+                async for response in self._attempt(rid, worker_rid, ids, params, timeout_s, span, unreachable):
                     streamed = True
                     yield response
                 return
@@ -191,8 +193,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             })
             return chosen
 
-    async def _attempt(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span,
-                       unreachable: set[str]):
+    async def _attempt(self, rid: str, worker_rid: str, ids: list[int], params: SamplingParams, timeout_s: float,
+                       span, unreachable: set[str]):
         chosen = self._route(len(ids), params, unreachable)
         prompt_w, token_w = chosen.prompt_worker, chosen.token_worker
         loads = {prompt_w.worker_id: len(ids), token_w.worker_id: len(ids) + params.max_tokens}
@@ -207,7 +209,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         colocated = prompt_w.worker_id == token_w.worker_id  # a mixed worker runs both phases
         span.set_attribute("route.colocated", colocated)
         decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
-            worker_pb2.DecodeRequest(request_id=rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target,
+            worker_pb2.DecodeRequest(request_id=worker_rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target,
                                      prompt_token_ids=ids, prefill_here=colocated),
             timeout=timeout_s, metadata=metadata,
         )
@@ -217,7 +219,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             await self._expect(decode, token_w, "reserved")
             if not colocated:
                 prefill = worker_pb2_grpc.PromptWorkerStub(self.channels.get(prompt_w.address)).Prefill(
-                    worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling,
+                    worker_pb2.PrefillRequest(request_id=worker_rid, prompt_token_ids=ids, sampling=sampling,
                                               kv_target=target),
                     timeout=timeout_s, metadata=metadata,
                 )

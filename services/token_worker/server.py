@@ -79,26 +79,37 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                 await context.abort(capacity_status(e), str(e))
             except ValueError as e:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-            pull = None
+            pull: list[asyncio.Task] = []
+            # Cleanup runs when the RPC ends however it ends; a cancelled stream's generator may be
+            # finalised much later.
+            context.add_done_callback(lambda _: self._release(handle, pull))
             try:
                 yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
                     layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids)))
                 if not request.prefill_here:
                     receiver = self.receivers[rid] = KVReceiver(
                         lambda layer, start, k, v: self.engine.write_kv(handle, layer, start, k, v),
-                        self.layout, len(ids))
+                        self.layout, len(ids), owner=handle)
                     if request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE:
-                        pull = asyncio.create_task(self._pull_from_store(receiver, rid, request.kv_source.address))
+                        pull.append(asyncio.create_task(
+                            self._pull_from_store(receiver, rid, request.kv_source.address)))
                     first = await self._wait_for_kv(receiver, context)
                     self.engine.start_decoding(handle, first)
                 async for event in self._stream(handle, context):
                     yield event
             finally:
-                if pull is not None:
-                    pull.cancel()
-                    await asyncio.gather(pull, return_exceptions=True)
-                self.receivers.pop(rid, None)
-                self.engine.abort(rid)
+                self._release(handle, pull)
+
+    def _release(self, handle: RequestHandle, pull: list[asyncio.Task]) -> None:
+        """Frees what this request holds here (and nothing of a later request with the same id)."""
+        for task in pull:
+            task.cancel()
+        rid = handle.seq.request_id
+        receiver = self.receivers.get(rid)
+        if receiver is not None and receiver.owner is handle:
+            del self.receivers[rid]
+            receiver.fail(KVTransferError("the request ended before its KV arrived"))
+        self.engine.abort(rid, handle)
 
     async def _wait_for_kv(self, receiver: KVReceiver, context) -> SampledToken:
         with tracer().start_as_current_span("kv_transfer.receive") as span:

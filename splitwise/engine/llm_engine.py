@@ -140,12 +140,16 @@ class Engine:
             else:
                 self._finish(seq, self._finish_reason(seq))
 
-    def abort(self, request_id: str) -> None:
-        """Ends a request wherever it is and frees its blocks (at the end of the step it is computing)."""
+    def abort(self, request_id: str, handle: RequestHandle | None = None) -> None:
+        """Ends a request wherever it is and frees its blocks (at the end of the step it is computing).
+
+        With `handle`, only that incarnation of the request id is aborted.
+        """
         with self._cond:
-            handle = self._handles.get(request_id)
-            if handle is None:
+            current = self._handles.get(request_id)
+            if current is None or (handle is not None and current is not handle):
                 return
+            handle = current
             if handle.seq in self._in_flight:
                 self._abort_requested.add(handle.seq)
             else:

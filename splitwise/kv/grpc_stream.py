@@ -136,8 +136,9 @@ KVSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 class KVReceiver:
     """Writes one reserved request's incoming transfer through `sink` and resolves with the commit."""
 
-    def __init__(self, sink: KVSink, layout: KVLayout, num_tokens: int):
+    def __init__(self, sink: KVSink, layout: KVLayout, num_tokens: int, owner: object = None):
         self.sink = sink
+        self.owner = owner  # what the receiver belongs to, so cleanup can tell requests with one id apart
         self.layout = layout
         self.num_tokens = num_tokens
         self.stats = TransferStats()
