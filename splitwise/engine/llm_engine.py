@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,14 @@ class RequestHandle:
         return event
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    prefill: bool
+    num_seqs: int
+    num_tokens: int
+    seconds: float
+
+
 @dataclass
 class EngineConfig:
     kv_memory_bytes: int = 1 << 30
@@ -73,6 +82,7 @@ class Engine:
         self._abort_requested: set[Sequence] = set()
         self._cond = threading.Condition()
         self._stopped = False
+        self.steps: deque[StepRecord] = deque(maxlen=10_000)  # recent steps, for benchmarks and metrics
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -196,7 +206,10 @@ class Engine:
                     if seq.first_scheduled_ns is None:
                         seq.first_scheduled_ns = now_ns
             try:
+                started = time.perf_counter()
                 results = self.runner.run(batch)
+                self.steps.append(StepRecord(batch.prefill, len(batch.seqs), sum(e - s for s, e in batch.spans),
+                                             time.perf_counter() - started))
             except Exception as e:  # a failing batch fails its requests, not the engine
                 log.exception("engine step failed")
                 with self._cond:

@@ -74,9 +74,12 @@ def paged_attention(
     if batch.decode_slots is not None:
         keys = cache_keys[batch.decode_slots].transpose(1, 2)  # [S, kv_heads, context, D]
         values = cache_values[batch.decode_slots].transpose(1, 2)
-        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=batch.decode_mask,
-                                             enable_gqa=gqa)
-        return out[:, :, 0, :]
+        # One query per sequence: the query heads sharing a KV head become that head's "query rows",
+        # so no KV head is repeated.
+        s, heads, d = q.shape
+        grouped = q.view(s, k.shape[1], heads // k.shape[1], d)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=batch.decode_mask)
+        return out.reshape(s, heads, d)
     outs = []
     for seg in batch.segments:
         rows = slice(seg.start, seg.start + seg.length)
