@@ -92,9 +92,13 @@ def hf_decode_step_s(model, batch: int, context: int, vocab: int, steps: int = 8
 
 
 def engine_decode_step_s(engine: Engine, batch: int, context: int, vocab: int, steps: int = 8) -> float:
+    """Median decode step once the whole batch is decoding (prefills of later requests interleave
+    with decodes of earlier ones, so requests generate enough tokens to overlap)."""
     engine.steps.clear()
-    run_engine(engine, random_prompts(batch, context, vocab, seed=batch), [steps + 1] * batch)
+    run_engine(engine, random_prompts(batch, context, vocab, seed=batch), [steps + 48] * batch)
     decode = [s.seconds for s in engine.steps if not s.prefill and s.num_seqs == batch]
+    if not decode:
+        raise RuntimeError(f"no decode step ran the whole batch of {batch}")
     return statistics.median(decode)
 
 
@@ -125,6 +129,10 @@ def main() -> None:
     engine = Engine(loaded, "cpu", EngineConfig(kv_memory_bytes=2 << 30))
     rows: list[tuple[str, str, str, str]] = []  # (what, ours, transformers, ratio)
 
+    def add(row: tuple[str, str, str, str]) -> None:
+        rows.append(row)
+        log("  | " + " | ".join(row) + " |")
+
     sizes = [1, 4] if args.quick else [1, 8, 32, 64]
     prompt_len, out_len = (64, 16) if args.quick else (256, 64)
     for n in sizes:
@@ -134,7 +142,7 @@ def main() -> None:
         log(f"throughput N={n}: transformers...")
         theirs = run_hf(hf, prompts, [out_len] * n, pad_id=0)
         tokens = n * out_len
-        rows.append((f"{n} x {prompt_len} -> {out_len} tokens, output tok/s",
+        add((f"{n} x {prompt_len} -> {out_len} tokens, output tok/s",
                      f"{tokens / ours:.1f}", f"{tokens / theirs:.1f}", f"{theirs / ours:.2f}x"))
 
     n_hetero = 8 if args.quick else 64
@@ -145,7 +153,7 @@ def main() -> None:
     ours = run_engine(engine, prompts, outputs)
     log("heterogeneous batch: transformers...")
     theirs = run_hf(hf, prompts, outputs, pad_id=0)
-    rows.append((f"conv trace, {n_hetero} requests at once (lengths / 4), useful output tok/s",
+    add((f"conv trace, {n_hetero} requests at once (lengths / 4), useful output tok/s",
                  f"{sum(outputs) / ours:.1f}", f"{sum(outputs) / theirs:.1f}", f"{theirs / ours:.2f}x"))
 
     for length in ([64, 128] if args.quick else [128, 512, 1024, 2048]):
@@ -154,14 +162,14 @@ def main() -> None:
         ours = statistics.median(engine_prefill_s(engine, ids) for _ in range(3))
         theirs = statistics.median(hf_prefill_s(hf, ids) for _ in range(3))
         log(f"prefill {length}: ours {ours * 1e3:.0f} ms, transformers {theirs * 1e3:.0f} ms")
-        rows.append((f"prefill latency, {length} tokens (ms)", f"{ours * 1e3:.0f}", f"{theirs * 1e3:.0f}",
+        add((f"prefill latency, {length} tokens (ms)", f"{ours * 1e3:.0f}", f"{theirs * 1e3:.0f}",
                      f"{theirs / ours:.2f}x"))
 
     for batch in ([1, 4] if args.quick else [1, 8, 32, 64]):
         ours = engine_decode_step_s(engine, batch, prompt_len, vocab)
         theirs = hf_decode_step_s(hf, batch, prompt_len, vocab)
         log(f"decode step batch {batch}: ours {ours * 1e3:.1f} ms, transformers {theirs * 1e3:.1f} ms")
-        rows.append((f"decode step, batch {batch}, context {prompt_len} (ms)", f"{ours * 1e3:.1f}",
+        add((f"decode step, batch {batch}, context {prompt_len} (ms)", f"{ours * 1e3:.1f}",
                      f"{theirs * 1e3:.1f}", f"{theirs / ours:.2f}x"))
     engine.stop()
 

@@ -222,6 +222,7 @@ class Engine:
                     self._in_flight = set()
                 continue
             with self._cond:
+                self.scheduler.step_finished(batch)
                 self._postprocess(batch, results)
                 self._in_flight = set()
 

@@ -19,7 +19,7 @@ class ModelRunner:
         self.dtype = next(self.model.parameters()).dtype
         self.blocks = blocks
         c = loaded.config
-        shape = (c.num_layers, blocks.num_blocks * blocks.block_size, c.num_kv_heads, c.head_dim)
+        shape = (c.num_layers, c.num_kv_heads, blocks.num_blocks * blocks.block_size, c.head_dim)
         self.cache_keys = torch.zeros(shape, dtype=self.dtype, device=device)
         self.cache_values = torch.zeros(shape, dtype=self.dtype, device=device)
         self._block_offsets = torch.arange(blocks.block_size, device=device)
@@ -37,8 +37,8 @@ class ModelRunner:
     def write_kv(self, block_table: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Imports received KV: keys/values [tokens, num_kv_heads, head_dim] for positions start onwards."""
         slots = self.context_slots(block_table, start + keys.shape[0])[start:]
-        self.cache_keys[layer].index_copy_(0, slots, keys.to(self.device, self.dtype))
-        self.cache_values[layer].index_copy_(0, slots, values.to(self.device, self.dtype))
+        self.cache_keys[layer].index_copy_(1, slots, keys.to(self.device, self.dtype).transpose(0, 1))
+        self.cache_values[layer].index_copy_(1, slots, values.to(self.device, self.dtype).transpose(0, 1))
 
     def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
         token_ids, segments = [], []

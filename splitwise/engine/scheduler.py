@@ -60,15 +60,19 @@ class BatchScheduler:
         self.blocks.free(seq.block_table)
 
     def schedule(self) -> ScheduledBatch | None:
+        # Running requests have waited since the last decode step ended; past the bound they go first.
         decode_due = bool(self.running) and self.clock() - self._last_decode >= self.decode_age_bound_s
         if self.waiting and not decode_due:
             batch = self._prefill_batch()
             if batch is not None:
                 return batch
         if self.running:
-            self._last_decode = self.clock()
             return self._decode_batch()
         return None
+
+    def step_finished(self, batch: ScheduledBatch) -> None:
+        if not batch.prefill:
+            self._last_decode = self.clock()
 
     def _prefill_batch(self) -> ScheduledBatch | None:
         seqs, spans, samples = [], [], []

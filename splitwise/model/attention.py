@@ -64,35 +64,37 @@ def paged_attention(
     cache_values: torch.Tensor,
     batch: BatchLayout,
 ) -> torch.Tensor:
-    """q: [N, heads, D]; k, v: [N, kv_heads, D]; cache_*: [slots, kv_heads, D]. Returns [N, heads, D].
+    """q: [N, heads, D]; k, v: [N, kv_heads, D]; cache_*: [kv_heads, slots, D]. Returns [N, heads, D].
 
-    Writes the new K and V into their slots, then attends each token to its sequence's context.
+    Writes the new K and V into their slots, then attends each token to its sequence's context. The
+    cache is head-major so that gathering a context yields the [kv_heads, tokens, D] attention reads,
+    with no further copy.
     """
-    cache_keys.index_copy_(0, batch.slot_mapping, k)
-    cache_values.index_copy_(0, batch.slot_mapping, v)
-    gqa = q.shape[1] != k.shape[1]
+    cache_keys.index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
+    cache_values.index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
+    kv_heads = k.shape[1]
     if batch.decode_slots is not None:
-        keys = cache_keys[batch.decode_slots].transpose(1, 2)  # [S, kv_heads, context, D]
-        values = cache_values[batch.decode_slots].transpose(1, 2)
-        # One query per sequence: the query heads sharing a KV head become that head's "query rows",
-        # so no KV head is repeated.
+        keys = cache_keys[:, batch.decode_slots]  # [kv_heads, S, context, D]
+        values = cache_values[:, batch.decode_slots]
+        # One query per sequence: the query heads sharing a KV head become that head's query rows,
+        # so no KV head is repeated; sequences play the role of attention heads.
         s, heads, d = q.shape
-        grouped = q.view(s, k.shape[1], heads // k.shape[1], d)
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=batch.decode_mask)
-        return out.reshape(s, heads, d)
+        grouped = q.view(s, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [kv_heads, S, group, D]
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=batch.decode_mask[None, :, 0])
+        return out.transpose(0, 1).reshape(s, heads, d)
+    gqa = q.shape[1] != kv_heads
     outs = []
     for seg in batch.segments:
         rows = slice(seg.start, seg.start + seg.length)
         qs = q[rows].transpose(0, 1)[None]
         if seg.context_len == seg.length:  # a whole prompt: its own K and V, causal
-            keys, values, mask = k[rows], v[rows], None
-        else:  # a later chunk or a decode step: earlier context comes from the cache
-            keys, values = cache_keys[seg.context_slots], cache_values[seg.context_slots]
+            keys, values, mask = k[rows].transpose(0, 1), v[rows].transpose(0, 1), None
+        else:  # a later chunk: earlier context comes from the cache
+            keys, values = cache_keys[:, seg.context_slots], cache_values[:, seg.context_slots]
             past = seg.context_len - seg.length
             positions = torch.arange(seg.context_len, device=q.device)
             mask = positions[None, :] <= positions[past:, None]
-        out = F.scaled_dot_product_attention(qs, keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-                                             attn_mask=mask, is_causal=mask is None and seg.length > 1,
-                                             enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qs, keys[None], values[None], attn_mask=mask,
+                                             is_causal=mask is None and seg.length > 1, enable_gqa=gqa)
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs, dim=0)

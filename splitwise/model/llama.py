@@ -104,7 +104,7 @@ class Attention(nn.Module):
         cache_values: torch.Tensor,
         batch: BatchLayout,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [N, hidden]; cache_*: [slots, num_kv_heads, head_dim]. Returns (out, new keys, new values)."""
+        """x: [N, hidden]; cache_*: [num_kv_heads, slots, head_dim]. Returns (out, new keys, new values)."""
         n = x.shape[0]
         q = self.q_proj(x).reshape(n, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(n, self.num_kv_heads, self.head_dim)
@@ -175,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Runs a flattened batch of new tokens and returns float32 logits [len(batch.logits_rows), vocab].
 
-        cache_keys / cache_values: [num_layers, slots, num_kv_heads, head_dim]; the context of every
+        cache_keys / cache_values: [num_layers, num_kv_heads, slots, head_dim]; the context of every
         sequence before its new tokens must already be in its slots.
         """
         x = self.model.embed_tokens(token_ids)

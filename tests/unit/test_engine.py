@@ -49,7 +49,7 @@ def test_prefill_logits_match_transformers(tiny):
     loaded, tokenizer = tiny
     ids = tokenizer.encode("The quick brown fox", add_special_tokens=False)
     c = loaded.config
-    cache = torch.zeros(c.num_layers, 64, c.num_kv_heads, c.head_dim)
+    cache = torch.zeros(c.num_layers, c.num_kv_heads, 64, c.head_dim)
     layout = BatchLayout.build([(0, len(ids), torch.arange(len(ids)))], [True])
     ours = loaded.model(torch.tensor(ids), layout, cache, cache.clone())[0]
     theirs = hf_model(loaded.folder)(torch.tensor([ids])).logits[0, -1]
@@ -190,3 +190,40 @@ async def test_blocks_return_to_all_free_after_a_randomized_run_with_cancellatio
         assert engine.blocks.num_free == engine.blocks.num_blocks
     finally:
         engine.stop()
+
+
+async def test_bfloat16_engine_generates_with_a_bfloat16_cache(cache_dir):
+    loaded = load_model("tiny-llama", dtype="bfloat16", cache_dir=cache_dir)
+    engine = Engine(loaded, "cpu", EngineConfig(kv_memory_bytes=1 << 20))
+    try:
+        assert engine.runner.cache_keys.dtype == torch.bfloat16
+        out, reason = await collect(engine.submit("b", [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True)))
+        assert len(out) == 8 and reason is FinishReason.LENGTH
+        assert all(0 <= t < loaded.config.vocab_size for t in out)
+    finally:
+        engine.stop()
+
+
+def test_mixed_scheduling_puts_prompts_first_but_decodes_within_the_age_bound():
+    from splitwise.engine.block_manager import BlockManager
+    from splitwise.engine.scheduler import BatchScheduler
+    from splitwise.engine.sequence import Sequence
+
+    now = [0.0]
+    scheduler = BatchScheduler(BlockManager(64, 16), max_batch_tokens=16, decode_age_bound_s=0.05,
+                               clock=lambda: now[0])
+    decoding = Sequence("d", [1, 2, 3], SamplingParams(), num_cached=3,
+                        output=[SampledToken(4, 0.0)])
+    scheduler.start_decoding(decoding)
+    for i in range(3):
+        scheduler.add(Sequence(f"p{i}", [5] * 16, SamplingParams()))
+
+    def step() -> str:
+        batch = scheduler.schedule()
+        now[0] += 1.0 if batch.prefill else 0.01  # prefill steps are long, decode steps short
+        scheduler.step_finished(batch)
+        if batch.prefill:
+            scheduler.waiting.popleft()  # prefilled
+        return "P" if batch.prefill else "D"
+
+    assert "".join(step() for _ in range(6)) == "PDPDPD"
