@@ -45,7 +45,7 @@ class ModelRunner:
         for seq, (start, end) in zip(batch.seqs, batch.spans, strict=True):
             token_ids.extend(seq.tokens[start:end])
             segments.append((start, end - start, self.context_slots(seq.block_table, end)))
-        layout = BatchLayout.build(segments, batch.samples)
+        layout = BatchLayout.build(segments, batch.samples, self.blocks.block_size)
         exporters = [(seg, seq, start) for seg, seq, (start, _) in zip(layout.segments, batch.seqs, batch.spans)
                      if seq.on_layer_kv is not None]
 

@@ -27,12 +27,17 @@ class BatchLayout:
     slot_mapping: torch.Tensor  # [N] cache slot where each new token's K and V go
     segments: list[Segment]
     logits_rows: torch.Tensor  # rows whose logits are wanted (the last token of sequences that sample)
-    decode_slots: torch.Tensor | None = None  # [S, max_context] when every segment is one token
-    decode_mask: torch.Tensor | None = None  # [S, 1, 1, max_context], True where a slot is real
+    block_size: int = 1
+    decode_blocks: torch.Tensor | None = None  # [S, max_blocks] cache blocks, when every segment is one token
+    decode_padding: torch.Tensor | None = None  # [S, 1, max_blocks * block_size], True past a sequence's end
 
     @classmethod
-    def build(cls, segments: list[tuple[int, int, torch.Tensor]], sample: list[bool]) -> "BatchLayout":
-        """segments: per sequence (first new position, number of new tokens, slots of positions 0..end-1)."""
+    def build(cls, segments: list[tuple[int, int, torch.Tensor]], sample: list[bool],
+              block_size: int = 1) -> "BatchLayout":
+        """segments: per sequence (first new position, number of new tokens, slots of positions 0..end-1).
+
+        Slots are block * block_size + offset, each block's slots consecutive (what BlockManager hands out).
+        """
         device = segments[0][2].device
         positions, segs, rows = [], [], []
         row = 0
@@ -47,12 +52,14 @@ class BatchLayout:
             torch.cat([s.context_slots[s.context_len - s.length :] for s in segs]),
             segs,
             torch.tensor(rows, dtype=torch.long, device=device),
+            block_size,
         )
         if all(s.length == 1 for s in segs):
             lengths = torch.tensor([s.context_len for s in segs], device=device)
-            layout.decode_slots = torch.nn.utils.rnn.pad_sequence([s.context_slots for s in segs], batch_first=True)
-            mask = torch.arange(layout.decode_slots.shape[1], device=device)[None, :] < lengths[:, None]
-            layout.decode_mask = mask[:, None, None, :]
+            tables = [s.context_slots[::block_size] // block_size for s in segs]
+            layout.decode_blocks = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+            width = layout.decode_blocks.shape[1] * block_size
+            layout.decode_padding = (torch.arange(width, device=device)[None, :] >= lengths[:, None])[:, None, :]
         return layout
 
 
@@ -73,15 +80,8 @@ def paged_attention(
     cache_keys.index_copy_(1, batch.slot_mapping, k.transpose(0, 1))
     cache_values.index_copy_(1, batch.slot_mapping, v.transpose(0, 1))
     kv_heads = k.shape[1]
-    if batch.decode_slots is not None:
-        keys = cache_keys[:, batch.decode_slots]  # [kv_heads, S, context, D]
-        values = cache_values[:, batch.decode_slots]
-        # One query per sequence: the query heads sharing a KV head become that head's query rows,
-        # so no KV head is repeated; sequences play the role of attention heads.
-        s, heads, d = q.shape
-        grouped = q.view(s, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [kv_heads, S, group, D]
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=batch.decode_mask[None, :, 0])
-        return out.transpose(0, 1).reshape(s, heads, d)
+    if batch.decode_blocks is not None:
+        return _decode_attention(q, cache_keys, cache_values, batch)
     gqa = q.shape[1] != kv_heads
     outs = []
     for seg in batch.segments:
@@ -98,3 +98,25 @@ def paged_attention(
                                              is_causal=mask is None and seg.length > 1, enable_gqa=gqa)
         outs.append(out[0].transpose(0, 1))
     return torch.cat(outs, dim=0)
+
+
+def _decode_attention(q: torch.Tensor, cache_keys: torch.Tensor, cache_values: torch.Tensor,
+                      batch: BatchLayout) -> torch.Tensor:
+    """One new token per sequence. The query heads sharing a KV head become that head's query rows, so
+    no KV head is repeated, and sequences play the role of attention heads.
+
+    Contexts are gathered whole blocks at a time (block_size * D contiguous values per index, much
+    cheaper than slot by slot); padding past a sequence's end is masked out. Scaling q rather than K
+    and passing K transposed to the matmul keeps it to one pass over the gathered context.
+    """
+    kv_heads, _, d = cache_keys.shape
+    s, heads, _ = q.shape
+    blocks = batch.decode_blocks.flatten()
+    rows = (kv_heads, -1, batch.block_size * d)
+    keys = cache_keys.view(rows).index_select(1, blocks).view(kv_heads, s, -1, d)  # [kv_heads, S, context, D]
+    values = cache_values.view(rows).index_select(1, blocks).view(kv_heads, s, -1, d)
+    grouped = (q * d**-0.5).view(s, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [kv_heads, S, group, D]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2))  # [kv_heads, S, group, context]
+    scores.masked_fill_(batch.decode_padding, float("-inf"))
+    out = torch.matmul(scores.softmax(-1), values)  # [kv_heads, S, group, D]
+    return out.transpose(0, 1).reshape(s, heads, d)

@@ -90,9 +90,10 @@ class Attention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_proj = Linear(config.hidden_size, config.num_heads * config.head_dim)
-        self.k_proj = Linear(config.hidden_size, config.num_kv_heads * config.head_dim)
-        self.v_proj = Linear(config.hidden_size, config.num_kv_heads * config.head_dim)
+        # q, k and v in one matmul: Hugging Face's q_proj / k_proj / v_proj, stacked (fuse_hf_state).
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size)
         self.o_proj = Linear(config.num_heads * config.head_dim, config.hidden_size)
 
     def forward(
@@ -106,9 +107,10 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, hidden]; cache_*: [num_kv_heads, slots, head_dim]. Returns (out, new keys, new values)."""
         n = x.shape[0]
-        q = self.q_proj(x).reshape(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(n, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         out = paged_attention(q, k, v, cache_keys, cache_values, batch)
@@ -118,12 +120,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        # gate and up in one matmul: Hugging Face's gate_proj / up_proj, stacked (fuse_hf_state).
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -136,7 +139,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Parameter names follow Hugging Face's LlamaForCausalLM so its state dict loads as is."""
+    """Parameter names follow Hugging Face's LlamaForCausalLM, except the fused projections (fuse_hf_state)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -158,6 +161,20 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def fuse_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Maps a Hugging Face Llama state dict onto ours: q/k/v and gate/up weights stacked row-wise."""
+        fused = dict(state)
+        groups = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                  "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+        for key in state:
+            for target, parts in groups.items():
+                if key.endswith(f"{parts[0]}.weight"):
+                    prefix = key[: -len(f"{parts[0]}.weight")]
+                    names = [f"{prefix}{part}.weight" for part in parts]
+                    fused[f"{prefix}{target}.weight"] = torch.cat([fused.pop(name) for name in names])
+        return fused
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.model.inv_freq[None, :]

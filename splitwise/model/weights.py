@@ -122,7 +122,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32", cache_dir
     for shard in sorted(folder.glob("*.safetensors")):
         state.update(load_file(shard))
     model = LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(LlamaForCausalLM.fuse_hf_state(state), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise ValueError(f"weights of {name!r} do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
