@@ -1,4 +1,4 @@
-"""The `splitwise` command: up | generate | status | health | prepare."""
+"""The `splitwise` command: up | generate | status | health | prepare | trace."""
 
 from __future__ import annotations
 
@@ -77,7 +77,8 @@ def _up(args) -> int:
     return up(UpOptions(
         model=args.model, host=args.host, scheduler_port=args.port, prompt_port=args.prompt_port,
         token_port=args.token_port, kv_store_port=args.kv_store_port, redis_port=args.redis_port,
-        redis_url=args.redis_url, prompt_workers=args.prompt_workers, token_workers=args.token_workers,
+        metrics_port=args.metrics_port, redis_url=args.redis_url, prompt_workers=args.prompt_workers,
+        token_workers=args.token_workers,
         kv_transfer=args.kv_transfer, run_dir=Path(args.run_dir), device=args.device,
     ))
 
@@ -96,6 +97,27 @@ def _prepare(args) -> int:
     return 0
 
 
+def _trace(args) -> int:
+    from splitwise.telemetry.waterfall import find_trace, render_png, render_text
+
+    try:
+        spans, num_traces = find_trace(args.traces or [".splitwise/traces"], args.request_id)
+    except LookupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(render_text(spans, args.width))
+    if num_traces > 1:
+        print(f"({num_traces} traces carry request id {args.request_id!r}; this is the most recent)", file=sys.stderr)
+    if args.png:
+        try:
+            render_png(spans, args.png)
+        except ImportError:
+            print("error: --png needs matplotlib: pip install matplotlib", file=sys.stderr)
+            return 1
+        print(f"wrote {args.png}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitwise", description="Phase-split LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--token-port", type=int, default=50071, help="first token worker's port (then +1, +2, ...)")
     up.add_argument("--kv-store-port", type=int, default=50081)
     up.add_argument("--redis-port", type=int, default=6379)
+    up.add_argument("--metrics-port", type=int, default=9451,
+                    help="first Prometheus /metrics port (one per service, consecutive); 0 picks free ports")
     up.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
     up.add_argument("--prompt-workers", type=int, default=1)
     up.add_argument("--token-workers", type=int, default=1)
@@ -142,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="convert and cache the model now (done on first start otherwise)")
     prepare.add_argument("--model", default=os.environ.get("SPLITWISE_MODEL", DEFAULT_MODEL))
     prepare.set_defaults(run=_prepare)
+
+    trace = sub.add_parser("trace", help="draw one request's spans as a waterfall, from the span files of `up`")
+    trace.add_argument("request_id")
+    trace.add_argument("--traces", nargs="+", action="extend", metavar="PATH",
+                       help="span files, or folders of *.jsonl (default .splitwise/traces, `up`'s RUN_DIR/traces)")
+    trace.add_argument("--png", default="", metavar="FILE", help="also draw the waterfall into this PNG")
+    trace.add_argument("--width", type=int, default=0, help="columns (default: the terminal's width)")
+    trace.set_defaults(run=_trace)
     return parser
 
 

@@ -10,6 +10,7 @@ import grpc
 
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from splitwise.server import CHANNEL_OPTIONS
+from splitwise.telemetry.tracing import client_interceptors
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -82,7 +83,8 @@ def build_request(
 
 class SplitwiseClient:
     def __init__(self, address: str = DEFAULT_ADDRESS):
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # With a tracer provider set up in the caller's process, each call is a CLIENT span, parent of the cluster's.
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
 
     async def __aenter__(self) -> "SplitwiseClient":

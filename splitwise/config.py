@@ -52,11 +52,16 @@ def config_table(*classes: type) -> str:
             env = f.metadata["env"]
             if env in rows:
                 rows[env][1].append(service)
+                rows[env][2].append(f.default)
             else:
-                rows[env] = [f"--{f.name.replace('_', '-')}", [service], f.default, f.metadata["help"]]
+                rows[env] = [f"--{f.name.replace('_', '-')}", [service], [f.default], f.metadata["help"]]
     lines = ["| variable | flag | services | default | meaning |", "|---|---|---|---|---|"]
-    for env, (flag, services, default, help) in rows.items():
-        lines.append(f"| `{env}` | `{flag}` | {', '.join(services)} | `{default}` | {help} |")
+    for env, (flag, services, defaults, help) in rows.items():
+        if len(set(defaults)) == 1:
+            default = f"`{defaults[0]}`"
+        else:
+            default = ", ".join(f"`{d}` ({s})" for s, d in zip(services, defaults))
+        lines.append(f"| `{env}` | `{flag}` | {', '.join(services)} | {default} | {help} |")
     return "\n".join(lines)
 
 
@@ -80,7 +85,9 @@ class SchedulerConfig:
     request_timeout_s: float = option(600.0, "SPLITWISE_REQUEST_TIMEOUT_S", "deadline of a request whose client set none")
     registry_refresh_s: float = option(0.25, "SPLITWISE_REGISTRY_REFRESH_S", "how often the scheduler re-reads the registry")
     trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
+    metrics_listen: str = option("127.0.0.1:9451", "SPLITWISE_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint ('off': none)")
     log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
+    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
 
 
 @dataclass
@@ -104,7 +111,9 @@ class PromptWorkerConfig:
     kv_chunk_bytes: int = option(1 << 20, "SPLITWISE_KV_CHUNK_BYTES", "largest KV chunk on the wire")
     kv_transfer_timeout_s: float = option(60.0, "SPLITWISE_KV_TRANSFER_TIMEOUT_S", "deadline of one KV transfer")
     trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
+    metrics_listen: str = option("127.0.0.1:9461", "SPLITWISE_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint ('off': none)")
     log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
+    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
 
 
 @dataclass
@@ -131,7 +140,9 @@ class TokenWorkerConfig:
     heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
     registry_ttl_s: float = option(3.0, "SPLITWISE_REGISTRY_TTL_S", "a worker silent this long leaves the registry")
     trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
+    metrics_listen: str = option("127.0.0.1:9471", "SPLITWISE_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint ('off': none)")
     log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
+    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
 
 
 @dataclass
@@ -143,7 +154,9 @@ class KVStoreConfig:
     max_bytes: int = option(4 << 30, "SPLITWISE_KV_STORE_MAX_BYTES", "refuse new transfers beyond this many bytes held")
     get_wait_s: float = option(30.0, "SPLITWISE_KV_STORE_GET_WAIT_S", "default wait for a transfer that has not arrived")
     trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
+    metrics_listen: str = option("127.0.0.1:9481", "SPLITWISE_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint ('off': none)")
     log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
+    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
 
 
 def cache_dir_of(config) -> Path | None:

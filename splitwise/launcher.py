@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ class UpOptions:
     token_port: int = 50071
     kv_store_port: int = 50081
     redis_port: int = 6379
+    metrics_port: int = 9451  # Prometheus endpoints on consecutive ports, one per service as it starts; 0: free ports
     redis_url: str = ""  # use this Redis instead of starting one
     prompt_workers: int = 1
     token_workers: int = 1
@@ -52,6 +54,7 @@ class Child:
     name: str
     address: str | None
     proc: subprocess.Popen
+    metrics_address: str = ""
 
 
 class Cluster:
@@ -60,7 +63,16 @@ class Cluster:
         self.children: list[Child] = []
         self.redis: subprocess.Popen | None = None
 
+    def _metrics_address(self) -> str:
+        if self.o.metrics_port == 0:
+            with socket.socket() as s:
+                s.bind((self.o.host, 0))
+                return f"{self.o.host}:{s.getsockname()[1]}"
+        return f"{self.o.host}:{self.o.metrics_port + len(self.children)}"
+
     def _spawn(self, name: str, module: str, env: dict, address: str | None) -> None:
+        metrics = self._metrics_address()
+        env = {**env, "SPLITWISE_METRICS_LISTEN": metrics, "OTEL_SERVICE_NAME": name.split("-")[0]}
         log_dir = self.o.run_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log = open(log_dir / f"{name}.log", "ab")
@@ -71,7 +83,7 @@ class Cluster:
             preexec_fn=_die_with_parent, start_new_session=True,
         )
         log.close()
-        self.children.append(Child(name, address, proc))
+        self.children.append(Child(name, address, proc, metrics))
 
     def start(self) -> None:
         o = self.o
@@ -182,7 +194,7 @@ def up(options: UpOptions) -> int:
             if cluster.redis is not None:
                 print(f"  {'redis':<16} {options.host + ':' + str(options.redis_port):<22} pid {cluster.redis.pid}")
             for child in cluster.children:
-                print(f"  {child.name:<16} {child.address or '':<22} pid {child.proc.pid}")
+                print(f"  {child.name:<16} {child.address or '':<22} pid {child.proc.pid:<8} metrics http://{child.metrics_address}/metrics")
             print(f"  logs and traces in {options.run_dir.resolve()}")
             print(f"try: splitwise generate --address {cluster.children[-1].address} \"What is the capital of France?\"")
             print("Ctrl-C stops everything.", flush=True)

@@ -14,6 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from splitwise.telemetry.metrics import GaugeSource, MetricsEndpoint, add_gauge_source, serve_metrics
+from splitwise.telemetry.tracing import server_interceptors
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20
@@ -24,26 +27,36 @@ CHANNEL_OPTIONS = [
 
 
 class GrpcService:
-    """A started server: its bound port, its health servicer, and a way to stop it."""
+    """A started server: its bound port, its health servicer, its metrics endpoint, and a way to stop them."""
 
-    def __init__(self, server: grpc.aio.Server, health: HealthServicer, port: int, service_names: list[str]):
+    def __init__(self, server: grpc.aio.Server, health: HealthServicer, port: int, service_names: list[str],
+                 metrics: MetricsEndpoint | None = None, remove_gauges: Callable[[], None] | None = None):
         self.server = server
         self.health = health
         self.port = port
         self.service_names = service_names
+        self.metrics = metrics
+        self.remove_gauges = remove_gauges
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self.remove_gauges:
+            self.remove_gauges()
+        if self.metrics:
+            self.metrics.close()
 
 
 async def start_server(
     listen: str,
     servicers: Iterable[tuple[Callable, object]],
     service_names: Iterable[str],
+    metrics_listen: str = "off",
+    gauges: GaugeSource | None = None,
 ) -> GrpcService:
-    """Starts serving `servicers` ((add_to_server, servicer) pairs) on `listen`; port 0 picks a free one."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    """Starts serving `servicers` ((add_to_server, servicer) pairs) on `listen`; port 0 picks a free one.
+    Also serves Prometheus metrics on `metrics_listen`, where `gauges` reports this service's state."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=server_interceptors())
     for add_to_server, servicer in servicers:
         add_to_server(servicer, server)
     health = HealthServicer()
@@ -55,9 +68,14 @@ async def start_server(
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
+    try:
+        metrics = serve_metrics(metrics_listen)
+    except OSError:
+        await server.stop(0)
+        raise
     for name in ["", *names]:
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return GrpcService(server, health, port, names)
+    return GrpcService(server, health, port, names, metrics, add_gauge_source(gauges) if gauges else None)
 
 
 def bound_address(listen: str, port: int) -> str:

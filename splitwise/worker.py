@@ -13,6 +13,7 @@ from splitwise.config import cache_dir_of, default_worker_id, resolve_device
 from splitwise.engine.llm_engine import Engine, EngineConfig
 from splitwise.kv.layout import KVLayout
 from splitwise.model.weights import load_model
+from splitwise.telemetry.metrics import GaugeSource
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,27 @@ def load_engine(config, max_decode_batch: int = 256) -> LoadedEngine:
     return LoadedEngine(engine, KVLayout.of(loaded.config, engine.runner.dtype, loaded.fingerprint))
 
 
-def start_heartbeat(config, role: str, address: str, engine: Engine) -> Heartbeat:
+def worker_id_of(config, role: str) -> str:
+    return config.worker_id or default_worker_id(role)
+
+
+def engine_gauges(engine: Engine, worker_id: str, pool: str) -> GaugeSource:
+    """This worker's KV blocks and queues, for the metrics endpoint."""
+
+    def observe():
+        worker = {"splitwise.worker_id": worker_id, "splitwise.pool": pool}
+        waiting, running = engine.queue_depths
+        used = engine.blocks.num_used
+        yield "splitwise.kv.blocks", used, {**worker, "state": "used"}
+        yield "splitwise.kv.blocks", engine.blocks.num_blocks - used, {**worker, "state": "free"}
+        yield "splitwise.queue.depth", waiting, worker
+        yield "splitwise.requests.running", running, worker
+
+    return observe
+
+
+def start_heartbeat(config, worker_id: str, role: str, address: str, engine: Engine) -> Heartbeat:
     """A heartbeat announcing this worker with its current load."""
-    worker_id = config.worker_id or default_worker_id(role)
     registry = WorkerRegistry(redis.Redis.from_url(config.redis_url), ttl_s=config.registry_ttl_s)
     loaded = engine.loaded
     blocks = engine.blocks

@@ -39,3 +39,11 @@ def trace_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("traces") / "spans.jsonl"
     setup_tracing("splitwise-tests", path)
     return path
+
+
+@pytest.fixture(scope="session")
+def meter_provider():
+    """Metrics of every in-process service go to this process's Prometheus registry."""
+    from splitwise.telemetry.metrics import setup_metrics
+
+    return setup_metrics("splitwise-tests")

@@ -10,6 +10,7 @@ from splitwise.config import KVStoreConfig, parse_config
 from splitwise.rpc.v1 import kv_store_pb2, kv_store_pb2_grpc
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
+from splitwise.telemetry.metrics import setup_metrics
 from splitwise.telemetry.tracing import setup_tracing
 
 SERVICE = "kv_store"
@@ -33,6 +34,7 @@ async def start(config: KVStoreConfig) -> KVStore:
         config.listen,
         [(kv_store_pb2_grpc.add_KVStoreServicer_to_server, servicer)],
         [kv_store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name],
+        config.metrics_listen, servicer.gauges,
     )
     expiry = asyncio.create_task(servicer.expire_forever())
     return KVStore(service, servicer, expiry, bound_address(config.listen, service.port))
@@ -47,6 +49,7 @@ async def serve(config: KVStoreConfig) -> None:
 
 def main(argv=None) -> None:
     config = parse_config(KVStoreConfig, argv)
-    setup_logging(SERVICE, config.log_level)
+    setup_logging(SERVICE, config.log_level, config.log_format)
     setup_tracing(SERVICE, config.trace_file or None)
+    setup_metrics(SERVICE)
     run_service(SERVICE, lambda: serve(config))

@@ -8,10 +8,9 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from opentelemetry.trace import SpanKind
 
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
-from splitwise.telemetry.tracing import incoming_context, record_error, tracer
+from splitwise.telemetry.tracing import record_error, rpc_span
 
 log = logging.getLogger(__name__)
 
@@ -56,38 +55,36 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         existing = self.transfers.get(rid)
         if existing is not None and not existing.failed:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"KV of request {rid!r} is already stored")
-        with incoming_context(context.invocation_metadata()), tracer().start_as_current_span(
-            "kv_store.put", kind=SpanKind.SERVER
-        ) as span:
-            span.set_attribute("splitwise.request_id", rid)
-            transfer = self.transfers[rid] = StoredTransfer(rid, time.monotonic() + self.ttl_s, [first])
-            async with self._arrived:
-                self._arrived.notify_all()
-            try:
-                async for msg in request_iterator:
-                    if msg.WhichOneof("kind") == "chunk":
-                        size = len(msg.chunk.key) + len(msg.chunk.value)
-                        if self.bytes_held + size > self.max_bytes:
-                            raise MemoryError(f"kv_store is full ({self.max_bytes} bytes)")
-                        transfer.num_bytes += size
-                        transfer.num_chunks += 1
-                    transfer.messages.append(msg)
-                    transfer.complete = msg.WhichOneof("kind") == "commit"
-                    await self._notify(transfer)
-                if not transfer.complete:
-                    raise ConnectionError("the KV stream ended before its commit")
-            except BaseException as e:
-                transfer.failed = str(e) or type(e).__name__
+        span = rpc_span()
+        span.set_attribute("splitwise.request_id", rid)
+        transfer = self.transfers[rid] = StoredTransfer(rid, time.monotonic() + self.ttl_s, [first])
+        async with self._arrived:
+            self._arrived.notify_all()
+        try:
+            async for msg in request_iterator:
+                if msg.WhichOneof("kind") == "chunk":
+                    size = len(msg.chunk.key) + len(msg.chunk.value)
+                    if self.bytes_held + size > self.max_bytes:
+                        raise MemoryError(f"kv_store is full ({self.max_bytes} bytes)")
+                    transfer.num_bytes += size
+                    transfer.num_chunks += 1
+                transfer.messages.append(msg)
+                transfer.complete = msg.WhichOneof("kind") == "commit"
                 await self._notify(transfer)
-                record_error(span, transfer.failed)
-                if isinstance(e, MemoryError):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-                if isinstance(e, ConnectionError):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                raise
-            transfer.expires_at = time.monotonic() + self.ttl_s
-            span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.chunks": transfer.num_chunks})
-            return kv_store_pb2.PutReply(request_id=rid, num_bytes=transfer.num_bytes, num_chunks=transfer.num_chunks)
+            if not transfer.complete:
+                raise ConnectionError("the KV stream ended before its commit")
+        except BaseException as e:
+            transfer.failed = str(e) or type(e).__name__
+            await self._notify(transfer)
+            record_error(span, transfer.failed)
+            if isinstance(e, MemoryError):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            if isinstance(e, ConnectionError):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise
+        transfer.expires_at = time.monotonic() + self.ttl_s
+        span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.chunks": transfer.num_chunks})
+        return kv_store_pb2.PutReply(request_id=rid, num_bytes=transfer.num_bytes, num_chunks=transfer.num_chunks)
 
     async def _wait_for(self, rid: str, wait_s: float) -> StoredTransfer | None:
         async with self._arrived:
@@ -101,35 +98,37 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
         wait_s = request.wait_s if request.wait_s > 0 else self.get_wait_s
-        with incoming_context(context.invocation_metadata()), tracer().start_as_current_span(
-            "kv_store.get", kind=SpanKind.SERVER
-        ) as span:
-            span.set_attribute("splitwise.request_id", request.request_id)
-            transfer = await self._wait_for(request.request_id, wait_s)
-            if transfer is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV for request {request.request_id!r} within {wait_s}s")
-            sent = 0
-            while True:
-                while sent < len(transfer.messages):
-                    yield transfer.messages[sent]
-                    sent += 1
-                deadline = time.monotonic() + wait_s  # a stall is judged by progress, not by total time
-                if transfer.failed:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed upstream: {transfer.failed}")
-                if transfer.complete:
-                    return
-                async with transfer.changed:
-                    remaining = deadline - time.monotonic()
-                    try:
-                        await asyncio.wait_for(
-                            transfer.changed.wait_for(lambda seen=sent: len(transfer.messages) > seen or transfer.finished),
-                            max(remaining, 0),
-                        )
-                    except asyncio.TimeoutError:
-                        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "KV transfer stalled")
+        span = rpc_span()
+        span.set_attribute("splitwise.request_id", request.request_id)
+        transfer = await self._wait_for(request.request_id, wait_s)
+        if transfer is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV for request {request.request_id!r} within {wait_s}s")
+        sent = 0
+        while True:
+            while sent < len(transfer.messages):
+                yield transfer.messages[sent]
+                sent += 1
+            deadline = time.monotonic() + wait_s  # a stall is judged by progress, not by total time
+            if transfer.failed:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed upstream: {transfer.failed}")
+            if transfer.complete:
+                span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.chunks": transfer.num_chunks})
+                return
+            async with transfer.changed:
+                remaining = deadline - time.monotonic()
+                try:
+                    await asyncio.wait_for(
+                        transfer.changed.wait_for(lambda seen=sent: len(transfer.messages) > seen or transfer.finished),
+                        max(remaining, 0),
+                    )
+                except asyncio.TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "KV transfer stalled")
 
     async def Delete(self, request: kv_store_pb2.DeleteRequest, context) -> kv_store_pb2.DeleteReply:
         return kv_store_pb2.DeleteReply(deleted=self.transfers.pop(request.request_id, None) is not None)
+
+    def gauges(self):
+        yield "splitwise.kv_store.stored", self.bytes_held, {}
 
     async def expire_forever(self, interval_s: float = 1.0) -> None:
         while True:

@@ -12,8 +12,9 @@ from splitwise.config import PromptWorkerConfig, parse_config
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
+from splitwise.telemetry.metrics import setup_metrics
 from splitwise.telemetry.tracing import setup_tracing
-from splitwise.worker import load_engine, start_heartbeat
+from splitwise.worker import engine_gauges, load_engine, start_heartbeat, worker_id_of
 
 SERVICE = "prompt_worker"
 
@@ -39,13 +40,15 @@ async def start(config: PromptWorkerConfig) -> PromptWorker:
     channels = ChannelPool()
     servicer = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
                                     config.kv_transfer_timeout_s)
+    worker_id = worker_id_of(config, "prompt")
     service = await start_server(
         config.listen,
         [(worker_pb2_grpc.add_PromptWorkerServicer_to_server, servicer)],
         [worker_pb2.DESCRIPTOR.services_by_name["PromptWorker"].full_name],
+        config.metrics_listen, engine_gauges(loaded.engine, worker_id, "prompt"),
     )
     address = config.advertise or bound_address(config.listen, service.port)
-    heartbeat = start_heartbeat(config, "prompt", address, loaded.engine)
+    heartbeat = start_heartbeat(config, worker_id, "prompt", address, loaded.engine)
     try:
         await heartbeat.start()
     except ConnectionError:
@@ -63,6 +66,7 @@ async def serve(config: PromptWorkerConfig) -> None:
 
 def main(argv=None) -> None:
     config = parse_config(PromptWorkerConfig, argv)
-    setup_logging(SERVICE, config.log_level)
+    setup_logging(SERVICE, config.log_level, config.log_format)
     setup_tracing(SERVICE, config.trace_file or None)
+    setup_metrics(SERVICE)
     run_service(SERVICE, lambda: serve(config))

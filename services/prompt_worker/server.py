@@ -7,7 +7,6 @@ import logging
 import time
 
 import grpc
-from opentelemetry.trace import SpanKind
 
 from splitwise.channels import ChannelPool
 from splitwise.engine.block_manager import KVCapacityError
@@ -18,7 +17,7 @@ from splitwise.kv.layout import KVLayout
 from splitwise.rpc import convert
 from splitwise.rpc.errors import capacity_status
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
-from splitwise.telemetry.tracing import incoming_context, outgoing_metadata, record_error, tracer
+from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span, tracer
 
 log = logging.getLogger(__name__)
 
@@ -59,51 +58,51 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         ids, params = parsed
         rid = request.request_id
-        with incoming_context(context.invocation_metadata()), tracer().start_as_current_span(
-            "prompt_worker.prefill_request", kind=SpanKind.SERVER
-        ) as span:
-            span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
-                                 "kv.target": request.kv_target.address})
-            sender = KVSender(self.channels.get(request.kv_target.address), request.kv_target.kind, rid,
-                              self.layout, len(ids), self.kv_chunk_bytes, self.kv_transfer_timeout_s,
-                              outgoing_metadata())
-            submitted_ns = time.time_ns()
-            try:
-                handle = self.engine.submit(rid, ids, params, prefill_only=True, on_layer_kv=sender.on_layer_kv)
-            except KVCapacityError as e:
-                record_error(span, e)
-                await context.abort(capacity_status(e), str(e))
-            except ValueError as e:
-                await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-            send_task = asyncio.create_task(sender.send())
-            # Cleanup runs when the RPC ends however it ends (a cancelled stream may be finalised late).
-            context.add_done_callback(lambda _: self._release(handle, sender, send_task))
-            # A transfer that fails aborts the prefill: its KV has nowhere to go.
-            send_task.add_done_callback(
-                lambda t: t.cancelled() or t.exception() is None or self.engine.abort(rid, handle))
-            try:
-                event = await handle.next_event()
-                if isinstance(event, Finished):  # aborted before its first token
-                    failed = send_task.done() and not send_task.cancelled() and send_task.exception()
-                    record_error(span, failed or "aborted")
-                    code = failed.code if isinstance(failed, KVTransferError) else grpc.StatusCode.ABORTED
-                    await context.abort(code, str(failed or "prefill aborted"))
-                self._record_compute_spans(submitted_ns, handle.seq)
-                sender.commit(event)
-                yield worker_pb2.PrefillEvent(first_token=worker_pb2.FirstToken(
-                    token_id=event.token_id, logprob=event.logprob,
-                    prefill_ms=(handle.seq.first_token_ns - handle.seq.first_scheduled_ns) / 1e6,
-                ))
-                stats = await send_task
-                yield worker_pb2.PrefillEvent(transfer=worker_pb2.KVTransferSummary(
-                    num_bytes=stats.num_bytes, num_layers=stats.num_layers, num_chunks=stats.num_chunks,
-                    seconds=stats.seconds,
-                ))
-            except KVTransferError as e:
-                record_error(span, e)
-                await context.abort(e.code, str(e))
-            finally:
-                self._release(handle, sender, send_task)
+        span = rpc_span()
+        span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
+                             "kv.target": request.kv_target.address})
+        sender = KVSender(self.channels.get(request.kv_target.address), request.kv_target.kind, rid,
+                          self.layout, len(ids), self.kv_chunk_bytes, self.kv_transfer_timeout_s)
+        submitted_ns = time.time_ns()
+        try:
+            handle = self.engine.submit(rid, ids, params, prefill_only=True, on_layer_kv=sender.on_layer_kv)
+        except KVCapacityError as e:
+            record_error(span, e)
+            await context.abort(capacity_status(e), str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        send_task = asyncio.create_task(sender.send())
+        # Cleanup runs when the RPC ends however it ends (a cancelled stream may be finalised late).
+        context.add_done_callback(lambda _: self._release(handle, sender, send_task))
+        # A transfer that fails aborts the prefill: its KV has nowhere to go.
+        send_task.add_done_callback(
+            lambda t: t.cancelled() or t.exception() is None or self.engine.abort(rid, handle))
+        try:
+            event = await handle.next_event()
+            if isinstance(event, Finished):  # aborted before its first token
+                failed = send_task.done() and not send_task.cancelled() and send_task.exception()
+                record_error(span, failed or "aborted")
+                code = failed.code if isinstance(failed, KVTransferError) else grpc.StatusCode.ABORTED
+                await context.abort(code, str(failed or "prefill aborted"))
+            self._record_compute_spans(submitted_ns, handle.seq)
+            sender.commit(event)
+            yield worker_pb2.PrefillEvent(first_token=worker_pb2.FirstToken(
+                token_id=event.token_id, logprob=event.logprob,
+                prefill_ms=(handle.seq.first_token_ns - handle.seq.first_scheduled_ns) / 1e6,
+            ))
+            stats = await send_task
+            yield worker_pb2.PrefillEvent(transfer=worker_pb2.KVTransferSummary(
+                num_bytes=stats.num_bytes, num_layers=stats.num_layers, num_chunks=stats.num_chunks,
+                seconds=stats.seconds,
+            ))
+        except KVTransferError as e:
+            record_error(span, e)
+            await context.abort(e.code, str(e))
+        except asyncio.CancelledError:
+            record_cancelled(span, "scheduler")
+            raise
+        finally:
+            self._release(handle, sender, send_task)
 
     def _release(self, handle: RequestHandle, sender: KVSender, send_task: asyncio.Task) -> None:
         self.engine.abort(handle.seq.request_id, handle)
@@ -117,5 +116,7 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         queue = tracer().start_span("prompt_worker.queue", start_time=submitted_ns)
         queue.end(end_time=started_ns)
         prefill = tracer().start_span("prompt_worker.prefill", start_time=started_ns)
-        prefill.set_attributes({"prompt.tokens": len(seq.prompt_ids), "first_token.id": seq.output[0].token_id})
+        prefill.set_attributes({"prompt.tokens": len(seq.prompt_ids), "first_token.id": seq.output[0].token_id,
+                                "preemptions": seq.num_preemptions})
+        prefill.add_event("first_token", {"token.id": seq.output[0].token_id}, timestamp=max(started_ns, seq.first_token_ns))
         prefill.end(end_time=max(started_ns, seq.first_token_ns))

@@ -15,6 +15,7 @@ from splitwise.model.weights import eos_token_ids, load_tokenizer, read_hf_confi
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
+from splitwise.telemetry.metrics import setup_metrics
 from splitwise.telemetry.tracing import setup_tracing
 
 SERVICE = "scheduler"
@@ -53,6 +54,7 @@ async def start(config: SchedulerConfig) -> Scheduler:
         config.listen,
         [(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer)],
         [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name],
+        config.metrics_listen, servicer.gauges,
     )
     return Scheduler(service, servicer, refresher, channels, bound_address(config.listen, service.port))
 
@@ -66,6 +68,7 @@ async def serve(config: SchedulerConfig) -> None:
 
 def main(argv=None) -> None:
     config = parse_config(SchedulerConfig, argv)
-    setup_logging(SERVICE, config.log_level)
+    setup_logging(SERVICE, config.log_level, config.log_format)
     setup_tracing(SERVICE, config.trace_file or None)
+    setup_metrics(SERVICE)
     run_service(SERVICE, lambda: serve(config))

@@ -10,22 +10,23 @@ from dataclasses import dataclass
 
 import grpc
 import redis.asyncio as redis
-from opentelemetry.trace import SpanKind
 
 from services.scheduler.output import OutputStream
-from splitwise.channels import ChannelPool
+from splitwise.channels import ChannelPool, end_stream
 from splitwise.cluster.registry import WorkerInfo, WorkerRegistry
 from splitwise.cluster.routing import NoWorkerAvailable, Route, route
 from splitwise.engine.sampling import SamplingParams
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
-from splitwise.telemetry.tracing import incoming_context, outgoing_metadata, record_error, tracer
+from splitwise.telemetry import metrics
+from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span, tracer
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_ID_CHARS = 128
 # Attempts of a request whose worker is unreachable before anything was streamed to the client.
 MAX_ATTEMPTS = 3
+POOLS = ("prompt", "token", "mixed")
 
 
 class InvalidRequest(ValueError):
@@ -39,6 +40,42 @@ class WorkerFailed(Exception):
         super().__init__(f"{worker.role} worker {worker.worker_id}: {details}")
         self.worker = worker
         self.code = code
+
+
+class TokenClock:
+    """Time to first token and time between tokens of one request, as its client sees them."""
+
+    def __init__(self, received: float):
+        self.received = received
+        self.last: float | None = None
+        self.first_s: float | None = None
+        self.gaps: list[float] = []
+        self.count = 0
+
+    def tokens(self, count: int) -> None:
+        if count == 0:
+            return
+        self.count += count
+        now = time.perf_counter()
+        if self.last is None:
+            self.first_s = now - self.received
+            metrics.time_to_first_token.record(self.first_s)
+            count -= 1
+        elif count:
+            gap = (now - self.last) / count
+            self.gaps += [gap] * count
+            for _ in range(count):
+                metrics.time_per_output_token.record(gap)
+        self.last = now
+
+    def attributes(self) -> dict:
+        attributes = {"output.tokens": self.count}
+        if self.first_s is not None:
+            attributes["time_to_first_token_ms"] = self.first_s * 1e3
+        if self.gaps:
+            attributes["time_between_tokens_mean_ms"] = sum(self.gaps) / len(self.gaps) * 1e3
+            attributes["time_between_tokens_max_ms"] = max(self.gaps) * 1e3
+        return attributes
 
 
 @dataclass(frozen=True)
@@ -129,31 +166,52 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     # -- Generate ---------------------------------------------------------------------------------
 
     async def Generate(self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        received = time.perf_counter()
         rid = request.request_id or uuid.uuid4().hex
-        with incoming_context(context.invocation_metadata()), tracer().start_as_current_span(
-            "scheduler.generate", kind=SpanKind.SERVER
-        ) as span:
-            span.set_attribute("splitwise.request_id", rid)
-            try:
-                ids, params = self._validate(request)
-            except InvalidRequest as e:
-                record_error(span, e)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        span = rpc_span()  # the server interceptor's span: the root of the request's trace
+        span.set_attribute("splitwise.request_id", rid)
+        outcome = "failed"
+        try:
+            with tracer().start_as_current_span("scheduler.admission") as admission:
+                try:
+                    ids, params = self._validate(request)
+                except InvalidRequest as e:
+                    outcome = "invalid"
+                    record_error(admission, e)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                admission.set_attributes({"prompt.tokens": len(ids), "sampling.max_tokens": params.max_tokens,
+                                          "requests_in_flight": self.requests_in_flight})
             span.set_attributes({"prompt.tokens": len(ids), "sampling.max_tokens": params.max_tokens})
             remaining = context.time_remaining()
             timeout_s = min(remaining, self.request_timeout_s) if remaining is not None else self.request_timeout_s
+            clock = TokenClock(received)
             self.requests_in_flight += 1
             try:
                 async for response in self._run(rid, ids, params, timeout_s, span):
+                    clock.tokens(len(response.token_ids))
                     yield response
+                    if response.finish_reason:
+                        outcome = common_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_")
+                        outcome = outcome.lower()
             except WorkerFailed as e:
+                outcome = "deadline" if e.code == grpc.StatusCode.DEADLINE_EXCEEDED else "failed"
                 record_error(span, e)
                 await context.abort(e.code, str(e))
             except NoWorkerAvailable as e:
+                outcome = "unavailable"
                 record_error(span, e)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            except asyncio.CancelledError:
+                expired = context.time_remaining() is not None and context.time_remaining() <= 0
+                outcome = "deadline" if expired else "cancelled"
+                record_cancelled(span, "deadline" if expired else "client")
+                raise
             finally:
                 self.requests_in_flight -= 1
+                span.set_attributes(clock.attributes())
+        finally:
+            metrics.request_duration.record(time.perf_counter() - received, {"outcome": outcome})
+            metrics.requests.add(1, {"outcome": outcome})
 
     async def _run(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span):
         """Tries the request on freshly routed workers while a worker is unreachable and nothing was streamed."""
@@ -183,13 +241,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def _route(self, num_prompt_tokens: int, params: SamplingParams, unreachable: set[str]) -> Route:
         with tracer().start_as_current_span("scheduler.route") as span:
             candidates = [w for w in self.workers if w.worker_id not in unreachable]
+            span.set_attributes({f"route.pool.{pool}.workers": sum(w.role == pool for w in candidates) for pool in POOLS})
             chosen = route(candidates, self.model.name, num_prompt_tokens + params.max_tokens, self.in_flight_tokens)
+            prompt_w, token_w = chosen.prompt_worker, chosen.token_worker
             span.set_attributes({
-                "route.prompt_worker": chosen.prompt_worker.worker_id,
-                "route.token_worker": chosen.token_worker.worker_id,
-                "route.prompt_worker.pending_tokens": chosen.prompt_worker.pending_tokens,
-                "route.token_worker.pending_tokens": chosen.token_worker.pending_tokens,
-                "route.workers": len(self.workers),
+                "route.prompt_worker": prompt_w.worker_id,
+                "route.prompt_worker.pool": prompt_w.role,
+                "route.prompt_worker.pending_tokens": prompt_w.pending_tokens,
+                "route.prompt_worker.in_flight_tokens": self.in_flight_tokens.get(prompt_w.worker_id, 0),
+                "route.token_worker": token_w.worker_id,
+                "route.token_worker.pool": token_w.role,
+                "route.token_worker.pending_tokens": token_w.pending_tokens,
+                "route.token_worker.in_flight_tokens": self.in_flight_tokens.get(token_w.worker_id, 0),
+                "route.colocated": prompt_w.worker_id == token_w.worker_id,
+                "route.unreachable_workers": len(unreachable),
             })
             return chosen
 
@@ -205,15 +270,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             target = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv_store_address)
         else:
             target = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_TOKEN_WORKER, address=token_w.address)
-        metadata = outgoing_metadata()
         colocated = prompt_w.worker_id == token_w.worker_id  # a mixed worker runs both phases
-        span.set_attribute("route.colocated", colocated)
         decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
             worker_pb2.DecodeRequest(request_id=worker_rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target,
                                      prompt_token_ids=ids, prefill_here=colocated),
-            timeout=timeout_s, metadata=metadata,
+            timeout=timeout_s,
         )
         prefill = None
+        ending: set = set()  # the calls whose worker has sent everything: their streams end by themselves
         output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
         try:
             await self._expect(decode, token_w, "reserved")
@@ -221,7 +285,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 prefill = worker_pb2_grpc.PromptWorkerStub(self.channels.get(prompt_w.address)).Prefill(
                     worker_pb2.PrefillRequest(request_id=worker_rid, prompt_token_ids=ids, sampling=sampling,
                                               kv_target=target),
-                    timeout=timeout_s, metadata=metadata,
+                    timeout=timeout_s,
                 )
                 first = await self._expect(prefill, prompt_w, "first_token")
                 span.add_event("first_token")
@@ -229,23 +293,28 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 if output.finished:
                     return
                 transfer = await self._expect(prefill, prompt_w, "transfer")
+                await end_stream(prefill, cancel=False)  # the prompt worker's part is over
+                ending.add(prefill)
                 span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.layers": transfer.num_layers,
                                      "kv.transfer_s": transfer.seconds})
             while not output.finished:
                 tokens = await self._expect(decode, token_w, "tokens")
                 if output.completion_tokens == 0 and tokens.token_ids:
                     span.add_event("first_token")
+                if tokens.finish_reason:
+                    ending.add(decode)
                 response = output.add(list(tokens.token_ids), tokens.finish_reason or None, list(tokens.logprobs))
                 if response.token_ids or response.text or output.finished:
                     yield response
             span.set_attributes({"completion.tokens": output.completion_tokens,
                                  "finish_reason": common_pb2.FinishReason.Name(output.finish_reason)})
         finally:
-            for call in (decode, prefill):
-                if call is not None and not call.done():
-                    call.cancel()
             for worker_id, tokens in loads.items():
                 self.in_flight_tokens[worker_id] -= tokens
+            for call in (decode, prefill):
+                if call is not None:
+                    await end_stream(call, cancel=call not in ending)
+
 
     @staticmethod
     async def _expect(call, who: WorkerInfo, kind: str):
@@ -258,6 +327,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             got = "the end of the stream" if msg is grpc.aio.EOF else msg.WhichOneof("kind")
             raise WorkerFailed(who, grpc.StatusCode.INTERNAL, f"expected {kind}, got {got}")
         return getattr(msg, kind)
+
+    def gauges(self):
+        """Pool sizes and queued tokens as this scheduler sees the registry, for the metrics endpoint."""
+        workers = self.workers
+        for pool in POOLS:
+            members = [w for w in workers if w.role == pool]
+            yield "splitwise.pool.workers", len(members), {"splitwise.pool": pool}
+            yield "splitwise.pool.pending_tokens", sum(w.pending_tokens for w in members), {"splitwise.pool": pool}
 
     async def ClusterStatus(self, request, context) -> scheduler_pb2.ClusterStatusResponse:
         now = time.time()

@@ -13,8 +13,9 @@ from splitwise.config import TokenWorkerConfig, parse_config
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
+from splitwise.telemetry.metrics import setup_metrics
 from splitwise.telemetry.tracing import setup_tracing
-from splitwise.worker import load_engine, start_heartbeat
+from splitwise.worker import engine_gauges, load_engine, start_heartbeat, worker_id_of
 
 SERVICE = "token_worker"
 
@@ -48,9 +49,11 @@ async def start(config: TokenWorkerConfig) -> TokenWorker:
                                       config.kv_transfer_timeout_s)
         servicers.append((worker_pb2_grpc.add_PromptWorkerServicer_to_server, prompt))
         names.append(worker_pb2.DESCRIPTOR.services_by_name["PromptWorker"].full_name)
-    service = await start_server(config.listen, servicers, names)
+    worker_id = worker_id_of(config, config.role)
+    service = await start_server(config.listen, servicers, names, config.metrics_listen,
+                                 engine_gauges(loaded.engine, worker_id, config.role))
     address = config.advertise or bound_address(config.listen, service.port)
-    heartbeat = start_heartbeat(config, config.role, address, loaded.engine)
+    heartbeat = start_heartbeat(config, worker_id, config.role, address, loaded.engine)
     try:
         await heartbeat.start()
     except ConnectionError:
@@ -68,6 +71,7 @@ async def serve(config: TokenWorkerConfig) -> None:
 
 def main(argv=None) -> None:
     config = parse_config(TokenWorkerConfig, argv)
-    setup_logging(SERVICE, config.log_level)
+    setup_logging(SERVICE, config.log_level, config.log_format)
     setup_tracing(SERVICE, config.trace_file or None)
+    setup_metrics(SERVICE)
     run_service(SERVICE, lambda: serve(config))

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator
 
 import grpc
-from opentelemetry.trace import SpanKind
 
-from splitwise.channels import ChannelPool
+from splitwise.channels import ChannelPool, end_stream
 from splitwise.engine.block_manager import KVCapacityError
 from splitwise.engine.llm_engine import Engine, Finished, RequestHandle
 from splitwise.engine.sampling import SampledToken
 from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import KVIntegrityError
-from splitwise.kv.grpc_stream import KVReceiver, KVTransferError
+from splitwise.kv.grpc_stream import TRANSPORT, KVReceiver, KVTransferError
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.rpc import convert
 from splitwise.rpc.errors import capacity_status, transfer_status
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
-from splitwise.telemetry.tracing import incoming_context, outgoing_metadata, record_error, tracer
+from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span, tracer
 
 log = logging.getLogger(__name__)
 
@@ -64,41 +64,47 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id
-        with incoming_context(context.invocation_metadata()), tracer().start_as_current_span(
-            "token_worker.decode_request", kind=SpanKind.SERVER
-        ) as span:
-            span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
-                                 "colocated": request.prefill_here})
+        span = rpc_span()
+        span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
+                             "colocated": request.prefill_here})
+        with tracer().start_as_current_span("token_worker.admission") as admission:
             try:
                 if request.prefill_here:
                     handle = self.engine.submit(rid, ids, params)
                 else:
                     handle = self.engine.reserve(rid, ids, params)
             except KVCapacityError as e:
+                record_error(admission, e)
                 record_error(span, e)
                 await context.abort(capacity_status(e), str(e))
             except ValueError as e:
                 await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-            pull: list[asyncio.Task] = []
-            # Cleanup runs when the RPC ends however it ends; a cancelled stream's generator may be
-            # finalised much later.
-            context.add_done_callback(lambda _: self._release(handle, pull))
-            try:
-                yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
-                    layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids)))
-                if not request.prefill_here:
-                    receiver = self.receivers[rid] = KVReceiver(
-                        lambda layer, start, k, v: self.engine.write_kv(handle, layer, start, k, v),
-                        self.layout, len(ids), owner=handle)
-                    if request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE:
-                        pull.append(asyncio.create_task(
-                            self._pull_from_store(receiver, rid, request.kv_source.address)))
-                    first = await self._wait_for_kv(receiver, context)
-                    self.engine.start_decoding(handle, first)
-                async for event in self._stream(handle, context):
-                    yield event
-            finally:
-                self._release(handle, pull)
+            blocks = self.engine.blocks
+            admission.set_attributes({"kv.blocks_reserved": len(handle.seq.block_table),
+                                      "kv.blocks_free": blocks.num_free, "kv.blocks_total": blocks.num_blocks})
+        pull: list[asyncio.Task] = []
+        # Cleanup runs when the RPC ends however it ends; a cancelled stream's generator may be
+        # finalised much later.
+        context.add_done_callback(lambda _: self._release(handle, pull))
+        try:
+            yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
+                layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids)))
+            if not request.prefill_here:
+                receiver = self.receivers[rid] = KVReceiver(
+                    lambda layer, start, k, v: self.engine.write_kv(handle, layer, start, k, v),
+                    self.layout, len(ids), owner=handle)
+                if request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE:
+                    pull.append(asyncio.create_task(
+                        self._pull_from_store(receiver, rid, request.kv_source.address)))
+                first = await self._wait_for_kv(receiver, context)
+                self.engine.start_decoding(handle, first)
+            async for event in self._stream(handle, context):
+                yield event
+        except asyncio.CancelledError:
+            record_cancelled(span, "scheduler")
+            raise
+        finally:
+            self._release(handle, pull)
 
     def _release(self, handle: RequestHandle, pull: list[asyncio.Task]) -> None:
         """Frees what this request holds here (and nothing of a later request with the same id)."""
@@ -123,24 +129,33 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
             except (KVIntegrityError, KVLayoutMismatch, KVTransferError) as e:
                 record_error(span, e)
                 await context.abort(transfer_status(e), f"KV transfer failed: {e}")
-            span.set_attributes({"kv.bytes": receiver.stats.num_bytes, "kv.layers": receiver.stats.num_layers,
-                                 "kv.chunks": receiver.stats.num_chunks})
+            span.set_attributes({"kv.transport": TRANSPORT, **receiver.stats.attributes()})
             return first
 
     async def _stream(self, handle: RequestHandle, context) -> AsyncIterator[worker_pb2.DecodeEvent]:
         """Relays the tokens the engine samples here, then the finish reason."""
         with tracer().start_as_current_span("token_worker.decode") as span:
             produced = 0
+            start = last = time.perf_counter()
+            gaps: list[float] = []
             while True:
                 event = await handle.next_event()
                 if isinstance(event, Finished):
                     break
                 produced += 1
+                now = time.perf_counter()
                 if produced == 1:
-                    span.add_event("first_token_here")
+                    span.add_event("first_token")
+                    span.set_attribute("time_to_first_token_ms", (now - start) * 1e3)
+                else:
+                    gaps.append(now - last)
+                last = now
                 yield worker_pb2.DecodeEvent(tokens=worker_pb2.Tokens(token_ids=[event.token_id],
                                                                       logprobs=[event.logprob]))
-            span.set_attributes({"decode.tokens": produced, "finish_reason": event.reason.value,
+            if gaps:
+                span.set_attributes({"time_between_tokens_mean_ms": sum(gaps) / len(gaps) * 1e3,
+                                     "time_between_tokens_max_ms": max(gaps) * 1e3})
+            span.set_attributes({"output.tokens": produced, "finish_reason": event.reason.value,
                                  "preemptions": handle.seq.num_preemptions})
             if event.reason not in FINISH_REASONS:
                 record_error(span, event.reason.value)
@@ -152,7 +167,6 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
         call = stub.Get(
             kv_store_pb2.GetRequest(request_id=rid, wait_s=self.kv_wait_timeout_s),
             timeout=self.kv_wait_timeout_s,
-            metadata=outgoing_metadata(),
         )
 
         async def messages():
@@ -166,6 +180,10 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
             await receiver.consume(messages())
         except Exception as e:  # the receiver holds the error; Decode reports it to the scheduler
             log.warning("pull of %s from kv_store failed: %s", rid, e)
+        finally:
+            committed = receiver.committed
+            ok = committed.done() and not committed.cancelled() and committed.exception() is None
+            await end_stream(call, cancel=not ok)
 
     async def PushKV(self, request_iterator, context: grpc.aio.ServicerContext) -> worker_pb2.KVAck:
         first = await anext(aiter(request_iterator), None)
@@ -175,17 +193,15 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
         receiver = self.receivers.get(rid)
         if receiver is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV reservation for request {rid!r} (cancelled or expired)")
-        with incoming_context(context.invocation_metadata()), tracer().start_as_current_span(
-            "token_worker.push_kv", kind=SpanKind.SERVER
-        ) as span:
-            span.set_attribute("splitwise.request_id", rid)
-            try:
-                stats = await receiver.consume(_chain(first, request_iterator))
-            except (KVIntegrityError, KVLayoutMismatch, KVTransferError) as e:
-                record_error(span, e)
-                await context.abort(transfer_status(e), str(e))
-            except BaseException:
-                receiver.fail(KVTransferError("the KV sender went away mid-transfer"))
-                raise
-            span.set_attributes({"kv.bytes": stats.num_bytes, "kv.layers": stats.num_layers})
-            return worker_pb2.KVAck(request_id=rid, num_bytes=stats.num_bytes, num_chunks=stats.num_chunks)
+        span = rpc_span()
+        span.set_attribute("splitwise.request_id", rid)
+        try:
+            stats = await receiver.consume(_chain(first, request_iterator))
+        except (KVIntegrityError, KVLayoutMismatch, KVTransferError) as e:
+            record_error(span, e)
+            await context.abort(transfer_status(e), str(e))
+        except BaseException:
+            receiver.fail(KVTransferError("the KV sender went away mid-transfer"))
+            raise
+        span.set_attributes({"kv.transport": TRANSPORT, **stats.attributes()})
+        return worker_pb2.KVAck(request_id=rid, num_bytes=stats.num_bytes, num_chunks=stats.num_chunks)

@@ -94,6 +94,12 @@ class Engine:
             return len(self._handles)
 
     @property
+    def queue_depths(self) -> tuple[int, int]:
+        """(sequences waiting for a prefill step, sequences in the running decode batch)."""
+        with self._cond:
+            return len(self.scheduler.waiting), len(self.scheduler.running)
+
+    @property
     def pending_tokens(self) -> int:
         """Tokens still to compute or hold: prompts not yet prefilled, plus KV held."""
         with self._cond:

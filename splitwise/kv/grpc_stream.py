@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable
 
 import grpc
 import torch
@@ -15,7 +15,10 @@ from splitwise.kv.chunks import KVIntegrityError, decode_chunk, split_layer
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
-from splitwise.telemetry.tracing import tracer
+from splitwise.telemetry import metrics
+from splitwise.telemetry.tracing import record_cancelled, record_error, tracer
+
+TRANSPORT = "grpc_stream"
 
 _DONE = object()
 
@@ -35,6 +38,10 @@ class TransferStats:
     num_layers: int = 0
     seconds: float = 0.0
 
+    def attributes(self) -> dict:
+        return {"kv.bytes": self.num_bytes, "kv.layers": self.num_layers, "kv.chunks": self.num_chunks,
+                "kv.seconds": self.seconds, "kv.bandwidth_mbps": self.num_bytes * 8 / 1e6 / max(self.seconds, 1e-9)}
+
 
 class KVSender:
     """Streams one request's KV to a token worker (PushKV) or to the kv_store relay (Put).
@@ -52,8 +59,8 @@ class KVSender:
         num_tokens: int,
         max_chunk_bytes: int,
         timeout_s: float,
-        metadata: Sequence[tuple[str, str]] = (),
     ):
+        self.target = "kv_store" if target_kind == worker_pb2.KVTarget.KIND_KV_STORE else "token_worker"
         if target_kind == worker_pb2.KVTarget.KIND_KV_STORE:
             self._call = kv_store_pb2_grpc.KVStoreStub(channel).Put
         else:
@@ -63,7 +70,6 @@ class KVSender:
         self.num_tokens = num_tokens
         self.max_chunk_bytes = max_chunk_bytes
         self.timeout_s = timeout_s
-        self.metadata = list(metadata)
         self.stats = TransferStats()
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -111,22 +117,34 @@ class KVSender:
 
     async def send(self) -> TransferStats:
         with tracer().start_as_current_span("kv_transfer.send") as span:
-            span.set_attributes({"splitwise.request_id": self.request_id, "kv.transport": "grpc_stream"})
+            span.set_attributes({"splitwise.request_id": self.request_id, "kv.transport": TRANSPORT,
+                                 "kv.target": self.target})
             start = time.perf_counter()
+            outcome = "failed"
             try:
-                await self._call(self._messages(span), timeout=self.timeout_s, metadata=self.metadata)
+                await self._call(self._messages(span), timeout=self.timeout_s)
+                outcome = "ok"
             except grpc.aio.AioRpcError as e:
-                raise KVTransferError(f"KV transfer failed: {e.code().name}: {e.details()}", e.code()) from e
-            self.stats.seconds = time.perf_counter() - start
-            span.set_attributes(
-                {
-                    "kv.bytes": self.stats.num_bytes,
-                    "kv.layers": self.stats.num_layers,
-                    "kv.chunks": self.stats.num_chunks,
-                    "kv.bandwidth_mbps": self.stats.num_bytes * 8 / 1e6 / max(self.stats.seconds, 1e-9),
-                }
-            )
+                error = KVTransferError(f"KV transfer failed: {e.code().name}: {e.details()}", e.code())
+                record_error(span, error)
+                raise error from e
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                record_cancelled(span, "request ended")
+                raise
+            finally:
+                self.stats.seconds = time.perf_counter() - start
+                span.set_attributes(self.stats.attributes())
+                record_transfer("send", self.stats, outcome)
             return self.stats
+
+
+def record_transfer(direction: str, stats: TransferStats, outcome: str) -> None:
+    attributes = {"direction": direction, "transport": TRANSPORT}
+    metrics.kv_transferred.add(stats.num_bytes, attributes)
+    metrics.kv_transfers.add(1, {**attributes, "outcome": outcome})
+    if outcome == "ok":
+        metrics.kv_transfer_duration.record(stats.seconds, attributes)
 
 
 # Where received KV goes: (layer, first position, keys, values), keys/values [tokens, kv_heads, head_dim].
@@ -156,6 +174,7 @@ class KVReceiver:
     async def consume(self, messages: AsyncIterator[common_pb2.KVTransferMessage]) -> TransferStats:
         """Applies a whole transfer; raises KVIntegrityError / KVTransferError (and fails the waiter)."""
         start = time.perf_counter()
+        outcome = "failed"
         try:
             async for msg in messages:
                 kind = msg.WhichOneof("kind")
@@ -176,11 +195,17 @@ class KVReceiver:
                         self.committed.set_result(
                             SampledToken(msg.commit.first_token_id, msg.commit.first_token_logprob)
                         )
+                    outcome = "ok"
                     return self.stats
             raise KVTransferError("KV stream ended before its commit")
         except Exception as e:
             self.fail(e)
             raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            record_transfer("receive", self.stats, outcome)
 
     def _check_header(self, header: common_pb2.KVHeader) -> None:
         problem = self.layout.mismatch(convert.layout_from_pb(header.layout))

@@ -1,14 +1,13 @@
-"""Sets up the tracer provider (OTEL_* exporters plus an optional JSON-lines file) and propagates context over gRPC."""
+"""Sets up the tracer provider (OTEL_* exporters plus an optional JSON-lines file); gRPC interceptors carry the
+trace across services (opentelemetry-instrumentation-grpc), so every request is one trace."""
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
@@ -61,25 +60,33 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
-def outgoing_metadata(extra: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]]:
-    """gRPC metadata carrying the current W3C trace context."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return [*carrier.items(), *extra]
+# Health checks and reflection are polled constantly and belong to no request.
+_TRACED_RPCS = filters.negate(filters.any_of(filters.service_prefix("grpc.health"),
+                                             filters.service_prefix("grpc.reflection")))
 
 
-@contextmanager
-def incoming_context(metadata: Sequence[tuple[str, str | bytes]] | None) -> Iterator[None]:
-    """Makes the trace context sent by the caller current for the body of the with-block."""
-    carrier = {key: value for key, value in (metadata or ()) if isinstance(value, str)}
-    token = otel_context.attach(propagate.extract(carrier))
-    try:
-        yield
-    finally:
-        otel_context.detach(token)
+def server_interceptors() -> list:
+    """A SERVER span per RPC, child of the caller's span (W3C trace context from the gRPC metadata)."""
+    return [aio_server_interceptor(filter_=_TRACED_RPCS)]
+
+
+def client_interceptors() -> list:
+    """A CLIENT span per outgoing RPC; injects the current trace context into its metadata."""
+    return aio_client_interceptors(filter_=_TRACED_RPCS)
+
+
+def rpc_span() -> trace.Span:
+    """The span of the RPC being served (the server interceptor made it current)."""
+    return trace.get_current_span()
 
 
 def record_error(span: trace.Span, error: BaseException | str) -> None:
     span.set_status(Status(StatusCode.ERROR, str(error)))
     if isinstance(error, BaseException):
         span.record_exception(error)
+
+
+def record_cancelled(span: trace.Span, by: str) -> None:
+    """Marks a span whose work was cancelled (by the client, the scheduler, a deadline, the request's end)."""
+    span.add_event("cancelled", {"cancelled.by": by})
+    span.set_status(Status(StatusCode.ERROR, f"cancelled ({by})"))

@@ -7,14 +7,16 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.client import SplitwiseClient
 from splitwise.model.weights import load_tokenizer, resolve_model
-from splitwise.telemetry.jsonl_exporter import read_spans
 from tests.conftest import free_port
 from tests.reference import hf_greedy
+from tests.traces import SCHEDULER_GENERATE, tops, wait_for_whole_trace
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +29,8 @@ MAX_TOKENS = 40
 def cluster(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("run")
     ports = {name: free_port() for name in ("port", "prompt-port", "token-port", "kv-store-port", "redis-port")}
-    args = [sys.executable, "-m", "splitwise.cli", "up", "--run-dir", str(run_dir), "--device", "cpu"]
+    args = [sys.executable, "-m", "splitwise.cli", "up", "--run-dir", str(run_dir), "--device", "cpu",
+            "--metrics-port", "0"]
     for name, port in ports.items():
         args += [f"--{name}", str(port)]
     env = {**os.environ, "SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1"}
@@ -49,7 +52,8 @@ def cluster(tmp_path_factory, cache_dir):
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in (run_dir / "logs").glob("*.log"))
         pytest.fail(f"splitwise up did not come up:\n{output}\n{logs}")
     pids = [int(p) for p in re.findall(r"pid (\d+)", output)]
-    yield {"address": f"127.0.0.1:{ports['port']}", "run_dir": run_dir, "pids": pids, "proc": proc}
+    metrics = dict(re.findall(r"^\s+(\S+)\s.*metrics http://(\S+)/metrics", output, re.M))
+    yield {"address": f"127.0.0.1:{ports['port']}", "run_dir": run_dir, "pids": pids, "proc": proc, "metrics": metrics}
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -79,17 +83,18 @@ async def test_concurrent_clients_get_transformers_greedy_output_from_smollm2(cl
     assert "Paris" in outs[0].text
 
 
-async def test_one_trace_id_in_the_exports_of_scheduler_prompt_worker_and_token_worker(cluster):
+async def test_one_request_is_one_whole_trace_across_the_scheduler_and_worker_processes(cluster):
     async with SplitwiseClient(cluster["address"]) as client:
         out = await client.generate(prompt="Hello", max_tokens=4, timeout=120)
-    traces = cluster["run_dir"] / "traces"
-    trace_ids = {}
-    for service in ("scheduler", "prompt_worker-0", "token_worker-0"):
-        spans = [s for s in read_spans(traces / f"{service}.jsonl")
-                 if s["attributes"].get("splitwise.request_id") == out.request_id]
-        assert spans, f"{service} exported no span of request {out.request_id}"
-        trace_ids[service] = {s["trace_id"] for s in spans}
-    assert len(set().union(*trace_ids.values())) == 1, trace_ids
+    files = sorted((cluster["run_dir"] / "traces").glob("*.jsonl"))
+    spans = await wait_for_whole_trace(files, out.request_id)
+    for service in ("scheduler", "prompt_worker", "token_worker"):
+        assert any(s["service"] == service and s["attributes"].get("splitwise.request_id") == out.request_id
+                   for s in spans), f"{service} exported no span of request {out.request_id}"
+    assert len({s["trace_id"] for s in spans}) == 1
+    # The one span whose parent is outside the cluster's exports is the scheduler's (its parent, if any, is the
+    # client's span in this test process).
+    assert [(s["name"], s["kind"], s["service"]) for s in tops(spans)] == [(*SCHEDULER_GENERATE, "scheduler")]
 
 
 def test_cli_generate_and_status_talk_to_the_cluster(cluster):
@@ -103,6 +108,27 @@ def test_cli_generate_and_status_talk_to_the_cluster(cluster):
                             timeout=60)
     assert status.returncode == 0, status.stderr
     assert "prompt_worker-0" in status.stdout and "token_worker-0" in status.stdout
+
+
+def scrape(address: str) -> dict:
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples if not s.labels
+            or set(s.labels) <= {"otel_scope_name", "otel_scope_version", "otel_scope_schema_url"}}
+
+
+async def test_every_process_serves_prometheus_metrics_and_ttft_counts_the_requests_sent(cluster):
+    assert set(cluster["metrics"]) == {"kv_store", "prompt_worker-0", "token_worker-0", "scheduler"}
+    scheduler = cluster["metrics"]["scheduler"]
+    count = "gen_ai_server_time_to_first_token_seconds_count"
+    before = scrape(scheduler).get(count, 0)
+    async with SplitwiseClient(cluster["address"]) as client:
+        await asyncio.gather(*(client.generate(prompt=f"Count to {i}", max_tokens=3, timeout=120) for i in range(3)))
+    assert scrape(scheduler)[count] - before == 3
+    for name, address in cluster["metrics"].items():
+        text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+        families = {f.name for f in text_string_to_metric_families(text)}
+        expected = {"scheduler": "splitwise_requests", "kv_store": "splitwise_kv_store_stored_bytes"}.get(name, "splitwise_kv_blocks")
+        assert expected in families, (name, sorted(families))
 
 
 def test_sigterm_stops_every_process(cluster):

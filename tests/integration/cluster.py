@@ -14,6 +14,9 @@ from services.token_worker import app as token_app
 from splitwise.config import KVStoreConfig, PromptWorkerConfig, SchedulerConfig, TokenWorkerConfig
 
 
+METRICS_LISTEN = "127.0.0.1:0"  # every service serves /metrics on a free port
+
+
 @dataclass
 class LocalCluster:
     scheduler: object
@@ -30,8 +33,8 @@ class LocalCluster:
 async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer: str = "direct",
                         prompt_worker: bool = True, **token_overrides):
     """prompt_worker=False with role="mixed" in token_overrides: one mixed worker runs both phases."""
-    common = dict(model=model, cache_dir=str(cache_dir), redis_url=redis_url)
-    kv_store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0"))
+    common = dict(model=model, cache_dir=str(cache_dir), redis_url=redis_url, metrics_listen=METRICS_LISTEN)
+    kv_store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen=METRICS_LISTEN))
     prompt = None
     if prompt_worker:
         prompt = await prompt_app.start(PromptWorkerConfig(listen="127.0.0.1:0", device="cpu", **common))

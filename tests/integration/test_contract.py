@@ -1,18 +1,22 @@
 """Every service serves health checking and reflection; one request is one trace; workers refuse bad work."""
 
+import asyncio
+import urllib.request
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.client import SplitwiseClient
 from splitwise.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from splitwise.telemetry.jsonl_exporter import read_spans
 from tests.integration.cluster import assert_all_blocks_free, assert_no_kv_held, local_cluster
+from tests.traces import wait_for_whole_trace
 
 
 @pytest.fixture(scope="module")
-async def cluster(redis_url, cache_dir, trace_file):
+async def cluster(redis_url, cache_dir, trace_file, meter_provider):
     async with local_cluster(redis_url, "tiny-llama", cache_dir, kv_memory_bytes=1 << 20) as c:
         yield c
 
@@ -37,20 +41,63 @@ async def test_every_service_reports_serving_and_lists_itself_by_reflection(clus
 async def test_one_request_is_one_trace_whose_spans_form_a_tree(cluster, trace_file):
     async with SplitwiseClient(cluster.address) as client:
         out = await client.generate(prompt="trace me", max_tokens=5, ignore_eos=True, timeout=30)
-    spans = [s for s in read_spans(trace_file) if s["attributes"].get("splitwise.request_id") == out.request_id]
-    (trace_id,) = {s["trace_id"] for s in spans}
-    in_trace = [s for s in read_spans(trace_file) if s["trace_id"] == trace_id]
-    names = {s["name"] for s in in_trace}
-    assert {"scheduler.generate", "scheduler.route", "prompt_worker.prefill_request", "prompt_worker.queue",
-            "prompt_worker.prefill", "kv_transfer.send", "token_worker.push_kv", "token_worker.decode_request",
-            "kv_transfer.receive", "token_worker.decode"} <= names
+    in_trace = await wait_for_whole_trace([trace_file], out.request_id)
+    assert len({s["trace_id"] for s in in_trace}) == 1
+    names = {(s["name"], s["kind"]) for s in in_trace}
+    for rpc in ("Scheduler/Generate", "TokenWorker/Decode", "PromptWorker/Prefill", "TokenWorker/PushKV"):
+        assert {(f"/splitwise.v1.{rpc}", "CLIENT"), (f"/splitwise.v1.{rpc}", "SERVER")} <= names, rpc
+    internal = {name for name, kind in names if kind == "INTERNAL"}
+    assert {"scheduler.admission", "scheduler.route", "prompt_worker.queue", "prompt_worker.prefill", "kv_transfer.send",
+            "token_worker.admission", "kv_transfer.receive", "token_worker.decode"} <= internal
     ids = {s["span_id"] for s in in_trace}
     roots = [s for s in in_trace if s["parent_span_id"] is None]
-    assert [r["name"] for r in roots] == ["scheduler.generate"]
+    assert [(r["name"], r["kind"]) for r in roots] == [("/splitwise.v1.Scheduler/Generate", "CLIENT")]
     assert all(s["parent_span_id"] in ids for s in in_trace if s["parent_span_id"])
     (send,) = [s for s in in_trace if s["name"] == "kv_transfer.send"]
     assert send["attributes"]["kv.layers"] == 4 and send["attributes"]["kv.bytes"] > 0
+    assert send["attributes"]["kv.transport"] == "grpc_stream" and send["attributes"]["kv.bandwidth_mbps"] > 0
     assert len([e for e in send["events"] if e["name"] == "kv.layer_sent"]) == 4
+    (generate,) = [s for s in in_trace if s["name"] == "/splitwise.v1.Scheduler/Generate" and s["kind"] == "SERVER"]
+    assert generate["attributes"]["output.tokens"] == 5 and generate["attributes"]["time_to_first_token_ms"] > 0
+    (decode,) = [s for s in in_trace if s["name"] == "token_worker.decode"]
+    assert decode["attributes"]["output.tokens"] == 4 and decode["attributes"]["finish_reason"] == "length"
+
+
+def scrape(address: str) -> dict:
+    """{sample name with sorted labels: value} from a Prometheus text endpoint, parsed by prometheus_client."""
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if not k.startswith("otel_scope"))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+async def test_every_service_serves_prometheus_metrics_and_the_ttft_histogram_counts_each_request(cluster):
+    scheduler = cluster.scheduler.service.metrics.address
+    ttft = "gen_ai_server_time_to_first_token_seconds_count{}"
+    before = await asyncio.to_thread(scrape, scheduler)
+    async with SplitwiseClient(cluster.address) as client:
+        for i in range(3):
+            await client.generate(prompt=f"count me {i}", max_tokens=3, ignore_eos=True, timeout=30)
+    after = await asyncio.to_thread(scrape, scheduler)
+    assert after[ttft] - before.get(ttft, 0) == 3
+    assert after["splitwise_requests_total{outcome=length}"] - before.get("splitwise_requests_total{outcome=length}", 0) == 3
+    tbt = "gen_ai_server_time_per_output_token_seconds_count{}"
+    assert after[tbt] - before.get(tbt, 0) == 3 * 2
+    assert after["splitwise_pool_workers{splitwise_pool=prompt}"] >= 1
+    await assert_no_kv_held(cluster)
+    for service in services(cluster):
+        samples = await asyncio.to_thread(scrape, service.service.metrics.address)
+        assert any(name.startswith("gen_ai_server_request_duration_seconds_bucket") for name in samples)
+    token = cluster.token_worker
+    worker = token.heartbeat.describe().worker_id
+    samples = await asyncio.to_thread(scrape, token.service.metrics.address)
+    blocks = token.servicer.engine.blocks.num_blocks
+    assert samples[f"splitwise_kv_blocks{{splitwise_pool=token,splitwise_worker_id={worker},state=free}}"] == blocks
+    assert samples["splitwise_kv_transferred_bytes_total{direction=receive,transport=grpc_stream}"] > 0
+    assert samples["splitwise_kv_transfers_total{direction=send,outcome=ok,transport=grpc_stream}"] >= 3
 
 
 async def test_token_worker_refuses_a_request_it_could_never_hold(cluster):

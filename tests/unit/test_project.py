@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from splitwise.config import KVStoreConfig, PromptWorkerConfig, SchedulerConfig, TokenWorkerConfig, parse_config
 
@@ -35,3 +36,20 @@ def test_docker_compose_file_is_valid():
     result = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "--quiet"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_compose_services_report_health_by_grpc_and_prometheus_scrapes_every_one():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    splitwise = {name for name, s in services.items() if "command" in s and s["command"][:2] == ["python", "-m"]}
+    assert splitwise == {"scheduler", "kv_store", "prompt_worker", "token_worker"}
+    assert {"redis", "jaeger", "prometheus"} <= set(services)
+    env = compose["x-splitwise"]["environment"]
+    assert env["SPLITWISE_METRICS_LISTEN"] == "0.0.0.0:9464"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
+    for name in splitwise:
+        port = services[name]["environment"][f"SPLITWISE_{name.upper()}_LISTEN"].rsplit(":", 1)[1]
+        assert services[name]["healthcheck"]["test"] == ["CMD", "splitwise", "health", f"127.0.0.1:{port}"], name
+    prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    (discovery,) = [d for job in prometheus["scrape_configs"] for d in job["dns_sd_configs"]]
+    assert set(discovery["names"]) == splitwise and discovery["port"] == 9464

@@ -1,6 +1,7 @@
-"""Exporters are chosen by the standard OTEL_* variables; OTLP reaches a real OTLP/gRPC receiver."""
+"""Exporters are chosen by the standard OTEL_* variables; OTLP reaches a real OTLP/gRPC receiver; logs carry trace ids."""
 
 import asyncio
+import json
 import os
 import sys
 
@@ -56,3 +57,31 @@ async def test_spans_reach_an_otlp_grpc_receiver():
     assert [s.name for _, s in spans] == ["hello"]
     resource = {a.key: a.value.string_value for a in spans[0][0].resource.attributes}
     assert resource["service.name"] == "test-service"
+
+
+LOG_IN_A_SPAN = """
+import logging
+from splitwise.telemetry.logs import setup_logging
+from splitwise.telemetry.tracing import setup_tracing, tracer
+setup_logging("test-service")
+setup_tracing("test-service")
+log = logging.getLogger("splitwise.test")
+log.info("outside")
+with tracer().start_as_current_span("hello") as span:
+    ctx = span.get_span_context()
+    print(format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"))
+    log.warning("inside %s", "a span", extra={"request_id": "r-1"})
+"""
+
+
+async def test_logs_are_json_lines_carrying_the_trace_and_span_ids():
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", LOG_IN_A_SPAN, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    trace_id, span_id = out.decode().split()
+    outside, inside = [json.loads(line) for line in err.decode().splitlines()]
+    assert outside["message"] == "outside" and "trace_id" not in outside
+    assert inside["message"] == "inside a span" and inside["severity"] == "WARNING"
+    assert (inside["trace_id"], inside["span_id"]) == (trace_id, span_id)
+    assert inside["service.name"] == "test-service" and inside["request_id"] == "r-1"
