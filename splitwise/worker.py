@@ -12,6 +12,7 @@ from splitwise.cluster.registry import Heartbeat, WorkerInfo, WorkerRegistry
 from splitwise.config import cache_dir_of, default_worker_id, resolve_device
 from splitwise.engine.llm_engine import Engine, EngineConfig
 from splitwise.kv.layout import KVLayout
+from splitwise.kv.transport import WorkerTransports
 from splitwise.model.weights import load_model
 from splitwise.telemetry.metrics import GaugeSource
 
@@ -57,7 +58,12 @@ def engine_gauges(engine: Engine, worker_id: str, pool: str) -> GaugeSource:
     return observe
 
 
-def start_heartbeat(config, worker_id: str, role: str, address: str, engine: Engine) -> Heartbeat:
+def start_kv_transports(config, address: str) -> WorkerTransports:
+    return WorkerTransports.start(config.kv_transports, address.rsplit(":", 1)[0], config.kv_mooncake_protocol)
+
+
+def start_heartbeat(config, worker_id: str, role: str, address: str, engine: Engine,
+                    transports: WorkerTransports) -> Heartbeat:
     """A heartbeat announcing this worker with its current load."""
     registry = WorkerRegistry(redis.Redis.from_url(config.redis_url), ttl_s=config.registry_ttl_s)
     loaded = engine.loaded
@@ -68,6 +74,7 @@ def start_heartbeat(config, worker_id: str, role: str, address: str, engine: Eng
             worker_id, role, address, loaded.name, loaded.fingerprint,
             pending_tokens=engine.pending_tokens, active_requests=engine.num_requests,
             kv_capacity_tokens=blocks.capacity_tokens, kv_used_tokens=blocks.num_used * blocks.block_size,
+            kv_transports=",".join(transports.transports), host_id=transports.host_id,
         )
 
     return Heartbeat(registry, describe, config.heartbeat_s)

@@ -52,6 +52,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         if first is None or first.WhichOneof("kind") != "header":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a KV transfer starts with its header")
         rid = first.header.request_id
+        if first.header.transport not in ("", "grpc"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kv_store takes KV over the gRPC stream only")
         existing = self.transfers.get(rid)
         if existing is not None and not existing.failed:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"KV of request {rid!r} is already stored")

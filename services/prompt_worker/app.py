@@ -14,7 +14,7 @@ from splitwise.server import GrpcService, bound_address, run_service, start_serv
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.metrics import setup_metrics
 from splitwise.telemetry.tracing import setup_tracing
-from splitwise.worker import engine_gauges, load_engine, start_heartbeat, worker_id_of
+from splitwise.worker import engine_gauges, load_engine, start_heartbeat, start_kv_transports, worker_id_of
 
 SERVICE = "prompt_worker"
 
@@ -39,7 +39,7 @@ async def start(config: PromptWorkerConfig) -> PromptWorker:
     loaded = await asyncio.to_thread(load_engine, config)
     channels = ChannelPool()
     servicer = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
-                                    config.kv_transfer_timeout_s)
+                                    config.kv_progress_timeout_s)
     worker_id = worker_id_of(config, "prompt")
     service = await start_server(
         config.listen,
@@ -48,7 +48,9 @@ async def start(config: PromptWorkerConfig) -> PromptWorker:
         config.metrics_listen, engine_gauges(loaded.engine, worker_id, "prompt"),
     )
     address = config.advertise or bound_address(config.listen, service.port)
-    heartbeat = start_heartbeat(config, worker_id, "prompt", address, loaded.engine)
+    transports = await asyncio.to_thread(start_kv_transports, config, address)
+    servicer.transports = transports
+    heartbeat = start_heartbeat(config, worker_id, "prompt", address, loaded.engine, transports)
     try:
         await heartbeat.start()
     except ConnectionError:

@@ -12,7 +12,9 @@ from splitwise.channels import ChannelPool
 from splitwise.engine.block_manager import KVCapacityError
 from splitwise.engine.llm_engine import Engine, Finished, RequestHandle
 from splitwise.engine.sequence import Sequence
-from splitwise.kv.grpc_stream import KVSender, KVTransferError
+from splitwise.kv.staging import StagedLayout
+from splitwise.kv.transfer import KVSender, KVTransferError
+from splitwise.kv.transport import WorkerTransports
 from splitwise.kv.layout import KVLayout
 from splitwise.rpc import convert
 from splitwise.rpc.errors import capacity_status
@@ -24,12 +26,13 @@ log = logging.getLogger(__name__)
 
 class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
     def __init__(self, engine: Engine, layout: KVLayout, channels: ChannelPool, kv_chunk_bytes: int,
-                 kv_transfer_timeout_s: float):
+                 kv_progress_timeout_s: float):
         self.engine = engine
         self.layout = layout
         self.channels = channels
         self.kv_chunk_bytes = kv_chunk_bytes
-        self.kv_transfer_timeout_s = kv_transfer_timeout_s
+        self.kv_progress_timeout_s = kv_progress_timeout_s
+        self.transports = WorkerTransports()  # until the worker knows its address: gRPC only
         self.draining = False
 
     def _validate(self, request: worker_pb2.PrefillRequest):
@@ -56,13 +59,24 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         parsed, problem = self._validate(request)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if request.kv_target.HasField("layout"):  # the handshake: the receiver's KV must be ours
+            problem = self.layout.mismatch(convert.layout_from_pb(request.kv_target.layout))
+            if problem:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"the KV receiver cannot take this worker's KV: {problem}")
         ids, params = parsed
         rid = request.request_id
         span = rpc_span()
         span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
                              "kv.target": request.kv_target.address})
-        sender = KVSender(self.channels.get(request.kv_target.address), request.kv_target.kind, rid,
-                          self.layout, len(ids), self.kv_chunk_bytes, self.kv_transfer_timeout_s)
+        target = request.kv_target
+        writer = None
+        if target.kind != worker_pb2.KVTarget.KIND_KV_STORE and target.HasField("offer"):
+            writer = self.transports.writer(convert.offer_from_pb(target.offer),
+                                            StagedLayout(self.layout, len(ids)).total_bytes)
+        sender = KVSender(self.channels.get(target.address), target.kind, rid, self.layout, len(ids),
+                          self.kv_chunk_bytes, self.kv_progress_timeout_s, writer,
+                          layerwise=target.layerwise or not target.HasField("layout"))
         submitted_ns = time.time_ns()
         try:
             handle = self.engine.submit(rid, ids, params, prefill_only=True, on_layer_kv=sender.on_layer_kv)
@@ -108,6 +122,8 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         self.engine.abort(handle.seq.request_id, handle)
         sender.abort()
         send_task.cancel()
+        if sender.writer is not None:
+            send_task.add_done_callback(lambda _: sender.writer.close())
 
     @staticmethod
     def _record_compute_spans(submitted_ns: int, seq: Sequence) -> None:

@@ -47,7 +47,7 @@ async def start(config: SchedulerConfig) -> Scheduler:
     registry = WorkerRegistry(redis.Redis.from_url(config.redis_url))
     channels = ChannelPool()
     servicer = SchedulerServicer(model, registry, channels, config.kv_transfer, config.kv_store_address,
-                                 config.request_timeout_s)
+                                 config.request_timeout_s, config.kv_layerwise_min_tokens)
     servicer.workers = await registry.workers()
     refresher = asyncio.create_task(servicer.refresh_workers_forever(config.registry_refresh_s))
     service = await start_server(

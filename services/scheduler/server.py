@@ -16,6 +16,7 @@ from splitwise.channels import ChannelPool, end_stream
 from splitwise.cluster.registry import WorkerInfo, WorkerRegistry
 from splitwise.cluster.routing import NoWorkerAvailable, Route, route
 from splitwise.engine.sampling import SamplingParams
+from splitwise.kv.transport import GRPC, choose_transport
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from splitwise.telemetry import metrics
@@ -96,6 +97,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         kv_transfer: str,
         kv_store_address: str,
         request_timeout_s: float,
+        kv_layerwise_min_tokens: int = 512,
     ):
         if kv_transfer not in ("direct", "relay"):
             raise ValueError(f"kv_transfer must be 'direct' or 'relay', got {kv_transfer!r}")
@@ -105,6 +107,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.kv_transfer = kv_transfer
         self.kv_store_address = kv_store_address
         self.request_timeout_s = request_timeout_s
+        self.kv_layerwise_min_tokens = kv_layerwise_min_tokens
         self.workers: list[WorkerInfo] = []
         self.in_flight_tokens: dict[str, int] = {}
         self.requests_in_flight = 0
@@ -268,19 +271,28 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         sampling = convert.sampling_to_pb(params)
         if self.kv_transfer == "relay":
             target = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv_store_address)
+            transport = GRPC
         else:
             target = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_TOKEN_WORKER, address=token_w.address)
+            transport = choose_transport(prompt_w.kv_transports.split(","), prompt_w.host_id,
+                                         token_w.kv_transports.split(","), token_w.host_id)
+        target.layerwise = len(ids) >= self.kv_layerwise_min_tokens
         colocated = prompt_w.worker_id == token_w.worker_id  # a mixed worker runs both phases
+        span.set_attributes({"kv.transport": transport, "kv.layerwise": target.layerwise})
         decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
             worker_pb2.DecodeRequest(request_id=worker_rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target,
-                                     prompt_token_ids=ids, prefill_here=colocated),
+                                     prompt_token_ids=ids, prefill_here=colocated, kv_transport=transport),
             timeout=timeout_s,
         )
         prefill = None
         ending: set = set()  # the calls whose worker has sent everything: their streams end by themselves
         output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
         try:
-            await self._expect(decode, token_w, "reserved")
+            reserved = await self._expect(decode, token_w, "reserved")
+            # The handshake: the prompt worker refuses a receiver whose KV layout is not its own.
+            target.layout.CopyFrom(reserved.layout)
+            if reserved.HasField("offer"):
+                target.offer.CopyFrom(reserved.offer)
             if not colocated:
                 prefill = worker_pb2_grpc.PromptWorkerStub(self.channels.get(prompt_w.address)).Prefill(
                     worker_pb2.PrefillRequest(request_id=worker_rid, prompt_token_ids=ids, sampling=sampling,

@@ -15,7 +15,7 @@ from splitwise.server import GrpcService, bound_address, run_service, start_serv
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.metrics import setup_metrics
 from splitwise.telemetry.tracing import setup_tracing
-from splitwise.worker import engine_gauges, load_engine, start_heartbeat, worker_id_of
+from splitwise.worker import engine_gauges, load_engine, start_heartbeat, start_kv_transports, worker_id_of
 
 SERVICE = "token_worker"
 
@@ -41,19 +41,23 @@ async def start(config: TokenWorkerConfig) -> TokenWorker:
         raise ValueError(f"token worker role must be 'token' or 'mixed', got {config.role!r}")
     loaded = await asyncio.to_thread(load_engine, config, config.max_decode_batch)
     channels = ChannelPool()
-    servicer = TokenWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_wait_timeout_s)
+    servicer = TokenWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_wait_timeout_s,
+                                   config.kv_progress_timeout_s)
     servicers = [(worker_pb2_grpc.add_TokenWorkerServicer_to_server, servicer)]
     names = [worker_pb2.DESCRIPTOR.services_by_name["TokenWorker"].full_name]
     if config.role == "mixed":  # the same engine also serves the prompt phase
         prompt = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
-                                      config.kv_transfer_timeout_s)
+                                      config.kv_progress_timeout_s)
         servicers.append((worker_pb2_grpc.add_PromptWorkerServicer_to_server, prompt))
         names.append(worker_pb2.DESCRIPTOR.services_by_name["PromptWorker"].full_name)
     worker_id = worker_id_of(config, config.role)
     service = await start_server(config.listen, servicers, names, config.metrics_listen,
                                  engine_gauges(loaded.engine, worker_id, config.role))
     address = config.advertise or bound_address(config.listen, service.port)
-    heartbeat = start_heartbeat(config, worker_id, config.role, address, loaded.engine)
+    transports = await asyncio.to_thread(start_kv_transports, config, address)
+    for _, kv_servicer in servicers:
+        kv_servicer.transports = transports
+    heartbeat = start_heartbeat(config, worker_id, config.role, address, loaded.engine, transports)
     try:
         await heartbeat.start()
     except ConnectionError:

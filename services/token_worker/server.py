@@ -16,7 +16,9 @@ from splitwise.engine.llm_engine import Engine, Finished, RequestHandle
 from splitwise.engine.sampling import SampledToken
 from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import KVIntegrityError
-from splitwise.kv.grpc_stream import TRANSPORT, KVReceiver, KVTransferError
+from splitwise.kv.staging import StagedLayout
+from splitwise.kv.transfer import KVReceiver, KVTransferError
+from splitwise.kv.transport import TransferState, WorkerTransports
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.rpc import convert
 from splitwise.rpc.errors import capacity_status, transfer_status
@@ -35,11 +37,14 @@ async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
 
 
 class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
-    def __init__(self, engine: Engine, layout: KVLayout, channels: ChannelPool, kv_wait_timeout_s: float):
+    def __init__(self, engine: Engine, layout: KVLayout, channels: ChannelPool, kv_wait_timeout_s: float,
+                 kv_progress_timeout_s: float = 30.0):
         self.engine = engine
         self.layout = layout
         self.channels = channels
         self.kv_wait_timeout_s = kv_wait_timeout_s
+        self.kv_progress_timeout_s = kv_progress_timeout_s
+        self.transports = WorkerTransports()  # until the worker knows its address: gRPC only
         self.receivers: dict[str, KVReceiver] = {}
         self.draining = False
 
@@ -87,16 +92,25 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
         # finalised much later.
         context.add_done_callback(lambda _: self._release(handle, pull))
         try:
-            yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
-                layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids)))
+            offer = None
             if not request.prefill_here:
+                # The receiver (and its staging buffer, if the transport writes into one) exists before the
+                # scheduler learns of the reservation, so the sender always finds it.
+                staging = None
+                if request.kv_source.kind != worker_pb2.KVTarget.KIND_KV_STORE:
+                    staging = self.transports.staging(request.kv_transport, StagedLayout(self.layout, len(ids)).total_bytes)
                 receiver = self.receivers[rid] = KVReceiver(
                     lambda layer, start, k, v: self.engine.write_kv(handle, layer, start, k, v),
-                    self.layout, len(ids), owner=handle)
+                    self.layout, len(ids), owner=handle, staging=staging)
+                offer = convert.offer_to_pb(self.transports.offer(staging))
+            yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
+                layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids), offer=offer))
+            if not request.prefill_here:
                 if request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE:
                     pull.append(asyncio.create_task(
                         self._pull_from_store(receiver, rid, request.kv_source.address)))
                 first = await self._wait_for_kv(receiver, context)
+                receiver.close()  # the KV is in its blocks now: the staging buffer goes at once
                 self.engine.start_decoding(handle, first)
             async for event in self._stream(handle, context):
                 yield event
@@ -115,21 +129,34 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
         if receiver is not None and receiver.owner is handle:
             del self.receivers[rid]
             receiver.fail(KVTransferError("the request ended before its KV arrived"))
+            receiver.close()
         self.engine.abort(rid, handle)
 
     async def _wait_for_kv(self, receiver: KVReceiver, context) -> SampledToken:
+        """The first token once the KV has arrived; deadlines count the wait for its start and pauses within it."""
+        loop = asyncio.get_running_loop()
+        waiting_since = loop.time()
         with tracer().start_as_current_span("kv_transfer.receive") as span:
-            try:
-                first = await asyncio.wait_for(asyncio.shield(receiver.committed), self.kv_wait_timeout_s)
-            except asyncio.TimeoutError:
-                record_error(span, "timeout")
-                await context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, f"KV cache did not arrive within {self.kv_wait_timeout_s}s"
-                )
-            except (KVIntegrityError, KVLayoutMismatch, KVTransferError) as e:
-                record_error(span, e)
-                await context.abort(transfer_status(e), f"KV transfer failed: {e}")
-            span.set_attributes({"kv.transport": TRANSPORT, **receiver.stats.attributes()})
+            while True:
+                try:
+                    first = await asyncio.wait_for(asyncio.shield(receiver.committed), 0.25)
+                    break
+                except asyncio.TimeoutError:
+                    now = loop.time()
+                    if receiver.state is TransferState.WAITING and now - waiting_since > self.kv_wait_timeout_s:
+                        problem = f"KV cache did not start arriving within {self.kv_wait_timeout_s}s"
+                    elif (receiver.state is TransferState.TRANSFERRING
+                          and now - receiver.last_progress > self.kv_progress_timeout_s):
+                        problem = f"KV transfer stalled: nothing arrived for {self.kv_progress_timeout_s}s"
+                    else:
+                        continue
+                    receiver.fail(KVTransferError(problem, grpc.StatusCode.DEADLINE_EXCEEDED))
+                    record_error(span, problem)
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, problem)
+                except (KVIntegrityError, KVLayoutMismatch, KVTransferError) as e:
+                    record_error(span, e)
+                    await context.abort(transfer_status(e), f"KV transfer failed: {e}")
+            span.set_attributes({"kv.transport": receiver.transport, **receiver.stats.attributes()})
             return first
 
     async def _stream(self, handle: RequestHandle, context) -> AsyncIterator[worker_pb2.DecodeEvent]:
@@ -203,5 +230,5 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
         except BaseException:
             receiver.fail(KVTransferError("the KV sender went away mid-transfer"))
             raise
-        span.set_attributes({"kv.transport": TRANSPORT, **stats.attributes()})
+        span.set_attributes({"kv.transport": receiver.transport, **stats.attributes()})
         return worker_pb2.KVAck(request_id=rid, num_bytes=stats.num_bytes, num_chunks=stats.num_chunks)

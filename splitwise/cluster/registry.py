@@ -28,6 +28,8 @@ class WorkerInfo:
     kv_capacity_tokens: int = 0
     kv_used_tokens: int = 0
     heartbeat_at: float = 0.0  # unix seconds
+    kv_transports: str = "grpc"  # comma-separated, as WorkerTransports offers them
+    host_id: str = ""  # workers with one host id can share memory
 
 
 class WorkerRegistry:

@@ -25,10 +25,7 @@ class KVChunk:
     key: bytes
     value: bytes
     crc32: int
-
-    @property
-    def num_bytes(self) -> int:
-        return len(self.key) + len(self.value)
+    staged: bool = False  # the bytes are in the receiver's staging buffer, not in key and value
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -52,16 +49,21 @@ def split_layer(
         yield KVChunk(layer, token_start + begin, end - begin, k, v, checksum(k, v))
 
 
-def decode_chunk(chunk: KVChunk, layout: KVLayout, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verifies a chunk of a num_tokens-token transfer; returns its keys and values [tokens, kv_heads, head_dim].
-
-    Raises KVIntegrityError when the chunk does not belong where it says or its bytes are corrupt.
-    """
+def check_chunk_bounds(chunk: KVChunk, layout: KVLayout, num_tokens: int) -> None:
     if not 0 <= chunk.layer < layout.num_layers:
         raise KVIntegrityError(f"chunk for layer {chunk.layer} but the model has {layout.num_layers}")
     end = chunk.token_start + chunk.token_count
     if chunk.token_start < 0 or chunk.token_count <= 0 or end > num_tokens:
         raise KVIntegrityError(f"chunk tokens [{chunk.token_start}, {end}) outside the {num_tokens} transferred")
+
+
+def decode_chunk(chunk: KVChunk, layout: KVLayout, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verifies a chunk of a num_tokens-token transfer; returns its keys and values [tokens, kv_heads, head_dim].
+
+    Raises KVIntegrityError when the chunk does not belong where it says or its bytes are corrupt.
+    """
+    check_chunk_bounds(chunk, layout, num_tokens)
+    end = chunk.token_start + chunk.token_count
     expected = chunk.token_count * layout.bytes_per_token_per_layer // 2
     if len(chunk.key) != expected or len(chunk.value) != expected:
         raise KVIntegrityError(f"chunk carries {len(chunk.key)}+{len(chunk.value)} bytes, expected {expected} each")

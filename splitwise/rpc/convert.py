@@ -6,6 +6,7 @@ from splitwise.cluster.registry import WorkerInfo
 from splitwise.engine.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from splitwise.kv.chunks import KVChunk
 from splitwise.kv.layout import KVLayout
+from splitwise.kv.transport import TransportOffer
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2
 
 
@@ -60,12 +61,13 @@ def chunk_to_pb(chunk: KVChunk) -> common_pb2.KVTransferMessage:
             key=chunk.key,
             value=chunk.value,
             crc32=chunk.crc32,
+            staged=chunk.staged,
         )
     )
 
 
 def chunk_from_pb(msg: common_pb2.KVChunk) -> KVChunk:
-    return KVChunk(msg.layer, msg.token_start, msg.token_count, msg.key, msg.value, msg.crc32)
+    return KVChunk(msg.layer, msg.token_start, msg.token_count, msg.key, msg.value, msg.crc32, msg.staged)
 
 
 def worker_to_pb(worker: WorkerInfo, now: float) -> scheduler_pb2.WorkerStatus:
@@ -80,3 +82,15 @@ def worker_to_pb(worker: WorkerInfo, now: float) -> scheduler_pb2.WorkerStatus:
         kv_used_tokens=worker.kv_used_tokens,
         heartbeat_age_s=max(0.0, now - worker.heartbeat_at),
     )
+
+
+def offer_to_pb(offer: TransportOffer) -> common_pb2.KVTransportOffer:
+    return common_pb2.KVTransportOffer(
+        transport=offer.transport, host_id=offer.host_id, shm_name=offer.shm_name,
+        mooncake_session=offer.mooncake_session, buffer_address=offer.buffer_address, buffer_bytes=offer.buffer_bytes,
+    )
+
+
+def offer_from_pb(msg: common_pb2.KVTransportOffer) -> TransportOffer:
+    return TransportOffer(msg.transport or "grpc", msg.host_id, msg.shm_name, msg.mooncake_session,
+                          msg.buffer_address, msg.buffer_bytes)

@@ -7,6 +7,7 @@ slow network link. Redis runs in the root namespace, on the LAN's gateway addres
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -36,6 +37,7 @@ LINK_RATE_BYTES_PER_S = 1_000_000  # 8 Mbit/s: the tiny model's ~1 MB of KV take
 LINK_BURST_BYTES = 4096
 PROMPT_TOKEN_IDS = [3 + (i * 31) % 256 for i in range(960)]  # tiny-llama's bytes; 960 + 16 fits its 1024 context
 MAX_TOKENS = 16
+KV_TRANSPORTS = "mooncake,grpc"
 STARTUP_TIMEOUT_S = 180.0
 
 
@@ -145,7 +147,9 @@ def cluster(lan, tmp_path_factory, cache_dir):
     redis = start_redis(redis_port, lan.gateway)
     run_dir = tmp_path_factory.mktemp("netns")
     common = {"SPLITWISE_MODEL": MODEL, "SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_DEVICE": "cpu",
-              "SPLITWISE_NUM_THREADS": "1", "SPLITWISE_REDIS_URL": f"redis://{lan.gateway}:{redis_port}/0"}
+              "SPLITWISE_NUM_THREADS": "1", "SPLITWISE_REDIS_URL": f"redis://{lan.gateway}:{redis_port}/0",
+              # Namespaces share /dev/shm, which would let the KV bypass the link: the hosts use the network.
+              "SPLITWISE_KV_TRANSPORTS": KV_TRANSPORTS}
     services: list[Service] = []
     try:
         for name, host in (("token_worker", lan.hosts["token"]), ("prompt_worker", lan.hosts["prompt"])):
@@ -205,6 +209,9 @@ def test_kv_cache_crosses_the_rate_limited_prompt_to_token_link(generation):
     assert len(kv_bytes) == 1 and min(kv_bytes) > 0, f"spans disagree on the KV size or report none: {kv_bytes}"
     kv = kv_bytes.pop()
     assert generation.shaped_link_bytes >= kv, "the KV did not leave the prompt host through its shaped link"
+    transports = {s["attributes"]["kv.transport"] for s in generation.spans if "kv.transport" in s["attributes"]}
+    # The RDMA-capable engine when it is installed (over TCP here), the gRPC stream otherwise.
+    assert transports == ({"mooncake"} if importlib.util.find_spec("mooncake") else {"grpc"}), transports
     assert generation.token_host_received_bytes >= kv, "the KV did not reach the token host over the LAN"
 
 

@@ -31,16 +31,19 @@ class LocalCluster:
 
 @asynccontextmanager
 async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer: str = "direct",
-                        prompt_worker: bool = True, **token_overrides):
+                        prompt_worker: bool = True, scheduler_overrides: dict | None = None,
+                        prompt_overrides: dict | None = None, **token_overrides):
     """prompt_worker=False with role="mixed" in token_overrides: one mixed worker runs both phases."""
     common = dict(model=model, cache_dir=str(cache_dir), redis_url=redis_url, metrics_listen=METRICS_LISTEN)
     kv_store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen=METRICS_LISTEN))
     prompt = None
     if prompt_worker:
-        prompt = await prompt_app.start(PromptWorkerConfig(listen="127.0.0.1:0", device="cpu", **common))
+        prompt = await prompt_app.start(PromptWorkerConfig(listen="127.0.0.1:0", device="cpu", **common,
+                                                           **(prompt_overrides or {})))
     token = await token_app.start(TokenWorkerConfig(listen="127.0.0.1:0", device="cpu", **common, **token_overrides))
     scheduler = await scheduler_app.start(
-        SchedulerConfig(listen="127.0.0.1:0", kv_transfer=kv_transfer, kv_store_address=kv_store.address, **common)
+        SchedulerConfig(listen="127.0.0.1:0", kv_transfer=kv_transfer, kv_store_address=kv_store.address, **common,
+                        **(scheduler_overrides or {}))
     )
     try:
         yield LocalCluster(scheduler, prompt, token, kv_store)

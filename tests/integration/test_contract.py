@@ -55,7 +55,7 @@ async def test_one_request_is_one_trace_whose_spans_form_a_tree(cluster, trace_f
     assert all(s["parent_span_id"] in ids for s in in_trace if s["parent_span_id"])
     (send,) = [s for s in in_trace if s["name"] == "kv_transfer.send"]
     assert send["attributes"]["kv.layers"] == 4 and send["attributes"]["kv.bytes"] > 0
-    assert send["attributes"]["kv.transport"] == "grpc_stream" and send["attributes"]["kv.bandwidth_mbps"] > 0
+    assert send["attributes"]["kv.transport"] == "shm" and send["attributes"]["kv.bandwidth_mbps"] > 0  # one host
     assert len([e for e in send["events"] if e["name"] == "kv.layer_sent"]) == 4
     (generate,) = [s for s in in_trace if s["name"] == "/splitwise.v1.Scheduler/Generate" and s["kind"] == "SERVER"]
     assert generate["attributes"]["output.tokens"] == 5 and generate["attributes"]["time_to_first_token_ms"] > 0
@@ -96,8 +96,8 @@ async def test_every_service_serves_prometheus_metrics_and_the_ttft_histogram_co
     samples = await asyncio.to_thread(scrape, token.service.metrics.address)
     blocks = token.servicer.engine.blocks.num_blocks
     assert samples[f"splitwise_kv_blocks{{splitwise_pool=token,splitwise_worker_id={worker},state=free}}"] == blocks
-    assert samples["splitwise_kv_transferred_bytes_total{direction=receive,transport=grpc_stream}"] > 0
-    assert samples["splitwise_kv_transfers_total{direction=send,outcome=ok,transport=grpc_stream}"] >= 3
+    assert samples["splitwise_kv_transferred_bytes_total{direction=receive,transport=shm}"] > 0
+    assert samples["splitwise_kv_transfers_total{direction=send,outcome=ok,transport=shm}"] >= 3
 
 
 async def test_token_worker_refuses_a_request_it_could_never_hold(cluster):

@@ -1,4 +1,5 @@
-"""The KV cache crosses to the token worker layer by layer while prefill is still running."""
+"""Layer-wise, the KV cache crosses to the token worker layer by layer while prefill is still running;
+serialized (short prompts), it crosses after the prefill."""
 
 import time
 
@@ -10,7 +11,9 @@ from tests.integration.cluster import local_cluster
 
 @pytest.fixture(scope="module")
 async def cluster(redis_url, cache_dir, trace_file):
-    async with local_cluster(redis_url, "tiny-llama", cache_dir) as c:
+    # Layer-wise from 100 prompt tokens on: the test prompts are 300 long, the serialized one 50.
+    async with local_cluster(redis_url, "tiny-llama", cache_dir,
+                             scheduler_overrides={"kv_layerwise_min_tokens": 100}) as c:
         yield c
 
 
@@ -46,3 +49,33 @@ async def test_layer_kv_reaches_the_token_worker_before_the_next_layer_is_comput
     for layer, landed in layers_received_at.items():
         # Layer L is on the token worker while layers after L have not been computed yet.
         assert landed == set(range(layer + 1)), (layer, landed)
+
+
+async def test_a_prompt_below_the_layerwise_threshold_ships_its_kv_after_the_prefill(cluster, tokenizer_free_ids):
+    runner = cluster.prompt_worker.servicer.engine.runner
+    receivers = cluster.token_worker.servicer.receivers
+    layers_received_at = {}
+    original = runner.model
+
+    def model(token_ids, batch, cache_keys, cache_values, on_layer_kv=None):
+        def after_layer(layer, keys, values):
+            on_layer_kv(layer, keys, values)
+            time.sleep(0.01)  # time enough for a layer sent now to land
+            layers_received_at[layer] = set().union(*(r.layers_received for r in list(receivers.values())))
+
+        return original(token_ids, batch, cache_keys, cache_values, after_layer if on_layer_kv else None)
+
+    runner.model = model
+    try:
+        async with SplitwiseClient(cluster.address) as client:
+            out = await client.generate(token_ids=tokenizer_free_ids, max_tokens=4, ignore_eos=True, timeout=60)
+    finally:
+        runner.model = original
+    assert out.completion_tokens == 4
+    assert sorted(layers_received_at) == list(range(cluster.prompt_worker.servicer.layout.num_layers))
+    assert all(landed == set() for landed in layers_received_at.values()), layers_received_at
+
+
+@pytest.fixture
+def tokenizer_free_ids():
+    return [5 + i % 200 for i in range(50)]

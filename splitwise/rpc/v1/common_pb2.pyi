@@ -66,30 +66,50 @@ class KVTransferMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., chunk: _Optional[_Union[KVChunk, _Mapping]] = ..., commit: _Optional[_Union[KVCommit, _Mapping]] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "layout", "num_tokens")
+    __slots__ = ("request_id", "layout", "num_tokens", "transport")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout: KVLayout
     num_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    transport: str
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("layer", "token_start", "token_count", "key", "value", "crc32")
+    __slots__ = ("layer", "token_start", "token_count", "key", "value", "crc32", "staged")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
     layer: int
     token_start: int
     token_count: int
     key: bytes
     value: bytes
     crc32: int
-    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    staged: bool
+    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., crc32: _Optional[int] = ..., staged: _Optional[bool] = ...) -> None: ...
+
+class KVTransportOffer(_message.Message):
+    __slots__ = ("transport", "host_id", "shm_name", "mooncake_session", "buffer_address", "buffer_bytes")
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    MOONCAKE_SESSION_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    transport: str
+    host_id: str
+    shm_name: str
+    mooncake_session: str
+    buffer_address: int
+    buffer_bytes: int
+    def __init__(self, transport: _Optional[str] = ..., host_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., mooncake_session: _Optional[str] = ..., buffer_address: _Optional[int] = ..., buffer_bytes: _Optional[int] = ...) -> None: ...
 
 class KVCommit(_message.Message):
     __slots__ = ("first_token_id", "first_token_logprob", "num_chunks", "num_bytes")

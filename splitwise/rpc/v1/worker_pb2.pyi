@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVTarget(_message.Message):
-    __slots__ = ("kind", "address")
+    __slots__ = ("kind", "address", "layout", "offer", "layerwise")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[KVTarget.Kind]
@@ -21,9 +21,15 @@ class KVTarget(_message.Message):
     KIND_KV_STORE: KVTarget.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    LAYERWISE_FIELD_NUMBER: _ClassVar[int]
     kind: KVTarget.Kind
     address: str
-    def __init__(self, kind: _Optional[_Union[KVTarget.Kind, str]] = ..., address: _Optional[str] = ...) -> None: ...
+    layout: _common_pb2.KVLayout
+    offer: _common_pb2.KVTransportOffer
+    layerwise: bool
+    def __init__(self, kind: _Optional[_Union[KVTarget.Kind, str]] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., offer: _Optional[_Union[_common_pb2.KVTransportOffer, _Mapping]] = ..., layerwise: _Optional[bool] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_target")
@@ -68,20 +74,22 @@ class KVTransferSummary(_message.Message):
     def __init__(self, num_bytes: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_chunks: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "num_prompt_tokens", "sampling", "kv_source", "prompt_token_ids", "prefill_here")
+    __slots__ = ("request_id", "num_prompt_tokens", "sampling", "kv_source", "prompt_token_ids", "prefill_here", "kv_transport")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     KV_SOURCE_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_prompt_tokens: int
     sampling: _common_pb2.SamplingParams
     kv_source: KVTarget
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     prefill_here: bool
-    def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KVTarget, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prefill_here: _Optional[bool] = ...) -> None: ...
+    kv_transport: str
+    def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KVTarget, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prefill_here: _Optional[bool] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
 class DecodeEvent(_message.Message):
     __slots__ = ("reserved", "tokens")
@@ -92,12 +100,14 @@ class DecodeEvent(_message.Message):
     def __init__(self, reserved: _Optional[_Union[Reserved, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ...) -> None: ...
 
 class Reserved(_message.Message):
-    __slots__ = ("layout", "reserved_tokens")
+    __slots__ = ("layout", "reserved_tokens", "offer")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     RESERVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
     layout: _common_pb2.KVLayout
     reserved_tokens: int
-    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., reserved_tokens: _Optional[int] = ...) -> None: ...
+    offer: _common_pb2.KVTransportOffer
+    def __init__(self, layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., reserved_tokens: _Optional[int] = ..., offer: _Optional[_Union[_common_pb2.KVTransportOffer, _Mapping]] = ...) -> None: ...
 
 class Tokens(_message.Message):
     __slots__ = ("token_ids", "logprobs", "finish_reason")
