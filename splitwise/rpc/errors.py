@@ -19,4 +19,4 @@ def transfer_status(error: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(error, KVIntegrityError):
         return grpc.StatusCode.DATA_LOSS
-    return grpc.StatusCode.UNAVAILABLE
+    return getattr(error, "code", grpc.StatusCode.UNAVAILABLE)  # a KVTransferError says how it failed

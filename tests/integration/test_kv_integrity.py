@@ -1,0 +1,63 @@
+"""Whatever the transport, a corrupt chunk fails the transfer with DATA_LOSS and frees the KV on both sides."""
+
+import dataclasses
+import importlib.util
+
+import grpc
+import pytest
+
+from splitwise.client import SplitwiseClient
+from splitwise.kv.transfer import KVSender
+from tests.integration.cluster import assert_no_kv_held, local_cluster
+from tests.traces import wait_for_whole_trace
+
+TRANSPORTS = ["grpc", "shm", pytest.param("mooncake", marks=pytest.mark.skipif(
+    not importlib.util.find_spec("mooncake"), reason="mooncake-transfer-engine is not installed"))]
+
+
+@pytest.fixture(scope="module", params=TRANSPORTS)
+async def cluster(request, redis_url, cache_dir, trace_file):
+    only = {"kv_transports": request.param}
+    async with local_cluster(redis_url, "tiny-llama", cache_dir, prompt_overrides=only,
+                             scheduler_overrides={"kv_layerwise_min_tokens": 0}, **only) as c:
+        yield request.param, c
+
+
+def flip_first_byte_of_layer_0(encode):
+    """Wraps KVSender._encode: layer 0's bytes change after their checksum was taken, as on a bad link."""
+
+    def corrupting(self, layer, keys, values, token_start):
+        encoded = encode(self, layer, keys, values, token_start)
+        if layer != 0:
+            return encoded
+        chunk = encoded.chunks[0]
+        if chunk.staged:
+            offset = encoded.ranges[0][0]
+            self.writer.buffer[offset] ^= 0xFF
+        else:
+            key = bytes([chunk.key[0] ^ 0xFF]) + chunk.key[1:]
+            encoded.chunks[0] = dataclasses.replace(chunk, key=key)
+        return encoded
+
+    return corrupting
+
+
+async def test_a_corrupt_chunk_fails_the_transfer_with_data_loss_and_frees_kv_everywhere(cluster, monkeypatch):
+    transport, c = cluster
+    monkeypatch.setattr(KVSender, "_encode", flip_first_byte_of_layer_0(KVSender._encode))
+    async with SplitwiseClient(c.address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.generate(token_ids=list(range(10, 60)), max_tokens=8, timeout=30)
+    assert error.value.code() == grpc.StatusCode.DATA_LOSS, error.value.details()
+    assert "checksum mismatch in layer 0" in error.value.details()
+    await assert_no_kv_held(c)
+
+
+async def test_after_a_corrupt_transfer_the_next_one_by_the_same_transport_succeeds(cluster, trace_file):
+    transport, c = cluster
+    async with SplitwiseClient(c.address) as client:
+        out = await client.generate(token_ids=list(range(10, 60)), max_tokens=8, ignore_eos=True, timeout=30)
+    assert out.completion_tokens == 8
+    spans = await wait_for_whole_trace([trace_file], out.request_id)
+    assert {s["attributes"]["kv.transport"] for s in spans if s["name"].startswith("kv_transfer.")} == {transport}
+    await assert_no_kv_held(c)
