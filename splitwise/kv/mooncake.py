@@ -89,6 +89,7 @@ class MooncakeWriter:
     """Sender side: layers are staged in a local registered mirror, then written to the receiver's buffer."""
 
     transport = "mooncake"
+    remote = True
 
     def __init__(self, engine: MooncakeEngine, session: str, remote_address: int, size: int):
         self.engine = engine

@@ -140,6 +140,7 @@ class ShmWriter:
     """Sender side: the receiver's segment mapped here; staging a layer writes it there (no flush needed)."""
 
     transport = "shm"
+    remote = False
 
     def __init__(self, name: str, size: int):
         self.segment = SharedSegment.open(name, size)

@@ -55,6 +55,7 @@ class StagedWriter(Protocol):
 
     transport: str
     buffer: torch.Tensor
+    remote: bool  # whether staged bytes still have to be sent (flush) before the receiver can read them
 
     def flush(self, ranges: list[tuple[int, int]]) -> None: ...
 
@@ -126,6 +127,7 @@ class KVSender:
         self._last_progress = self._loop.time()
         self._stalled = False
         self._aborted = False
+        self._transfer_started: float | None = None  # the first layer's bytes started moving
         self._error: KVTransferError | None = None  # a staged write that failed; the stream stops short
 
     def on_layer_kv(self, layer: int, keys: torch.Tensor, values: torch.Tensor, token_start: int) -> None:
@@ -170,8 +172,10 @@ class KVSender:
             self._progress()
 
     async def _chunk_messages(self, encoded: _Encoded, span) -> AsyncIterator[common_pb2.KVTransferMessage]:
-        self.state = TransferState.TRANSFERRING
-        if encoded.ranges and self.writer is not None:
+        if self.state is TransferState.WAITING:
+            self.state = TransferState.TRANSFERRING
+            self._transfer_started = time.perf_counter()
+        if encoded.ranges and self.writer is not None and self.writer.remote:
             try:
                 await asyncio.to_thread(self.writer.flush, encoded.ranges)
             except (ConnectionError, OSError) as e:
@@ -234,7 +238,6 @@ class KVSender:
         with tracer().start_as_current_span("kv_transfer.send") as span:
             span.set_attributes({"splitwise.request_id": self.request_id, "kv.transport": self.transport,
                                  "kv.target": self.target, "kv.layerwise": self.layerwise})
-            start = time.perf_counter()
             outcome = "failed"
             call = self._call(self._messages(span))  # no overall timeout: progress is watched instead
             watchdog = asyncio.create_task(self._watch(call))
@@ -260,7 +263,10 @@ class KVSender:
                 watchdog.cancel()
                 if outcome != "ok":
                     self.state = TransferState.FAILED
-                self.stats.seconds = time.perf_counter() - start
+                # Transfer time: from the first layer's bytes to the acknowledgement (the wait for the prefill
+                # to produce that layer is not the transport's).
+                if self._transfer_started is not None:
+                    self.stats.seconds = time.perf_counter() - self._transfer_started
                 span.set_attributes(self.stats.attributes())
                 record_transfer("send", self.transport, self.stats, outcome)
             return self.stats
@@ -307,7 +313,7 @@ class KVReceiver:
 
     async def consume(self, messages: AsyncIterator[common_pb2.KVTransferMessage]) -> TransferStats:
         """Applies a whole transfer; raises KVIntegrityError / KVTransferError (and fails the waiter)."""
-        start = time.perf_counter()
+        start = None  # the first chunk: waiting for the sender's prefill is not transfer time
         outcome = "failed"
         loop = asyncio.get_running_loop()
         try:
@@ -318,6 +324,7 @@ class KVReceiver:
                     self._check_header(msg.header)
                     self.state = TransferState.TRANSFERRING
                 elif kind == "chunk":
+                    start = start or time.perf_counter()
                     chunk = convert.chunk_from_pb(msg.chunk)
                     keys, values = self._chunk_tensors(chunk)
                     self.sink(chunk.layer, chunk.token_start, keys, values)
@@ -327,7 +334,7 @@ class KVReceiver:
                 elif kind == "commit":
                     self._check_commit(msg.commit)
                     self.stats.num_layers = len(self._layers_seen)
-                    self.stats.seconds = time.perf_counter() - start
+                    self.stats.seconds = time.perf_counter() - (start or time.perf_counter())
                     if not self.committed.done():
                         self.state = TransferState.DONE
                         self.committed.set_result(

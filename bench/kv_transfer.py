@@ -1,0 +1,263 @@
+"""KV transfer benchmark: each transport's bandwidth on real KV between two worker processes, against a plain
+memcpy and a plain socket; and TTFT / second-token latency split (layer-wise and serialized, each transport)
+against colocated on the same cores. SmolLM2-135M, fp32, one compute thread per worker.
+
+Run: .venv/bin/python -m bench.kv_transfer [--quick] [--no-write]   (writes docs/benchmarks.md's KV section)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.engine import log, write_section
+from splitwise.client import SplitwiseClient
+from splitwise.launcher import Cluster, UpOptions
+from splitwise.model.weights import read_hf_config, resolve_model
+from splitwise.telemetry.jsonl_exporter import read_spans
+
+MODEL = "smollm2-135m-instruct"
+MB = 1 << 20
+SERIALIZED = str(10**9)  # layer-wise from this many prompt tokens on: never
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- baselines ------------------------------------------------------------------------------------
+
+
+def memcpy_gbps(num_bytes: int, repeats: int) -> float:
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages once
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return num_bytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+SOCKET_RECEIVER = """
+import socket, sys
+n = int(sys.argv[1])
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(1)
+print(server.getsockname()[1], flush=True)
+buf = bytearray(n); view = memoryview(buf)
+while True:
+    conn, _ = server.accept()
+    got = 0
+    while got < n:
+        got += conn.recv_into(view[got:], n - got)
+    conn.sendall(b"k"); conn.close()
+"""
+
+
+def socket_gbps(num_bytes: int, repeats: int, send_bytes: int = 4 * MB) -> float:
+    """A plain TCP socket over loopback between two processes, in 4 MiB sends, until the receiver has it all."""
+    receiver = subprocess.Popen([sys.executable, "-c", SOCKET_RECEIVER, str(num_bytes)], stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        port = int(receiver.stdout.readline())
+        data = memoryview(os.urandom(num_bytes))
+        times = []
+        for _ in range(repeats + 1):
+            with socket.create_connection(("127.0.0.1", port)) as conn:
+                start = time.perf_counter()
+                for offset in range(0, num_bytes, send_bytes):
+                    conn.sendall(data[offset:offset + send_bytes])
+                conn.recv(1)
+                times.append(time.perf_counter() - start)
+        return num_bytes / min(times[1:]) / 1e9
+    finally:
+        receiver.kill()
+
+
+# -- the cluster ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    name: str  # "colocated" or "<transport> layer-wise" / "<transport> serialized"
+    transport: str = ""
+    layerwise: bool = True
+    env: dict = field(default_factory=dict)
+
+    @property
+    def colocated(self) -> bool:
+        return not self.transport
+
+
+def start_cluster(setup: Setup, run_dir: Path) -> Cluster:
+    env = {"SPLITWISE_NUM_THREADS": "1", "SPLITWISE_LOG_LEVEL": "WARNING", **setup.env}
+    if setup.colocated:
+        env["SPLITWISE_TOKEN_WORKER_ROLE"] = "mixed"
+    else:
+        env["SPLITWISE_KV_TRANSPORTS"] = setup.transport
+        env["SPLITWISE_KV_LAYERWISE_MIN_TOKENS"] = "0" if setup.layerwise else SERIALIZED
+    options = UpOptions(model=MODEL, device="cpu", run_dir=run_dir, scheduler_port=free_port(),
+                        prompt_port=free_port(), token_port=free_port(), kv_store_port=free_port(),
+                        redis_port=free_port(), metrics_port=0, prompt_workers=0 if setup.colocated else 1,
+                        extra_env=env)
+    cluster = Cluster(options)
+    cluster.start()
+    cluster.wait_healthy()
+    return cluster
+
+
+@dataclass
+class Latency:
+    ttft_s: float
+    second_token_s: float
+    e2e_s: float
+    request_id: str
+
+
+async def stream_once(address: str, ids: list[int], max_tokens: int) -> Latency:
+    async with SplitwiseClient(address) as client:
+        start = time.perf_counter()
+        times, rid = [], ""
+        async for chunk in client.stream(token_ids=ids, max_tokens=max_tokens, ignore_eos=True, timeout=600):
+            rid = chunk.request_id
+            times += [time.perf_counter() - start] * len(chunk.token_ids)
+    return Latency(times[0], times[1] - times[0], times[-1], rid)
+
+
+def prompt(num_tokens: int, vocab: int, salt: int) -> list[int]:
+    return [100 + (i * 7919 + salt * 104729) % (vocab - 200) for i in range(num_tokens)]
+
+
+def transfer_spans(run_dir: Path, request_id: str) -> dict | None:
+    spans = [s for s in read_spans(run_dir / "traces" / "prompt_worker-0.jsonl")
+             if s["name"] == "kv_transfer.send" and s["attributes"].get("splitwise.request_id") == request_id]
+    return spans[0]["attributes"] if spans else None
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes and one repeat, to check the program")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    args = parser.parse_args()
+    repeats = 1 if args.quick else 3
+    sizes_mb = [1, 8] if args.quick else [1, 8, 64]
+    prompt_lengths = [128, 256] if args.quick else [512, 1024, 2048]
+    output_tokens = 8 if args.quick else 32
+    transports = ["grpc", "shm"] + (["mooncake"] if importlib.util.find_spec("mooncake") else [])
+
+    folder = resolve_model(MODEL)[1]
+    hf = read_hf_config(folder)
+    vocab = hf["vocab_size"]
+    kv_bytes_per_token = 2 * hf["num_hidden_layers"] * hf["num_key_value_heads"] * (
+        hf["hidden_size"] // hf["num_attention_heads"]) * 4
+
+    rows_bw = []
+    for size in sizes_mb:
+        log(f"baselines at {size} MB...")
+        rows_bw.append({"size_mb": size, "memcpy": memcpy_gbps(size * MB, 20),
+                        "socket": socket_gbps(size * MB, repeats)})
+
+    latency: dict[tuple[str, int], list[Latency]] = {}
+    transfer: dict[tuple[str, int], list[dict]] = {}
+    setups = [Setup("colocated")] + [Setup(f"{t} {mode}", t, mode == "layer-wise")
+                                     for t in transports for mode in ("layer-wise", "serialized")]
+    with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp:
+        for setup in setups:
+            run_dir = Path(tmp) / setup.name.replace(" ", "-")
+            log(f"{setup.name}: starting a cluster...")
+            cluster = start_cluster(setup, run_dir)
+            address = cluster.children[-1].address
+            try:
+                asyncio.run(stream_once(address, prompt(64, vocab, 0), 2))  # warm-up
+                if setup.transport and not setup.layerwise:  # the transport alone: after the prefill
+                    for size in sizes_mb:
+                        tokens = max(1, round(size * MB / kv_bytes_per_token))
+                        for r in range(repeats):
+                            out = asyncio.run(stream_once(address, prompt(tokens, vocab, 1000 + r), 2))
+                            attrs = transfer_spans(run_dir, out.request_id)
+                            transfer.setdefault((setup.transport, size), []).append(attrs)
+                        best = max(a["kv.bytes"] / a["kv.seconds"] for a in transfer[(setup.transport, size)])
+                        log(f"  {size} MB ({tokens} tokens): {best / 1e9:.2f} GB/s")
+                for length in prompt_lengths:
+                    for r in range(repeats):
+                        out = asyncio.run(stream_once(address, prompt(length, vocab, r), output_tokens))
+                        latency.setdefault((setup.name, length), []).append(out)
+                    med = statistics.median(x.ttft_s for x in latency[(setup.name, length)])
+                    log(f"  {length} tokens: TTFT {med * 1e3:.0f} ms")
+            finally:
+                cluster.stop()
+
+    text = render(rows_bw, transfer, latency, transports, sizes_mb, prompt_lengths, output_tokens)
+    print(text)
+    if not args.no_write:
+        write_section("KV transfer", text)
+
+
+def render(rows_bw, transfer, latency, transports, sizes_mb, prompt_lengths, output_tokens) -> str:
+    def best_gbps(transport, size):
+        runs = transfer.get((transport, size), [])
+        return max(a["kv.bytes"] / a["kv.seconds"] for a in runs) / 1e9 if runs else float("nan")
+
+    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {MODEL}, float32, "
+             "one compute thread per worker. Run `python -m bench.kv_transfer`.", "",
+             "Bandwidth of real KV between a prompt worker process and a token worker process (serialized, so the "
+             "transfer runs alone: from the first layer's bytes to the receiver's commit, checksums and the "
+             "write into the KV blocks included), against a plain memcpy and a plain TCP socket over loopback "
+             "(two processes, 4 MiB sends); GB/s, best of the repeats.", "",
+             "| KV size | memcpy | socket | " + " | ".join(transports) + " | shm / memcpy | grpc / socket |",
+             "|---|---|---|" + "---|" * len(transports) + "---|---|"]
+    for row in rows_bw:
+        size = row["size_mb"]
+        cells = [best_gbps(t, size) for t in transports]
+        shm = best_gbps("shm", size)
+        grpc_ = best_gbps("grpc", size)
+        lines.append(f"| {size} MB | {row['memcpy']:.2f} | {row['socket']:.2f} | "
+                     + " | ".join(f"{c:.2f}" for c in cells)
+                     + f" | {shm / row['memcpy']:.0%} | {grpc_ / row['socket']:.0%} |")
+    lines += ["", f"Latency as the client sees it (median of the repeats, {output_tokens} output tokens): time to "
+              "first token, second-token latency (first to second token), end to end; ratios against colocated "
+              "(one mixed worker doing both phases on one thread; split: prompt and token worker one thread each).",
+              "", "| prompt | setup | TTFT ms | vs colocated | 2nd token ms | vs colocated | E2E ms | "
+              "visible transfer share of E2E |", "|---|---|---|---|---|---|---|---|"]
+    for length in prompt_lengths:
+        base = latency[("colocated", length)]
+        base_ttft = statistics.median(x.ttft_s for x in base)
+        base_second = statistics.median(x.second_token_s for x in base)
+        for name in ["colocated"] + [f"{t} {m}" for t in transports for m in ("layer-wise", "serialized")]:
+            runs = latency.get((name, length))
+            if not runs:
+                continue
+            ttft = statistics.median(x.ttft_s for x in runs)
+            second = statistics.median(x.second_token_s for x in runs)
+            e2e = statistics.median(x.e2e_s for x in runs)
+            share = "" if name == "colocated" else f"{max(0.0, second - base_second) / e2e:.1%}"
+            lines.append(f"| {length} | {name} | {ttft * 1e3:.0f} | {ttft / base_ttft - 1:+.1%} | {second * 1e3:.0f} | "
+                         f"{second / base_second - 1:+.1%} | {e2e * 1e3:.0f} | {share} |")
+    lines += ["", "Visible transfer share: the second-token latency beyond colocated's, over the request's "
+              "end-to-end latency (the part of the transfer the prefill did not hide)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
