@@ -79,7 +79,7 @@ class SchedulerConfig:
     listen: str = option("127.0.0.1:50051", "SPLITWISE_SCHEDULER_LISTEN", "host:port the scheduler serves on")
     model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
     cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
-    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry (and the kv_store index)")
     kv_transfer: str = option("direct", "SPLITWISE_KV_TRANSFER", "direct: prompt worker pushes KV to the token worker; relay: through kv_store")
     kv_store_address: str = option("127.0.0.1:50081", "SPLITWISE_KV_STORE_ADDRESS", "kv_store host:port (relay mode)")
     kv_layerwise_min_tokens: int = option(512, "SPLITWISE_KV_LAYERWISE_MIN_TOKENS", "prompts this long or longer ship KV layer by layer during prefill; shorter ones after it (serialized)")
@@ -103,7 +103,7 @@ class PromptWorkerConfig:
     device: str = option("auto", "SPLITWISE_DEVICE", "cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
     dtype: str = option("float32", "SPLITWISE_DTYPE", "float32, bfloat16 or float16")
     num_threads: int = option(0, "SPLITWISE_NUM_THREADS", "torch compute threads (0: torch's default)")
-    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry (and the kv_store index)")
     heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
     registry_ttl_s: float = option(3.0, "SPLITWISE_REGISTRY_TTL_S", "a worker silent this long leaves the registry")
     kv_memory_bytes: int = option(512 << 20, "SPLITWISE_PROMPT_KV_MEMORY_BYTES", "KV cache budget of the prompt worker")
@@ -141,7 +141,7 @@ class TokenWorkerConfig:
     kv_mooncake_protocol: str = option("tcp", "SPLITWISE_KV_MOONCAKE_PROTOCOL", "Mooncake Transfer Engine protocol: tcp, or rdma where the machine has it")
     kv_progress_timeout_s: float = option(30.0, "SPLITWISE_KV_PROGRESS_TIMEOUT_S", "a KV transfer that makes no progress this long fails (waiting for compute does not count)")
     kv_wait_timeout_s: float = option(600.0, "SPLITWISE_KV_WAIT_TIMEOUT_S", "how long a reservation waits for its KV to start arriving (the sender's queue included)")
-    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry (and the kv_store index)")
     heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
     registry_ttl_s: float = option(3.0, "SPLITWISE_REGISTRY_TTL_S", "a worker silent this long leaves the registry")
     trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
@@ -152,9 +152,11 @@ class TokenWorkerConfig:
 
 @dataclass
 class KVStoreConfig:
-    """The kv_store: relays and keeps KV transfers by request id."""
+    """The kv_store: relays and keeps KV transfers by request id, listed in a KV index in Redis."""
 
     listen: str = option("127.0.0.1:50081", "SPLITWISE_KV_STORE_LISTEN", "host:port the kv_store serves on")
+    advertise: str = option("", "SPLITWISE_ADVERTISE", "address other services use to reach this kv_store (default: listen)")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the KV index (which kv_store holds which request's KV)")
     ttl_s: float = option(300.0, "SPLITWISE_KV_STORE_TTL_S", "how long a stored transfer is kept")
     max_bytes: int = option(4 << 30, "SPLITWISE_KV_STORE_MAX_BYTES", "refuse new transfers beyond this many bytes held")
     get_wait_s: float = option(30.0, "SPLITWISE_KV_STORE_GET_WAIT_S", "default wait for a transfer that has not arrived")

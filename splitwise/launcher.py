@@ -95,7 +95,8 @@ class Cluster:
         common = {"SPLITWISE_MODEL": o.model, "SPLITWISE_REDIS_URL": redis_url, "SPLITWISE_DEVICE": o.device}
         kv_store = f"{o.host}:{o.kv_store_port}"
         self._spawn("kv_store", "services.kv_store", {
-            "SPLITWISE_KV_STORE_LISTEN": kv_store, "SPLITWISE_TRACE_FILE": str(traces / "kv_store.jsonl")}, kv_store)
+            "SPLITWISE_KV_STORE_LISTEN": kv_store, "SPLITWISE_REDIS_URL": redis_url,
+            "SPLITWISE_TRACE_FILE": str(traces / "kv_store.jsonl")}, kv_store)
         for role, count, port in (("prompt_worker", o.prompt_workers, o.prompt_port),
                                   ("token_worker", o.token_workers, o.token_port)):
             for i in range(count):

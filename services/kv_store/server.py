@@ -1,4 +1,4 @@
-"""The KVStore servicer: relays KV transfers by request id and keeps each for a TTL."""
+"""The KVStore servicer: relays KV transfers by request id, keeps each for a TTL and lists it in the KV index."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Awaitable, TypeVar
 
 import grpc
+import redis.asyncio as redis
 
+from splitwise.cluster.kv_index import KVIndex
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 from splitwise.telemetry.tracing import record_error, rpc_span
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,10 +36,17 @@ class StoredTransfer:
 
 
 class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
-    def __init__(self, ttl_s: float, max_bytes: int, get_wait_s: float):
+    """`address` (set once the server is bound) is how the KV index names this kv_store as a holder."""
+
+    def __init__(self, ttl_s: float, max_bytes: int, get_wait_s: float, index: KVIndex, address: str = ""):
+        if ttl_s <= 0:
+            raise ValueError(f"kv_store ttl_s must be positive, got {ttl_s}")
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self.get_wait_s = get_wait_s
+        self.index = index
+        self.address = address
+        self.expiry_interval_s = min(1.0, ttl_s / 4)
         self.transfers: dict[str, StoredTransfer] = {}
         self._arrived = asyncio.Condition()
 
@@ -85,6 +96,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             raise
         transfer.expires_at = time.monotonic() + self.ttl_s
+        if self.transfers.get(rid) is transfer:  # not deleted while it streamed
+            await self._index_put(transfer)
         span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.chunks": transfer.num_chunks})
         return kv_store_pb2.PutReply(request_id=rid, num_bytes=transfer.num_bytes, num_chunks=transfer.num_chunks)
 
@@ -102,6 +115,11 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         wait_s = request.wait_s if request.wait_s > 0 else self.get_wait_s
         span = rpc_span()
         span.set_attribute("splitwise.request_id", request.request_id)
+        if request.request_id not in self.transfers:
+            holder = await self._holder_elsewhere(request.request_id)
+            if holder:
+                await context.abort(grpc.StatusCode.NOT_FOUND,
+                                    f"KV of request {request.request_id!r} is held by the kv_store at {holder}")
         transfer = await self._wait_for(request.request_id, wait_s)
         if transfer is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV for request {request.request_id!r} within {wait_s}s")
@@ -127,14 +145,44 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "KV transfer stalled")
 
     async def Delete(self, request: kv_store_pb2.DeleteRequest, context) -> kv_store_pb2.DeleteReply:
-        return kv_store_pb2.DeleteReply(deleted=self.transfers.pop(request.request_id, None) is not None)
+        deleted = await self._forget([request.request_id])
+        return kv_store_pb2.DeleteReply(deleted=deleted > 0)
 
     def gauges(self):
         yield "splitwise.kv_store.stored", self.bytes_held, {}
 
-    async def expire_forever(self, interval_s: float = 1.0) -> None:
+    async def expire_forever(self) -> None:
         while True:
-            await asyncio.sleep(interval_s)
+            await asyncio.sleep(self.expiry_interval_s)
             now = time.monotonic()
-            for rid in [r for r, t in self.transfers.items() if t.expires_at < now and t.finished]:
-                del self.transfers[rid]
+            await self._forget([r for r, t in self.transfers.items() if t.expires_at <= now and t.finished])
+
+    async def forget_all(self) -> None:
+        """Drops every transfer, as a stopping kv_store must, so that the index sends no client here."""
+        await self._forget(list(self.transfers))
+
+    async def _forget(self, rids: list[str]) -> int:
+        """Drops these transfers from memory at once, then their index entries; returns how many were held."""
+        dropped = [t for t in (self.transfers.pop(rid, None) for rid in rids) if t is not None]
+        await asyncio.gather(*(self._index_remove(t.request_id) for t in dropped if t.complete))
+        return len(dropped)
+
+    # The index is advisory: the KV is still served from here when Redis is away, so its errors are only logged.
+    async def _index_put(self, transfer: StoredTransfer) -> None:
+        put = self.index.put(transfer.request_id, self.address, transfer.num_bytes, self.ttl_s)
+        await self._index_call(put, "put", transfer.request_id)
+
+    async def _index_remove(self, rid: str) -> None:
+        await self._index_call(self.index.remove(rid, self.address), "remove", rid)
+
+    async def _holder_elsewhere(self, rid: str) -> str | None:
+        entry = await self._index_call(self.index.lookup(rid), "lookup", rid)
+        return entry.holder if entry is not None and entry.holder != self.address else None
+
+    @staticmethod
+    async def _index_call(call: Awaitable[T], action: str, rid: str) -> T | None:
+        try:
+            return await call
+        except (redis.RedisError, OSError) as e:
+            log.warning("KV index %s of request %s failed: %s", action, rid, e)
+            return None

@@ -32,10 +32,12 @@ class LocalCluster:
 @asynccontextmanager
 async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer: str = "direct",
                         prompt_worker: bool = True, scheduler_overrides: dict | None = None,
-                        prompt_overrides: dict | None = None, **token_overrides):
+                        prompt_overrides: dict | None = None, kv_store_overrides: dict | None = None,
+                        **token_overrides):
     """prompt_worker=False with role="mixed" in token_overrides: one mixed worker runs both phases."""
     common = dict(model=model, cache_dir=str(cache_dir), redis_url=redis_url, metrics_listen=METRICS_LISTEN)
-    kv_store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen=METRICS_LISTEN))
+    kv_store = await kv_store_app.start(KVStoreConfig(**{"listen": "127.0.0.1:0", "metrics_listen": METRICS_LISTEN,
+                                                         "redis_url": redis_url, **(kv_store_overrides or {})}))
     prompt = None
     if prompt_worker:
         prompt = await prompt_app.start(PromptWorkerConfig(listen="127.0.0.1:0", device="cpu", **common,

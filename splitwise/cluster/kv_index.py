@@ -1,0 +1,75 @@
+"""The KV index in Redis: which kv_store holds a request's prompt KV, how many bytes, and until when."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+
+KEY_PREFIX = "splitwise:kv:"
+
+# Atomic, so that a holder never removes the entry another kv_store wrote after it.
+REMOVE_IF_HOLDER = """
+if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class KVIndexEntry:
+    key: str  # a request id
+    holder: str  # address of the kv_store that holds the KV
+    num_bytes: int
+    expires_at: float  # unix seconds
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class KVIndex:
+    """One Redis hash per key (holder, num_bytes, expires_at) whose Redis TTL is the KV's, so Redis itself drops
+    expired entries. Keys are request ids; prompt-prefix keys (a hash of the prompt's token ids) would join them
+    once the KV header carries that hash, so that an identical prefix could reuse stored KV."""
+
+    def __init__(self, client: redis.Redis, prefix: str = KEY_PREFIX):
+        self.client = client
+        self.prefix = prefix
+        self._remove_if_holder = client.register_script(REMOVE_IF_HOLDER)
+
+    async def put(self, key: str, holder: str, num_bytes: int, ttl_s: float) -> None:
+        name = self.prefix + key
+        fields = {"holder": holder, "num_bytes": num_bytes, "expires_at": time.time() + ttl_s}
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(name)
+            pipe.hset(name, mapping=fields)
+            pipe.pexpire(name, max(1, round(ttl_s * 1000)))
+            await pipe.execute()
+
+    async def lookup(self, key: str) -> KVIndexEntry | None:
+        return self._entry(key, await self.client.hgetall(self.prefix + key))
+
+    async def remove(self, key: str, holder: str) -> bool:
+        """Removes the entry of `key` if `holder` still holds it; True if it did."""
+        return bool(await self._remove_if_holder(keys=[self.prefix + key], args=[holder]))
+
+    async def entries(self) -> list[KVIndexEntry]:
+        names = [_text(name) async for name in self.client.scan_iter(match=self.prefix + "*", count=500)]
+        if not names:
+            return []
+        async with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(name)
+            found = await pipe.execute()
+        entries = (self._entry(name.removeprefix(self.prefix), fields) for name, fields in zip(names, found))
+        return sorted((e for e in entries if e is not None), key=lambda e: e.key)
+
+    @staticmethod
+    def _entry(key: str, fields: dict) -> KVIndexEntry | None:
+        if not fields:  # absent, or expired since the scan
+            return None
+        fields = {_text(k): _text(v) for k, v in fields.items()}
+        return KVIndexEntry(key, fields["holder"], int(fields["num_bytes"]), float(fields["expires_at"]))

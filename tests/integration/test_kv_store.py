@@ -1,0 +1,174 @@
+"""The kv_store and its KV index in a real Redis: what is stored is indexed, expires on time, and is found elsewhere."""
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import redis.asyncio as redis
+
+from services.kv_store import app as kv_store_app
+from splitwise.client import SplitwiseClient
+from splitwise.cluster.kv_index import KVIndex
+from splitwise.config import KVStoreConfig
+from splitwise.model.weights import load_tokenizer, resolve_model
+from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
+from tests.conftest import free_port
+from tests.integration.cluster import local_cluster
+from tests.reference import hf_greedy
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(cache_dir):
+    return resolve_model("tiny-llama", cache_dir)[1]
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_folder):
+    return load_tokenizer(tiny_folder).encode(PROMPT, add_special_tokens=False)
+
+
+@pytest.fixture
+async def kv_index(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield KVIndex(client)
+    await client.aclose()
+
+
+@pytest.fixture
+async def kv_store(redis_url):
+    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=redis_url))
+    yield store
+    await store.stop(grace_s=1.0)
+
+
+@pytest.fixture
+async def kv_store_stub(kv_store):
+    async with grpc.aio.insecure_channel(kv_store.address) as channel:
+        yield kv_store_pb2_grpc.KVStoreStub(channel)
+
+
+async def wait_for_workers(cluster, count: int = 2) -> None:
+    async with SplitwiseClient(cluster.address) as c:
+        for _ in range(100):
+            if len((await c.cluster_status()).workers) >= count:
+                return
+            await asyncio.sleep(0.05)
+    raise TimeoutError("workers did not register")
+
+
+async def generate_relayed(cluster, token_ids: list[int], max_tokens: int = 8) -> list[int]:
+    await wait_for_workers(cluster)
+    async with SplitwiseClient(cluster.address) as c:
+        return (await c.generate(token_ids=token_ids, max_tokens=max_tokens, timeout=60)).token_ids
+
+
+def transfer(rid: str, num_chunks: int = 2, chunk_bytes: int = 64) -> list[common_pb2.KVTransferMessage]:
+    """A whole KV transfer as a prompt worker sends it: header, chunks of K and V, commit."""
+    header = common_pb2.KVHeader(request_id=rid, num_tokens=1, transport="grpc")
+    chunks = [common_pb2.KVChunk(layer=i, token_count=1, key=b"k" * chunk_bytes, value=b"v" * chunk_bytes)
+              for i in range(num_chunks)]
+    commit = common_pb2.KVCommit(num_chunks=num_chunks, num_bytes=2 * chunk_bytes * num_chunks)
+    return [common_pb2.KVTransferMessage(header=header), *(common_pb2.KVTransferMessage(chunk=c) for c in chunks),
+            common_pb2.KVTransferMessage(commit=commit)]
+
+
+async def test_relayed_kv_is_indexed_with_its_holder_size_and_ttl(redis_url, cache_dir, prompt_ids, kv_index):
+    async with local_cluster(redis_url, "tiny-llama", cache_dir, kv_transfer="relay") as cluster:
+        await generate_relayed(cluster, prompt_ids)
+        store = cluster.kv_store
+        [(rid, stored)] = store.servicer.transfers.items()
+        assert stored.complete and stored.num_bytes > 0
+        entry = await kv_index.lookup(rid)
+        assert entry is not None
+        assert (entry.holder, entry.num_bytes) == (store.address, stored.num_bytes)
+        ttl_s = store.servicer.ttl_s
+        assert ttl_s - 10 < await kv_index.client.pttl(kv_index.prefix + rid) / 1000 <= ttl_s
+        assert abs(entry.expires_at - (time.time() + ttl_s)) < 10
+
+
+async def test_expired_kv_leaves_the_store_and_the_index_within_a_second_of_its_ttl(redis_url, cache_dir, prompt_ids,
+                                                                                    kv_index):
+    ttl_s = 2.0
+    async with local_cluster(redis_url, "tiny-llama", cache_dir, kv_transfer="relay",
+                             kv_store_overrides={"ttl_s": ttl_s}) as cluster:
+        servicer = cluster.kv_store.servicer
+        await generate_relayed(cluster, prompt_ids, max_tokens=4)
+        committed_by = time.monotonic()
+        [rid] = servicer.transfers
+        assert await kv_index.lookup(rid) is not None
+        while servicer.transfers and time.monotonic() < committed_by + ttl_s + 1.0:
+            await asyncio.sleep(0.05)
+        assert not servicer.transfers and servicer.bytes_held == 0
+        assert await kv_index.lookup(rid) is None
+        assert rid not in [e.key for e in await kv_index.entries()]
+
+
+async def test_get_of_kv_indexed_on_another_kv_store_is_not_found_naming_that_holder(kv_store_stub, kv_index):
+    await kv_index.put("held-elsewhere", "10.1.2.3:50081", 4096, ttl_s=30)
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in kv_store_stub.Get(kv_store_pb2.GetRequest(request_id="held-elsewhere", wait_s=5)):
+            pass
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "10.1.2.3:50081" in caught.value.details()
+    assert time.monotonic() - started < 2  # answered at once, not after waiting for an arrival
+
+
+async def test_get_waits_for_kv_that_has_not_arrived_yet(kv_store_stub):
+    messages = transfer("arrives-later")
+    received = asyncio.create_task(_collect(kv_store_stub.Get(kv_store_pb2.GetRequest(request_id="arrives-later",
+                                                                                      wait_s=10))))
+    await asyncio.sleep(0.3)
+    assert not received.done()
+    await kv_store_stub.Put(_stream(messages))
+    assert await asyncio.wait_for(received, 10) == messages
+
+
+async def test_delete_drops_the_kv_and_its_index_entry(kv_store, kv_store_stub, kv_index):
+    reply = await kv_store_stub.Put(_stream(transfer("to-delete", num_chunks=3, chunk_bytes=100)))
+    assert reply.num_bytes == 600
+    entry = await kv_index.lookup("to-delete")
+    assert (entry.holder, entry.num_bytes) == (kv_store.address, 600)
+    assert (await kv_store_stub.Delete(kv_store_pb2.DeleteRequest(request_id="to-delete"))).deleted
+    assert "to-delete" not in kv_store.servicer.transfers
+    assert await kv_index.lookup("to-delete") is None
+
+
+async def test_stopping_kv_store_removes_its_index_entries(redis_url, kv_index):
+    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=redis_url))
+    async with grpc.aio.insecure_channel(store.address) as channel:
+        await kv_store_pb2_grpc.KVStoreStub(channel).Put(_stream(transfer("held-until-stop")))
+    assert (await kv_index.lookup("held-until-stop")).holder == store.address
+    await store.stop(grace_s=1.0)
+    assert await kv_index.lookup("held-until-stop") is None
+
+
+async def test_kv_index_remove_spares_an_entry_another_holder_took_over(kv_index):
+    await kv_index.put("moved", "10.0.0.1:50081", 10, ttl_s=30)
+    await kv_index.put("moved", "10.0.0.2:50081", 20, ttl_s=30)
+    assert not await kv_index.remove("moved", "10.0.0.1:50081")
+    assert (await kv_index.lookup("moved")).holder == "10.0.0.2:50081"
+    assert await kv_index.remove("moved", "10.0.0.2:50081")
+    assert await kv_index.lookup("moved") is None
+
+
+async def test_relay_gives_the_same_output_when_redis_is_unreachable_for_the_index(redis_url, cache_dir, prompt_ids,
+                                                                                   tiny_folder):
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    async with local_cluster(redis_url, "tiny-llama", cache_dir, kv_transfer="relay",
+                             kv_store_overrides={"redis_url": unreachable}) as cluster:
+        assert await generate_relayed(cluster, prompt_ids, max_tokens=16) == hf_greedy(tiny_folder, prompt_ids, 16)
+        [stored] = cluster.kv_store.servicer.transfers.values()
+        assert stored.complete  # still held and served locally
+
+
+async def _stream(messages):
+    for message in messages:
+        yield message
+
+
+async def _collect(call) -> list:
+    return [message async for message in call]
