@@ -30,7 +30,7 @@ class RegisteredBuffer:
 
     def __init__(self, engine: "MooncakeEngine", size: int):
         self.engine = engine
-        self.tensor = torch.empty(size, dtype=torch.uint8)
+        self.tensor = torch.zeros(size, dtype=torch.uint8)  # touched now, not on the transfer's first write
         self.address = self.tensor.data_ptr()
         self.size = size
         if engine.engine.register_memory(self.address, size) != 0:

@@ -20,6 +20,7 @@ import torch
 from splitwise.kv.layout import KVLayout
 
 SHM_DIR = Path("/dev/shm")
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once instead of one fault per page
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,11 @@ class SharedSegment:
         fd = os.open(self.path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, size)
+                # Allocate the pages now (at reservation, while the sender's prefill runs), not on first write.
+                os.posix_fallocate(fd, 0, size)
             elif os.fstat(fd).st_size != size:
                 raise ValueError(f"shared memory {name} holds {os.fstat(fd).st_size} bytes, expected {size}")
-            self._map = mmap.mmap(fd, size)
+            self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
         finally:
             os.close(fd)
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)

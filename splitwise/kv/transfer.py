@@ -87,6 +87,11 @@ class _Encoded:
 
 
 @dataclass
+class _Commit:  # serialized mode: the first token, queued after the last encoded layer
+    first: SampledToken
+
+
+@dataclass
 class _Raw:  # serialized mode: a layer kept until the prefill ends
     layer: int
     keys: torch.Tensor
@@ -171,26 +176,32 @@ class KVSender:
             self._waiting_for_compute = False
             self._progress()
 
-    async def _chunk_messages(self, encoded: _Encoded, span) -> AsyncIterator[common_pb2.KVTransferMessage]:
+    def _start_transfer(self) -> None:
         if self.state is TransferState.WAITING:
             self.state = TransferState.TRANSFERRING
             self._transfer_started = time.perf_counter()
-        if encoded.ranges and self.writer is not None and self.writer.remote:
+
+    async def _chunk_messages(self, batch: list[_Encoded], span) -> AsyncIterator[common_pb2.KVTransferMessage]:
+        """The chunk messages of some encoded layers, after their staged bytes reached the receiver."""
+        self._start_transfer()
+        ranges = [r for encoded in batch for r in encoded.ranges]
+        if ranges and self.writer is not None and self.writer.remote:
             try:
-                await asyncio.to_thread(self.writer.flush, encoded.ranges)
+                await asyncio.to_thread(self.writer.flush, ranges)
             except (ConnectionError, OSError) as e:
                 self._error = KVTransferError(f"KV transfer failed: {self.transport} write: {e}")
                 return
             self._progress()
-        layer_bytes = 0
-        for chunk in encoded.chunks:
-            yield convert.chunk_to_pb(chunk)
-            self._progress()
-            layer_bytes += chunk.token_count * self.layout.bytes_per_token_per_layer
-            self.stats.num_chunks += 1
-        self.stats.num_bytes += layer_bytes
-        self.stats.num_layers += 1
-        span.add_event("kv.layer_sent", {"kv.layer": encoded.layer, "kv.bytes": layer_bytes})
+        for encoded in batch:
+            layer_bytes = 0
+            for chunk in encoded.chunks:
+                yield convert.chunk_to_pb(chunk)
+                self._progress()
+                layer_bytes += chunk.token_count * self.layout.bytes_per_token_per_layer
+                self.stats.num_chunks += 1
+            self.stats.num_bytes += layer_bytes
+            self.stats.num_layers += 1
+            span.add_event("kv.layer_sent", {"kv.layer": encoded.layer, "kv.bytes": layer_bytes})
 
     async def _messages(self, span) -> AsyncIterator[common_pb2.KVTransferMessage]:
         yield common_pb2.KVTransferMessage(header=common_pb2.KVHeader(
@@ -205,25 +216,31 @@ class KVSender:
             if isinstance(item, _Raw):
                 held.append(item)
             elif isinstance(item, _Encoded):
-                async for msg in self._chunk_messages(item, span):
+                async for msg in self._chunk_messages([item], span):
                     yield msg
                 if self._error:  # the stream ends without a commit: the receiver fails the transfer too
                     return
-            else:  # the first token: the prefill is over
-                for raw in held:
-                    encoded = await asyncio.to_thread(self._encode, raw.layer, raw.keys, raw.values, raw.token_start)
-                    if encoded is None:
-                        return
-                    async for msg in self._chunk_messages(encoded, span):
-                        yield msg
-                if self._error:
-                    return
+            elif held:  # serialized, and the prefill is over: encode the layers now, in order, then commit
+                self._start_transfer()
+                asyncio.get_running_loop().run_in_executor(None, self._encode_held, held, _Commit(item))
+                held = []
+            else:  # the first token, after every layer
+                first = item.first if isinstance(item, _Commit) else item
                 yield common_pb2.KVTransferMessage(commit=common_pb2.KVCommit(
-                    first_token_id=item.token_id, first_token_logprob=item.logprob,
+                    first_token_id=first.token_id, first_token_logprob=first.logprob,
                     num_chunks=self.stats.num_chunks, num_bytes=self.stats.num_bytes,
                 ))
                 self._progress()  # from here, the acknowledgement has progress_timeout_s to come
                 return
+
+    def _encode_held(self, held: list[_Raw], commit: "_Commit") -> None:
+        """A worker thread: the serialized layers, each handed to the loop as soon as it is encoded."""
+        for raw in held:
+            encoded = self._encode(raw.layer, raw.keys, raw.values, raw.token_start)
+            if encoded is None:  # aborted meanwhile
+                return
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, encoded)
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, commit)
 
     async def _watch(self, call) -> None:
         """Cancels the transfer when it stalls outside of waiting for compute."""
