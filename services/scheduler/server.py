@@ -285,6 +285,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             timeout=timeout_s,
         )
         prefill = None
+        decode_ended = None
         ending: set = set()  # the calls whose worker has sent everything: their streams end by themselves
         output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
         try:
@@ -299,12 +300,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                               kv_target=target),
                     timeout=timeout_s,
                 )
-                first = await self._expect(prefill, prompt_w, "first_token")
+                # The token worker can fail the transfer first (its KV stopped arriving): watch both streams.
+                decode_ended = asyncio.ensure_future(decode.code())
+                first = await self._expect_unless(prefill, prompt_w, "first_token", decode, token_w, decode_ended)
                 span.add_event("first_token")
                 yield output.add([first.token_id], None, [first.logprob])
                 if output.finished:
                     return
-                transfer = await self._expect(prefill, prompt_w, "transfer")
+                transfer = await self._expect_unless(prefill, prompt_w, "transfer", decode, token_w, decode_ended)
                 await end_stream(prefill, cancel=False)  # the prompt worker's part is over
                 ending.add(prefill)
                 span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.layers": transfer.num_layers,
@@ -321,12 +324,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             span.set_attributes({"completion.tokens": output.completion_tokens,
                                  "finish_reason": common_pb2.FinishReason.Name(output.finish_reason)})
         finally:
+            if decode_ended is not None:
+                decode_ended.cancel()
             for worker_id, tokens in loads.items():
                 self.in_flight_tokens[worker_id] -= tokens
             for call in (decode, prefill):
                 if call is not None:
                     await end_stream(call, cancel=call not in ending)
 
+
+    async def _expect_unless(self, call, who: WorkerInfo, kind: str, other, other_worker: WorkerInfo,
+                             other_ended: asyncio.Future):
+        """Like _expect on `call`, but fails as soon as the `other` stream ends with an error meanwhile."""
+        read = asyncio.ensure_future(self._expect(call, who, kind))
+        await asyncio.wait({read, other_ended}, return_when=asyncio.FIRST_COMPLETED)
+        if read.done():
+            return read.result()
+        read.cancel()
+        await asyncio.gather(read, return_exceptions=True)  # the stream's reader must be idle before its end is read
+        code = other_ended.result()
+        details = await other.details()
+        if code == grpc.StatusCode.OK:
+            code, details = grpc.StatusCode.INTERNAL, "the decode stream ended before the KV arrived"
+        raise WorkerFailed(other_worker, code, details)
 
     @staticmethod
     async def _expect(call, who: WorkerInfo, kind: str):

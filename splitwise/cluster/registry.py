@@ -76,12 +76,14 @@ class Heartbeat:
             except (redis.RedisError, OSError) as e:
                 log.warning("heartbeat to Redis failed: %s", e)
 
-    async def stop(self, deregister: bool = True) -> None:
+    async def stop(self, deregister: bool = True, timeout_s: float = 2.0) -> None:
         if self._task:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # Bounded: on Python 3.11 a cancellation that lands as a Redis call completes can be lost inside
+            # redis-py's wait_for, and the task would go on beating.
+            await asyncio.wait({self._task}, timeout=timeout_s)
         if deregister:
             try:
-                await self.registry.remove(self.describe().worker_id)
-            except (redis.RedisError, OSError) as e:
-                log.warning("could not deregister: %s", e)
+                await asyncio.wait_for(self.registry.remove(self.describe().worker_id), timeout_s)
+            except (redis.RedisError, OSError, asyncio.TimeoutError) as e:
+                log.warning("could not deregister: %s", e or "timed out")

@@ -191,6 +191,8 @@ class KVSender:
             except (ConnectionError, OSError) as e:
                 self._error = KVTransferError(f"KV transfer failed: {self.transport} write: {e}")
                 return
+            if self._aborted:
+                return
             self._progress()
         for encoded in batch:
             layer_bytes = 0
@@ -263,7 +265,12 @@ class KVSender:
                 outcome = "ok"
                 self.state = TransferState.DONE
             except grpc.aio.AioRpcError as e:
-                error = self._error or KVTransferError(f"KV transfer failed: {e.code().name}: {e.details()}", e.code())
+                code = e.code()
+                if code == grpc.StatusCode.INTERNAL and "Internal error from Core" in (e.details() or ""):
+                    # grpcio's asyncio client says so when a stream write fails as the peer goes away
+                    # (grpc/grpc#36066): for the scheduler that is an unreachable receiver.
+                    code = grpc.StatusCode.UNAVAILABLE
+                error = self._error or KVTransferError(f"KV transfer failed: {code.name}: {e.details()}", code)
                 record_error(span, error)
                 raise error from e
             except asyncio.CancelledError:
@@ -334,7 +341,7 @@ class KVReceiver:
         outcome = "failed"
         loop = asyncio.get_running_loop()
         try:
-            async for msg in messages:
+            async for msg in self._until_failed(messages):
                 self.last_progress = loop.time()
                 kind = msg.WhichOneof("kind")
                 if kind == "header":
@@ -368,6 +375,31 @@ class KVReceiver:
             raise
         finally:
             record_transfer("receive", self.transport, self.stats, outcome)
+
+    async def _until_failed(self, messages: AsyncIterator[common_pb2.KVTransferMessage]):
+        """The messages, until the receiver fails (timed out, or its request ended): then the stream is refused,
+        and nothing more is written into blocks that may already belong to another request."""
+        iterator = aiter(messages)
+        while True:
+            if self.committed.done():
+                raise KVTransferError("the reservation ended: its request was cancelled, timed out or failed",
+                                      grpc.StatusCode.ABORTED)
+            message = asyncio.ensure_future(anext(iterator))
+            # Its outcome may go unread (the stream's end as this RPC is cancelled): that is fine.
+            message.add_done_callback(lambda f: f.cancelled() or f.exception())
+            try:
+                await asyncio.wait({message, self.committed}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                message.cancel()
+                raise
+            if not message.done():
+                message.cancel()
+                await asyncio.gather(message, return_exceptions=True)
+                continue  # the check above refuses the stream
+            try:
+                yield message.result()
+            except StopAsyncIteration:
+                return
 
     def _chunk_tensors(self, chunk: KVChunk) -> tuple[torch.Tensor, torch.Tensor]:
         if not chunk.staged:
