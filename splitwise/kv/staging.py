@@ -110,14 +110,15 @@ class SharedSegment:
         return cls(name, size, create=False)
 
     def close(self) -> None:
-        """Unmaps (and, for its creator, removes) the segment; a peer that still maps it keeps its own view."""
+        """Lets go of the mapping (and, for its creator, removes the segment's name).
+
+        Never munmaps explicitly: torch.frombuffer keeps a reference to the mmap but not a buffer export, so
+        mmap.close() would succeed under a thread still writing a layer through a view, which would then
+        crash. The mapping goes when its last tensor view does; a peer that still maps it keeps its own."""
         if self.owner:
             self.path.unlink(missing_ok=True)
         self.tensor = None
-        try:
-            self._map.close()
-        except BufferError:  # a view is still alive somewhere; the mapping goes with it
-            pass
+        self._map = None
 
 
 class ShmStaging:
