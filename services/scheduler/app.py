@@ -10,6 +10,7 @@ import redis.asyncio as redis
 from services.scheduler.server import ModelInfo, SchedulerServicer
 from splitwise.channels import ChannelPool
 from splitwise.cluster.registry import WorkerRegistry
+from splitwise.cluster.routing import ConditionalDisaggregation
 from splitwise.config import SchedulerConfig, cache_dir_of, parse_config
 from splitwise.model.weights import eos_token_ids, load_tokenizer, read_hf_config, resolve_model
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -47,7 +48,9 @@ async def start(config: SchedulerConfig) -> Scheduler:
     registry = WorkerRegistry(redis.Redis.from_url(config.redis_url))
     channels = ChannelPool()
     servicer = SchedulerServicer(model, registry, channels, config.kv_transfer, config.kv_store_address,
-                                 config.request_timeout_s, config.kv_layerwise_min_tokens)
+                                 config.request_timeout_s, config.kv_layerwise_min_tokens, config.routing_policy,
+                                 ConditionalDisaggregation(config.conditional_prefill_max_tokens,
+                                                           config.prompt_pool_busy_tokens))
     servicer.workers = await registry.workers()
     refresher = asyncio.create_task(servicer.refresh_workers_forever(config.registry_refresh_s))
     service = await start_server(

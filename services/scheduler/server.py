@@ -14,7 +14,7 @@ import redis.asyncio as redis
 from services.scheduler.output import OutputStream
 from splitwise.channels import ChannelPool, end_stream
 from splitwise.cluster.registry import WorkerInfo, WorkerRegistry
-from splitwise.cluster.routing import NoWorkerAvailable, Route, route
+from splitwise.cluster.routing import POLICIES, ConditionalDisaggregation, NoWorkerAvailable, Route, route
 from splitwise.engine.sampling import SamplingParams
 from splitwise.kv.transport import GRPC, choose_transport
 from splitwise.rpc import convert
@@ -98,6 +98,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         kv_store_address: str,
         request_timeout_s: float,
         kv_layerwise_min_tokens: int = 512,
+        routing_policy: str = "cls",
+        conditional: ConditionalDisaggregation = ConditionalDisaggregation(),
     ):
         if kv_transfer not in ("direct", "relay"):
             raise ValueError(f"kv_transfer must be 'direct' or 'relay', got {kv_transfer!r}")
@@ -108,6 +110,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.kv_store_address = kv_store_address
         self.request_timeout_s = request_timeout_s
         self.kv_layerwise_min_tokens = kv_layerwise_min_tokens
+        if routing_policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {routing_policy!r}; choose from {', '.join(POLICIES)}")
+        self.routing_policy = routing_policy
+        self.conditional = conditional
+        self.routed = 0  # requests routed so far: round-robin's turn, random's seed
         self.workers: list[WorkerInfo] = []
         self.in_flight_tokens: dict[str, int] = {}
         self.requests_in_flight = 0
@@ -245,7 +252,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         with tracer().start_as_current_span("scheduler.route") as span:
             candidates = [w for w in self.workers if w.worker_id not in unreachable]
             span.set_attributes({f"route.pool.{pool}.workers": sum(w.role == pool for w in candidates) for pool in POOLS})
-            chosen = route(candidates, self.model.name, num_prompt_tokens + params.max_tokens, self.in_flight_tokens)
+            self.routed += 1
+            chosen = route(candidates, self.model.name, num_prompt_tokens + params.max_tokens, self.in_flight_tokens,
+                           self.routing_policy, num_prompt_tokens, self.routed, self.conditional)
             prompt_w, token_w = chosen.prompt_worker, chosen.token_worker
             span.set_attributes({
                 "route.prompt_worker": prompt_w.worker_id,
@@ -256,7 +265,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 "route.token_worker.pool": token_w.role,
                 "route.token_worker.pending_tokens": token_w.pending_tokens,
                 "route.token_worker.in_flight_tokens": self.in_flight_tokens.get(token_w.worker_id, 0),
-                "route.colocated": prompt_w.worker_id == token_w.worker_id,
+                "route.policy": self.routing_policy,
+                "route.colocated": chosen.colocated,
                 "route.unreachable_workers": len(unreachable),
             })
             return chosen

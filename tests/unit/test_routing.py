@@ -1,0 +1,80 @@
+"""Routing policies are pure functions of the observed state: same inputs, same choice."""
+
+import pytest
+
+from splitwise.cluster.registry import WorkerInfo
+from splitwise.cluster.routing import ConditionalDisaggregation, NoWorkerAvailable, route
+
+
+def worker(worker_id: str, role: str, pending: int = 0, used: int = 0, capacity: int = 10_000) -> WorkerInfo:
+    return WorkerInfo(worker_id, role, f"{worker_id}:1", "m", "fp", pending_tokens=pending,
+                      kv_capacity_tokens=capacity, kv_used_tokens=used)
+
+
+PROMPTS = [worker("p0", "prompt", pending=500), worker("p1", "prompt", pending=100)]
+# t0 has the shorter queue but more of its KV memory in use; t1 the reverse.
+TOKENS = [worker("t0", "token", pending=10, used=9_000), worker("t1", "token", pending=900, used=1_000)]
+
+
+def test_cls_joins_the_shortest_prompt_queue_and_the_token_worker_with_the_least_kv_in_use():
+    chosen = route(PROMPTS + TOKENS, "m", 100, {}, "cls")
+    assert (chosen.prompt_worker.worker_id, chosen.token_worker.worker_id) == ("p1", "t1")
+
+
+def test_cls_counts_what_this_scheduler_sent_since_the_last_heartbeat():
+    chosen = route(PROMPTS + TOKENS, "m", 100, {"p1": 1_000, "t1": 8_500}, "cls")
+    assert (chosen.prompt_worker.worker_id, chosen.token_worker.worker_id) == ("p0", "t0")
+
+
+def test_jsq_joins_the_shortest_queue_for_both_phases():
+    chosen = route(PROMPTS + TOKENS, "m", 100, {}, "jsq")
+    assert (chosen.prompt_worker.worker_id, chosen.token_worker.worker_id) == ("p1", "t0")
+
+
+def test_round_robin_takes_turns_by_the_request_number():
+    turns = [route(PROMPTS + TOKENS, "m", 100, {}, "round_robin", sequence=n) for n in range(4)]
+    assert [(r.prompt_worker.worker_id, r.token_worker.worker_id) for r in turns] == [
+        ("p0", "t0"), ("p1", "t1"), ("p0", "t0"), ("p1", "t1")]
+
+
+def test_random_is_reproducible_from_the_request_number_and_uses_every_worker():
+    picks = [route(PROMPTS + TOKENS, "m", 100, {}, "random", sequence=n) for n in range(50)]
+    again = [route(PROMPTS + TOKENS, "m", 100, {}, "random", sequence=n) for n in range(50)]
+    assert picks == again
+    assert {r.prompt_worker.worker_id for r in picks} == {"p0", "p1"}
+    assert {r.token_worker.worker_id for r in picks} == {"t0", "t1"}
+
+
+def test_no_policy_routes_to_a_token_worker_that_could_never_hold_the_request():
+    small = [worker("p", "prompt"), worker("t-small", "token", capacity=50), worker("t", "token", used=9_999)]
+    for policy in ("cls", "jsq", "round_robin", "random"):
+        assert route(small, "m", 100, {}, policy, sequence=0).token_worker.worker_id == "t"
+    with pytest.raises(NoWorkerAvailable, match="can hold 100 tokens"):
+        route(small[:2], "m", 100, {}, "cls")
+
+
+def test_an_unknown_policy_is_refused_by_name():
+    with pytest.raises(ValueError, match="round_robin"):
+        route(PROMPTS + TOKENS, "m", 100, {}, "fastest")
+
+
+BUSY = ConditionalDisaggregation(max_prompt_tokens=256, busy_pending_tokens=400)
+
+
+def test_a_short_prompt_is_prefilled_on_its_token_worker_when_the_prompt_pool_is_busy():
+    busy = [worker("p0", "prompt", pending=500), worker("p1", "prompt", pending=450)] + TOKENS
+    chosen = route(busy, "m", 300, {}, "cls", prompt_tokens=200, conditional=BUSY)
+    assert chosen.colocated and chosen.token_worker.worker_id == "t1"
+
+
+def test_a_long_prompt_or_an_idle_prompt_pool_keeps_the_phases_split():
+    busy = [worker("p0", "prompt", pending=500), worker("p1", "prompt", pending=450)] + TOKENS
+    assert not route(busy, "m", 600, {}, "cls", prompt_tokens=300, conditional=BUSY).colocated
+    assert not route(PROMPTS + TOKENS, "m", 300, {}, "cls", prompt_tokens=200, conditional=BUSY).colocated
+    off = ConditionalDisaggregation(max_prompt_tokens=0)
+    assert not route(busy, "m", 300, {}, "cls", prompt_tokens=200, conditional=off).colocated
+
+
+def test_a_mixed_worker_picked_for_both_phases_runs_the_request_colocated():
+    chosen = route([worker("mx", "mixed")], "m", 100, {}, "cls")
+    assert chosen.colocated and chosen.prompt_worker.worker_id == "mx"
