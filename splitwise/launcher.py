@@ -139,8 +139,9 @@ class Cluster:
         if time.monotonic() > deadline:
             raise TimeoutError(f"services not healthy within {self.o.startup_timeout_s}s; see {self.o.run_dir}/logs")
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM to every child (scheduler first), then SIGKILL to what is left after grace_s."""
+    def stop(self, grace_s: float = 40.0) -> None:
+        """SIGTERM to every child (scheduler first), then SIGKILL to what is left after grace_s (workers drain
+        their requests in flight for SPLITWISE_DRAIN_GRACE_S, 30 s by default)."""
         for child in reversed(self.children):
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)

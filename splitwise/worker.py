@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -78,3 +79,19 @@ def start_heartbeat(config, worker_id: str, role: str, address: str, engine: Eng
         )
 
     return Heartbeat(registry, describe, config.heartbeat_s)
+
+
+async def drain(engine: Engine, grace_s: float, receivers: dict | None = None) -> bool:
+    """Waits until the requests in flight here have finished (their KV transfers included), at most grace_s.
+
+    The gRPC server keeps serving meanwhile (a reserved request's KV must still be able to arrive); new work
+    is refused by the servicers' draining flag. Returns whether everything finished in time.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    while engine.num_requests or receivers:
+        if loop.time() > deadline:
+            log.warning("drain: %d requests still in flight after %.0fs; cancelling them", engine.num_requests, grace_s)
+            return False
+        await asyncio.sleep(0.05)
+    return True

@@ -14,7 +14,7 @@ from splitwise.server import GrpcService, bound_address, run_service, start_serv
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.metrics import setup_metrics
 from splitwise.telemetry.tracing import setup_tracing
-from splitwise.worker import engine_gauges, load_engine, start_heartbeat, start_kv_transports, worker_id_of
+from splitwise.worker import drain, engine_gauges, load_engine, start_heartbeat, start_kv_transports, worker_id_of
 
 SERVICE = "prompt_worker"
 
@@ -28,9 +28,12 @@ class PromptWorker:
     address: str
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Graceful: refuse new prompts, leave the registry, let those in flight finish (KV shipped), then stop."""
         self.servicer.draining = True
+        await self.service.health.enter_graceful_shutdown()  # health checks say NOT_SERVING from now on
         await self.heartbeat.stop()
-        await self.service.stop(grace_s)
+        await drain(self.servicer.engine, grace_s)
+        await self.service.stop(1.0)
         await self.channels.close()
         self.servicer.engine.stop()
 
@@ -63,7 +66,7 @@ async def serve(config: PromptWorkerConfig) -> None:
     worker = await start(config)
     print(f"{SERVICE} {worker.heartbeat.describe().worker_id} serving on {worker.address}", flush=True)
     await wait_for_termination()
-    await worker.stop()
+    await worker.stop(config.drain_grace_s)
 
 
 def main(argv=None) -> None:

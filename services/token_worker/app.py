@@ -15,7 +15,7 @@ from splitwise.server import GrpcService, bound_address, run_service, start_serv
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.metrics import setup_metrics
 from splitwise.telemetry.tracing import setup_tracing
-from splitwise.worker import engine_gauges, load_engine, start_heartbeat, start_kv_transports, worker_id_of
+from splitwise.worker import drain, engine_gauges, load_engine, start_heartbeat, start_kv_transports, worker_id_of
 
 SERVICE = "token_worker"
 
@@ -27,11 +27,17 @@ class TokenWorker:
     heartbeat: Heartbeat
     channels: ChannelPool
     address: str
+    prompt_servicer: PromptWorkerServicer | None = None  # a mixed worker's prompt phase
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        self.servicer.draining = True
+        """Graceful: refuse new requests, leave the registry, let those in flight finish, then stop."""
+        for servicer in (self.servicer, self.prompt_servicer):
+            if servicer is not None:
+                servicer.draining = True
+        await self.service.health.enter_graceful_shutdown()  # health checks say NOT_SERVING from now on
         await self.heartbeat.stop()
-        await self.service.stop(grace_s)
+        await drain(self.servicer.engine, grace_s, self.servicer.receivers)
+        await self.service.stop(1.0)
         await self.channels.close()
         self.servicer.engine.stop()
 
@@ -45,6 +51,7 @@ async def start(config: TokenWorkerConfig) -> TokenWorker:
                                    config.kv_progress_timeout_s)
     servicers = [(worker_pb2_grpc.add_TokenWorkerServicer_to_server, servicer)]
     names = [worker_pb2.DESCRIPTOR.services_by_name["TokenWorker"].full_name]
+    prompt = None
     if config.role == "mixed":  # the same engine also serves the prompt phase
         prompt = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
                                       config.kv_progress_timeout_s)
@@ -63,14 +70,14 @@ async def start(config: TokenWorkerConfig) -> TokenWorker:
     except ConnectionError:
         await service.stop(0)
         raise
-    return TokenWorker(service, servicer, heartbeat, channels, address)
+    return TokenWorker(service, servicer, heartbeat, channels, address, prompt)
 
 
 async def serve(config: TokenWorkerConfig) -> None:
     worker = await start(config)
     print(f"{SERVICE} {worker.heartbeat.describe().worker_id} serving on {worker.address}", flush=True)
     await wait_for_termination()
-    await worker.stop()
+    await worker.stop(config.drain_grace_s)
 
 
 def main(argv=None) -> None:
