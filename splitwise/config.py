@@ -82,6 +82,7 @@ class SchedulerConfig:
     redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry (and the kv_store index)")
     kv_transfer: str = option("direct", "SPLITWISE_KV_TRANSFER", "direct: prompt worker pushes KV to the token worker; relay: through kv_store")
     kv_store_address: str = option("127.0.0.1:50081", "SPLITWISE_KV_STORE_ADDRESS", "kv_store host:port (relay mode)")
+    max_requests_in_flight: int = option(1024, "SPLITWISE_MAX_REQUESTS_IN_FLIGHT", "more requests at once are refused with RESOURCE_EXHAUSTED and a retry hint (grpc-retry-pushback-ms)")
     routing_policy: str = option("cls", "SPLITWISE_ROUTING_POLICY", "cls (JSQ on prompt tokens, least KV in use for tokens; the paper's), jsq, round_robin or random")
     conditional_prefill_max_tokens: int = option(256, "SPLITWISE_CONDITIONAL_PREFILL_MAX_TOKENS", "prompts this short are prefilled on their token worker when the prompt pool is busy (0: never)")
     prompt_pool_busy_tokens: int = option(4096, "SPLITWISE_PROMPT_POOL_BUSY_TOKENS", "the prompt pool is busy when every prompt worker has this many tokens pending")

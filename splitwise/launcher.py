@@ -125,11 +125,15 @@ class Cluster:
         scheduler = self.children[-1].address
         while True:
             self._check_alive(deadline)
-            with grpc.insecure_channel(scheduler) as channel:
-                status = scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(
-                    scheduler_pb2.ClusterStatusRequest(), timeout=5)
-            if len(status.workers) >= expected:
-                return
+            try:
+                with grpc.insecure_channel(scheduler) as channel:
+                    status = scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(
+                        scheduler_pb2.ClusterStatusRequest(), timeout=5)
+                if len(status.workers) >= expected:
+                    return
+            except grpc.RpcError as e:  # a busy machine: ask again until the deadline
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the scheduler does not answer ClusterStatus: {e.code().name}") from e
             time.sleep(0.2)
 
     def _check_alive(self, deadline: float) -> None:

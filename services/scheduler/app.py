@@ -50,7 +50,8 @@ async def start(config: SchedulerConfig) -> Scheduler:
     servicer = SchedulerServicer(model, registry, channels, config.kv_transfer, config.kv_store_address,
                                  config.request_timeout_s, config.kv_layerwise_min_tokens, config.routing_policy,
                                  ConditionalDisaggregation(config.conditional_prefill_max_tokens,
-                                                           config.prompt_pool_busy_tokens))
+                                                           config.prompt_pool_busy_tokens),
+                                 config.max_requests_in_flight)
     servicer.workers = await registry.workers()
     refresher = asyncio.create_task(servicer.refresh_workers_forever(config.registry_refresh_s))
     service = await start_server(

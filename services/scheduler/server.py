@@ -28,6 +28,9 @@ MAX_REQUEST_ID_CHARS = 128
 # Attempts of a request whose worker is unreachable before anything was streamed to the client.
 MAX_ATTEMPTS = 3
 POOLS = ("prompt", "token", "mixed")
+# The retry hint of a RESOURCE_EXHAUSTED answer, as gRPC's retry policy reads it (server pushback).
+RETRY_PUSHBACK_MS = 1000
+PUSHBACK = (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),)
 
 
 class InvalidRequest(ValueError):
@@ -100,6 +103,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         kv_layerwise_min_tokens: int = 512,
         routing_policy: str = "cls",
         conditional: ConditionalDisaggregation = ConditionalDisaggregation(),
+        max_requests_in_flight: int = 1024,
     ):
         if kv_transfer not in ("direct", "relay"):
             raise ValueError(f"kv_transfer must be 'direct' or 'relay', got {kv_transfer!r}")
@@ -113,6 +117,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if routing_policy not in POLICIES:
             raise ValueError(f"unknown routing policy {routing_policy!r}; choose from {', '.join(POLICIES)}")
         self.routing_policy = routing_policy
+        self.max_requests_in_flight = max_requests_in_flight
         self.conditional = conditional
         self.routed = 0  # requests routed so far: round-robin's turn, random's seed
         self.workers: list[WorkerInfo] = []
@@ -191,6 +196,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 admission.set_attributes({"prompt.tokens": len(ids), "sampling.max_tokens": params.max_tokens,
                                           "requests_in_flight": self.requests_in_flight})
+                if self.requests_in_flight >= self.max_requests_in_flight:
+                    outcome = "rejected"
+                    problem = (f"the cluster is full: {self.requests_in_flight} requests in flight "
+                               f"(SPLITWISE_MAX_REQUESTS_IN_FLIGHT); retry in {RETRY_PUSHBACK_MS} ms")
+                    record_error(admission, problem)
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem, PUSHBACK)
             span.set_attributes({"prompt.tokens": len(ids), "sampling.max_tokens": params.max_tokens})
             remaining = context.time_remaining()
             timeout_s = min(remaining, self.request_timeout_s) if remaining is not None else self.request_timeout_s
@@ -204,9 +215,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                         outcome = common_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_")
                         outcome = outcome.lower()
             except WorkerFailed as e:
-                outcome = "deadline" if e.code == grpc.StatusCode.DEADLINE_EXCEEDED else "failed"
+                outcome = {grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+                           grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected"}.get(e.code, "failed")
                 record_error(span, e)
-                await context.abort(e.code, str(e))
+                # A worker that cannot take the request now: the client may retry after a pause.
+                await context.abort(e.code, str(e), PUSHBACK if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED else ())
             except NoWorkerAvailable as e:
                 outcome = "unavailable"
                 record_error(span, e)

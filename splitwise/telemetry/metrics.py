@@ -37,7 +37,7 @@ request_duration = _meter.create_histogram(
 )
 requests = _meter.create_counter(
     "splitwise.requests", unit="{request}",
-    description="Requests ended at the scheduler, by outcome (stop, length, invalid, cancelled, deadline, failed)",
+    description="Requests ended at the scheduler, by outcome (stop, length, invalid, rejected, cancelled, deadline, unavailable, failed)",
 )
 kv_transferred = _meter.create_counter(
     "splitwise.kv.transferred", unit="By", description="KV cache bytes moved between services, by direction and transport",

@@ -28,7 +28,11 @@ def cluster(tmp_path, cache_dir):
     processes = Cluster(options)
     processes.start()
     try:
-        processes.wait_healthy()
+        try:
+            processes.wait_healthy()
+        except (RuntimeError, TimeoutError, grpc.RpcError) as e:
+            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in (tmp_path / "logs").glob("*.log"))
+            pytest.fail(f"the cluster did not start: {e}\n{logs}")
         yield processes
     finally:
         processes.stop()
