@@ -61,6 +61,9 @@ async def _status(args) -> int:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
     print(f"model {status.model}; KV transfer {status.kv_transfer_mode}; {status.requests_in_flight} requests in flight")
+    pools = {role: [w for w in status.workers if w.role == role] for role in ("prompt", "token", "mixed")}
+    print("pools: " + "; ".join(f"{role} {len(members)} workers, {sum(w.pending_tokens for w in members)} tokens pending"
+                                for role, members in pools.items()))
     print(f"{'worker':<24} {'role':<7} {'address':<22} {'pending tok':>11} {'active':>6} {'KV used/capacity tok':>22} {'heartbeat':>9}")
     for w in status.workers:
         kv = f"{w.kv_used_tokens}/{w.kv_capacity_tokens}"

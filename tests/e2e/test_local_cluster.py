@@ -108,6 +108,7 @@ def test_cli_generate_and_status_talk_to_the_cluster(cluster):
                             timeout=60)
     assert status.returncode == 0, status.stderr
     assert "prompt_worker-0" in status.stdout and "token_worker-0" in status.stdout
+    assert "pools: prompt 1 workers" in status.stdout and "token 1 workers" in status.stdout
 
 
 def scrape(address: str) -> dict:
