@@ -19,14 +19,24 @@ from splitwise.cluster.redis_server import start_redis
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 PR_SET_PDEATHSIG = 1
+PARENT_PID_ENV = "SPLITWISE_LAUNCHER_PID"
 
 
-def _die_with_parent() -> None:
-    """Child side of fork: receive SIGTERM when `splitwise up` dies, even by SIGKILL (Linux)."""
+def die_with_launcher() -> None:
+    """In a service started by `splitwise up`: receive SIGTERM when the launcher dies, even by SIGKILL (Linux).
+
+    Set by the service itself after exec, not in a preexec_fn: forking a process whose gRPC threads are live
+    runs gRPC's fork handlers in the child, which sometimes aborted it before it could exec.
+    """
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent:
+        return
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
-        pass
+        return
+    if os.getppid() != int(parent):  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -78,9 +88,8 @@ class Cluster:
         log = open(log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", module],
-            env={**os.environ, **self.o.extra_env, **env},
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent, start_new_session=True,
+            env={**os.environ, **self.o.extra_env, **env, PARENT_PID_ENV: str(os.getpid())},
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
         log.close()
         self.children.append(Child(name, address, proc, metrics))

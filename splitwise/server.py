@@ -101,6 +101,9 @@ async def wait_for_termination() -> None:
 
 def run_service(name: str, serve: Callable[[], Awaitable[None]]) -> None:
     """Runs a service's main coroutine; a startup failure is one clear log line and exit code 1."""
+    from splitwise.launcher import die_with_launcher
+
+    die_with_launcher()
     try:
         asyncio.run(serve())
     except (ConnectionError, OSError, ValueError) as e:
