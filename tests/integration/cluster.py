@@ -11,6 +11,7 @@ from services.kv_store import app as kv_store_app
 from services.prompt_worker import app as prompt_app
 from services.scheduler import app as scheduler_app
 from services.token_worker import app as token_app
+from splitwise.client import SplitwiseClient
 from splitwise.config import KVStoreConfig, PromptWorkerConfig, SchedulerConfig, TokenWorkerConfig
 
 
@@ -72,3 +73,13 @@ async def assert_no_kv_held(cluster, within_s: float = 1.0) -> None:
                 assert_all_blocks_free(engine)
             assert not receivers, f"{len(receivers)} KV receivers still open"
         await asyncio.sleep(0.02)
+
+
+async def wait_for_workers(cluster, count: int = 2) -> None:
+    """Until the scheduler sees `count` registered workers (at most 5 s)."""
+    async with SplitwiseClient(cluster.address) as c:
+        for _ in range(100):
+            if len((await c.cluster_status()).workers) >= count:
+                return
+            await asyncio.sleep(0.05)
+    raise TimeoutError("workers did not register")

@@ -7,7 +7,7 @@ import pytest
 
 from splitwise.client import SplitwiseClient
 from splitwise.model.weights import load_tokenizer, resolve_model
-from tests.integration.cluster import assert_no_kv_held, local_cluster
+from tests.integration.cluster import assert_no_kv_held, local_cluster, wait_for_workers
 from tests.reference import hf_greedy
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fib(n):", "zzz " * 50]
@@ -34,15 +34,6 @@ async def cluster(redis_url, cache_dir, trace_file):
 async def client(cluster):
     async with SplitwiseClient(cluster.address) as c:
         yield c
-
-
-async def wait_for_workers(cluster, count: int = 2) -> None:
-    async with SplitwiseClient(cluster.address) as c:
-        for _ in range(100):
-            if len((await c.cluster_status()).workers) >= count:
-                return
-            await asyncio.sleep(0.05)
-    raise TimeoutError("workers did not register")
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

@@ -14,7 +14,7 @@ from splitwise.config import KVStoreConfig
 from splitwise.model.weights import load_tokenizer, resolve_model
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 from tests.conftest import free_port
-from tests.integration.cluster import local_cluster
+from tests.integration.cluster import local_cluster, wait_for_workers
 from tests.reference import hf_greedy
 
 PROMPT = "The capital of France is"
@@ -48,15 +48,6 @@ async def kv_store(redis_url):
 async def kv_store_stub(kv_store):
     async with grpc.aio.insecure_channel(kv_store.address) as channel:
         yield kv_store_pb2_grpc.KVStoreStub(channel)
-
-
-async def wait_for_workers(cluster, count: int = 2) -> None:
-    async with SplitwiseClient(cluster.address) as c:
-        for _ in range(100):
-            if len((await c.cluster_status()).workers) >= count:
-                return
-            await asyncio.sleep(0.05)
-    raise TimeoutError("workers did not register")
 
 
 async def generate_relayed(cluster, token_ids: list[int], max_tokens: int = 8) -> list[int]:
