@@ -24,6 +24,14 @@ from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span
 log = logging.getLogger(__name__)
 
 
+def _both(first, second):
+    def on_layer_kv(*args) -> None:
+        first(*args)
+        second(*args)
+
+    return on_layer_kv
+
+
 class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
     def __init__(self, engine: Engine, layout: KVLayout, channels: ChannelPool, kv_chunk_bytes: int,
                  kv_progress_timeout_s: float):
@@ -34,6 +42,7 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         self.kv_progress_timeout_s = kv_progress_timeout_s
         self.transports = WorkerTransports()  # until the worker knows its address: gRPC only
         self.draining = False
+        self.keeping: set[asyncio.Task] = set()  # KV copies on their way to the kv_store
 
     def _validate(self, request: worker_pb2.PrefillRequest):
         ids = list(request.prompt_token_ids)
@@ -77,15 +86,25 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         sender = KVSender(self.channels.get(target.address), target.kind, rid, self.layout, len(ids),
                           self.kv_chunk_bytes, self.kv_progress_timeout_s, writer,
                           layerwise=target.layerwise or not target.HasField("layout"))
+        keeper = None
+        on_layer_kv = sender.on_layer_kv
+        if request.HasField("kv_keep") and request.kv_keep.address:
+            # Serialized: the layers are only copied during the prefill and encoded after it, off its path.
+            keeper = KVSender(self.channels.get(request.kv_keep.address), worker_pb2.KVTarget.KIND_KV_STORE, rid,
+                              self.layout, len(ids), self.kv_chunk_bytes, self.kv_progress_timeout_s, layerwise=False,
+                              span_name="kv_transfer.keep")
+            on_layer_kv = _both(sender.on_layer_kv, keeper.on_layer_kv)
         submitted_ns = time.time_ns()
         try:
-            handle = self.engine.submit(rid, ids, params, prefill_only=True, on_layer_kv=sender.on_layer_kv)
+            handle = self.engine.submit(rid, ids, params, prefill_only=True, on_layer_kv=on_layer_kv)
         except KVCapacityError as e:
             record_error(span, e)
             await context.abort(capacity_status(e), str(e))
         except ValueError as e:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         send_task = asyncio.create_task(sender.send())
+        if keeper is not None:
+            self._keep(keeper)
         # Cleanup runs when the RPC ends however it ends (a cancelled stream may be finalised late).
         context.add_done_callback(lambda _: self._release(handle, sender, send_task))
         # A transfer that fails aborts the prefill: its KV has nowhere to go.
@@ -100,6 +119,9 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
                 await context.abort(code, str(failed or "prefill aborted"))
             self._record_compute_spans(submitted_ns, handle.seq)
             sender.commit(event)
+            if keeper is not None:
+                keeper.commit(event)
+                keeper = None  # it has every layer: it goes on alone, whatever happens to this call
             yield worker_pb2.PrefillEvent(first_token=worker_pb2.FirstToken(
                 token_id=event.token_id, logprob=event.logprob,
                 prefill_ms=(handle.seq.first_token_ns - handle.seq.first_scheduled_ns) / 1e6,
@@ -116,7 +138,21 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             record_cancelled(span, "scheduler")
             raise
         finally:
+            if keeper is not None:  # the prefill never finished: there is nothing to keep
+                keeper.abort()
             self._release(handle, sender, send_task)
+
+    def _keep(self, keeper: KVSender) -> None:
+        """Ships a copy of a request's KV to the kv_store in the background; a failure loses only the copy."""
+        task = asyncio.create_task(keeper.send())
+        self.keeping.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self.keeping.discard(t)
+            if not t.cancelled() and t.exception() is not None and not keeper.aborted:
+                log.warning("KV of %s not kept in the kv_store: %s", keeper.request_id, t.exception())
+
+        task.add_done_callback(done)
 
     def _release(self, handle: RequestHandle, sender: KVSender, send_task: asyncio.Task) -> None:
         self.engine.abort(handle.seq.request_id, handle)

@@ -51,7 +51,7 @@ async def start(config: SchedulerConfig) -> Scheduler:
                                  config.request_timeout_s, config.kv_layerwise_min_tokens, config.routing_policy,
                                  ConditionalDisaggregation(config.conditional_prefill_max_tokens,
                                                            config.prompt_pool_busy_tokens),
-                                 config.max_requests_in_flight)
+                                 config.max_requests_in_flight, config.kv_keep)
     servicer.workers = await registry.workers()
     refresher = asyncio.create_task(servicer.refresh_workers_forever(config.registry_refresh_s))
     service = await start_server(

@@ -17,8 +17,12 @@ class OutputStream:
         self.prompt_tokens = prompt_tokens
         self.eos_token_ids = eos_token_ids
         self.detokenizer = Detokenizer(tokenizer, params.stop)
-        self.completion_tokens = 0
+        self.token_ids: list[int] = []  # streamed so far: what a resumed request recomputes
         self.finish_reason = common_pb2.FINISH_REASON_UNSPECIFIED
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
 
     @property
     def finished(self) -> bool:
@@ -34,7 +38,7 @@ class OutputStream:
     def add(self, token_ids: Sequence[int], worker_finish_reason: int | None = None,
             logprobs: Sequence[float] = ()) -> scheduler_pb2.GenerateResponse:
         """Takes new tokens (and the worker's finish reason, if it gave one) and returns the message to send."""
-        self.completion_tokens += len(token_ids)
+        self.token_ids += token_ids
         reason = worker_finish_reason or self._own_finish_reason(token_ids)
         delta = self.detokenizer.add(token_ids, final=bool(reason))
         if delta.stopped:

@@ -14,7 +14,8 @@ import redis.asyncio as redis
 from services.scheduler.output import OutputStream
 from splitwise.channels import ChannelPool, end_stream
 from splitwise.cluster.registry import WorkerInfo, WorkerRegistry
-from splitwise.cluster.routing import POLICIES, ConditionalDisaggregation, NoWorkerAvailable, Route, route
+from splitwise.cluster.routing import (POLICIES, ConditionalDisaggregation, NoWorkerAvailable, Route, route,
+                                      token_phase)
 from splitwise.engine.sampling import SamplingParams
 from splitwise.kv.transport import GRPC, choose_transport
 from splitwise.rpc import convert
@@ -44,6 +45,15 @@ class WorkerFailed(Exception):
         super().__init__(f"{worker.role} worker {worker.worker_id}: {details}")
         self.worker = worker
         self.code = code
+        # The worker is up, but could not pull the request's KV from the kv_store (token workers say so).
+        self.kv_store_failed = "kv_store relay" in (details or "")
+
+
+@dataclass
+class Progress:
+    """What one attempt leaves the next: where the kv_store keeps the prompt's KV (the id it is stored by)."""
+
+    kv_kept_as: str | None = None
 
 
 class TokenClock:
@@ -104,6 +114,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         routing_policy: str = "cls",
         conditional: ConditionalDisaggregation = ConditionalDisaggregation(),
         max_requests_in_flight: int = 1024,
+        kv_keep: bool = True,
     ):
         if kv_transfer not in ("direct", "relay"):
             raise ValueError(f"kv_transfer must be 'direct' or 'relay', got {kv_transfer!r}")
@@ -112,6 +123,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.channels = channels
         self.kv_transfer = kv_transfer
         self.kv_store_address = kv_store_address
+        self.kv_keep = kv_keep
         self.request_timeout_s = request_timeout_s
         self.kv_layerwise_min_tokens = kv_layerwise_min_tokens
         if routing_policy not in POLICIES:
@@ -237,16 +249,31 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             metrics.requests.add(1, {"outcome": outcome})
 
     async def _run(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span):
-        """Tries the request on freshly routed workers while a worker is unreachable and nothing was streamed."""
+        """Runs the request, trying again on other workers when one becomes unreachable.
+
+        Before anything was streamed, the request starts over on freshly routed workers. After, it resumes on
+        another token worker: from the prompt's KV kept in kv_store when there is one, else recomputing the
+        prompt there, and in both cases recomputing the tokens already streamed; the client's stream goes on.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
+        progress = Progress()
         unreachable: set[str] = set()
         last_failure: WorkerFailed | None = None
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            streamed = False
             # Workers know each attempt by its own id, so one attempt's cleanup never touches the next.
             worker_rid = rid if attempt == 1 else f"{rid}/attempt-{attempt}"
+            resuming = output.completion_tokens > 0
+            kept_as = progress.kv_kept_as if resuming else None
             try:
-                async for response in self._attempt(rid, worker_rid, ids, params, timeout_s, span, unreachable):
-                    streamed = True
+                if resuming:
+                    run = self._resume(rid, worker_rid, ids, params, deadline - loop.time(), span, unreachable,
+                                       output, kept_as)
+                else:
+                    run = self._attempt(rid, worker_rid, ids, params, deadline - loop.time(), span, unreachable,
+                                        output, progress)
+                async for response in run:
                     yield response
                 return
             except NoWorkerAvailable:
@@ -254,12 +281,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     raise last_failure
                 raise
             except WorkerFailed as e:
-                if streamed or e.code != grpc.StatusCode.UNAVAILABLE or attempt == MAX_ATTEMPTS:
+                kept_kv_missing = kept_as is not None and e.worker.role != "prompt" and e.kv_store_failed
+                if attempt == MAX_ATTEMPTS or not (e.code == grpc.StatusCode.UNAVAILABLE or kept_kv_missing):
                     raise
                 last_failure = e
-                unreachable.add(e.worker.worker_id)
-                span.add_event("retry", {"worker": e.worker.worker_id, "error": str(e), "attempt": attempt})
-                log.warning("request %s: %s; routing again", rid, e)
+                if kept_kv_missing:  # the worker is fine, the kept KV is not: recompute the prompt instead
+                    progress.kv_kept_as = None
+                else:
+                    unreachable.add(e.worker.worker_id)
+                kind = "resume" if output.completion_tokens else "retry"
+                kv = "kv_store" if kind == "resume" and progress.kv_kept_as else "recompute"
+                span.add_event(kind, {"worker": e.worker.worker_id, "error": str(e), "attempt": attempt,
+                                      "output.tokens": output.completion_tokens, "kv": kv})
+                metrics.recoveries.add(1, {"kind": kind, "kv": kv})
+                log.warning("request %s: %s; %s", rid, e,
+                            f"resuming after {output.completion_tokens} tokens ({kv})" if kind == "resume"
+                            else "routing again")
 
     def _route(self, num_prompt_tokens: int, params: SamplingParams, unreachable: set[str]) -> Route:
         with tracer().start_as_current_span("scheduler.route") as span:
@@ -285,7 +322,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             return chosen
 
     async def _attempt(self, rid: str, worker_rid: str, ids: list[int], params: SamplingParams, timeout_s: float,
-                       span, unreachable: set[str]):
+                       span, unreachable: set[str], output: OutputStream, progress: "Progress"):
         chosen = self._route(len(ids), params, unreachable)
         prompt_w, token_w = chosen.prompt_worker, chosen.token_worker
         loads = {prompt_w.worker_id: len(ids), token_w.worker_id: len(ids) + params.max_tokens}
@@ -302,6 +339,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         target.layerwise = len(ids) >= self.kv_layerwise_min_tokens
         colocated = prompt_w.worker_id == token_w.worker_id  # a mixed worker runs both phases
         span.set_attributes({"kv.transport": transport, "kv.layerwise": target.layerwise})
+        keep = None
+        if self.kv_transfer == "direct" and self.kv_keep and self.kv_store_address and not colocated:
+            keep = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv_store_address)
         decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
             worker_pb2.DecodeRequest(request_id=worker_rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target,
                                      prompt_token_ids=ids, prefill_here=colocated, kv_transport=transport),
@@ -310,7 +350,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         prefill = None
         decode_ended = None
         ending: set = set()  # the calls whose worker has sent everything: their streams end by themselves
-        output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
         try:
             reserved = await self._expect(decode, token_w, "reserved")
             # The handshake: the prompt worker refuses a receiver whose KV layout is not its own.
@@ -320,13 +359,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             if not colocated:
                 prefill = worker_pb2_grpc.PromptWorkerStub(self.channels.get(prompt_w.address)).Prefill(
                     worker_pb2.PrefillRequest(request_id=worker_rid, prompt_token_ids=ids, sampling=sampling,
-                                              kv_target=target),
+                                              kv_target=target, kv_keep=keep),
                     timeout=timeout_s,
                 )
                 # The token worker can fail the transfer first (its KV stopped arriving): watch both streams.
                 decode_ended = asyncio.ensure_future(decode.code())
                 first = await self._expect_unless(prefill, prompt_w, "first_token", decode, token_w, decode_ended)
                 span.add_event("first_token")
+                if keep is not None or self.kv_transfer == "relay":  # the kv_store has (or is getting) the prompt KV
+                    progress.kv_kept_as = worker_rid
                 yield output.add([first.token_id], None, [first.logprob])
                 if output.finished:
                     return
@@ -335,17 +376,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 ending.add(prefill)
                 span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.layers": transfer.num_layers,
                                      "kv.transfer_s": transfer.seconds})
-            while not output.finished:
-                tokens = await self._expect(decode, token_w, "tokens")
-                if output.completion_tokens == 0 and tokens.token_ids:
-                    span.add_event("first_token")
-                if tokens.finish_reason:
-                    ending.add(decode)
-                response = output.add(list(tokens.token_ids), tokens.finish_reason or None, list(tokens.logprobs))
-                if response.token_ids or response.text or output.finished:
-                    yield response
-            span.set_attributes({"completion.tokens": output.completion_tokens,
-                                 "finish_reason": common_pb2.FinishReason.Name(output.finish_reason)})
+            async for response in self._relay_tokens(decode, token_w, output, span, ending):
+                yield response
         finally:
             if decode_ended is not None:
                 decode_ended.cancel()
@@ -355,6 +387,60 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 if call is not None:
                     await end_stream(call, cancel=call not in ending)
 
+
+    async def _relay_tokens(self, decode, token_w: WorkerInfo, output: OutputStream, span, ending: set):
+        """The client's messages from a token worker's stream, up to the finish."""
+        while not output.finished:
+            tokens = await self._expect(decode, token_w, "tokens")
+            if output.completion_tokens == 0 and tokens.token_ids:
+                span.add_event("first_token")
+            if tokens.finish_reason:
+                ending.add(decode)
+            response = output.add(list(tokens.token_ids), tokens.finish_reason or None, list(tokens.logprobs))
+            if response.token_ids or response.text or output.finished:
+                yield response
+        span.set_attributes({"completion.tokens": output.completion_tokens,
+                             "finish_reason": common_pb2.FinishReason.Name(output.finish_reason)})
+
+    async def _resume(self, rid: str, worker_rid: str, ids: list[int], params: SamplingParams, timeout_s: float,
+                      span, unreachable: set[str], output: OutputStream, kept_as: str | None):
+        """Goes on with a request whose worker died after streaming some tokens, on another token worker."""
+        with tracer().start_as_current_span("scheduler.route") as route_span:
+            candidates = [w for w in self.workers if w.worker_id not in unreachable]
+            self.routed += 1
+            token_w = token_phase(candidates, self.model.name, len(ids) + params.max_tokens, self.in_flight_tokens,
+                                  self.routing_policy, self.routed)
+            route_span.set_attributes({
+                "route.resume": True,
+                "route.resume.output_tokens": output.completion_tokens,
+                "route.resume.kv": "kv_store" if kept_as else "recompute",
+                "route.token_worker": token_w.worker_id,
+                "route.token_worker.pool": token_w.role,
+                "route.token_worker.pending_tokens": token_w.pending_tokens,
+                "route.policy": self.routing_policy,
+                "route.unreachable_workers": len(unreachable),
+            })
+        load = len(ids) + params.max_tokens
+        self.in_flight_tokens[token_w.worker_id] = self.in_flight_tokens.get(token_w.worker_id, 0) + load
+        source = None
+        if kept_as is not None:
+            source = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv_store_address,
+                                         request_id=kept_as)
+        decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
+            worker_pb2.DecodeRequest(request_id=worker_rid, num_prompt_tokens=len(ids),
+                                     sampling=convert.sampling_to_pb(params), kv_source=source,
+                                     prompt_token_ids=ids, prefill_here=source is None, kv_transport=GRPC,
+                                     output_token_ids=output.token_ids),
+            timeout=timeout_s,
+        )
+        ending: set = set()
+        try:
+            await self._expect(decode, token_w, "reserved")
+            async for response in self._relay_tokens(decode, token_w, output, span, ending):
+                yield response
+        finally:
+            self.in_flight_tokens[token_w.worker_id] -= load
+            await end_stream(decode, cancel=decode not in ending)
 
     async def _expect_unless(self, call, who: WorkerInfo, kind: str, other, other_worker: WorkerInfo,
                              other_ended: asyncio.Future):

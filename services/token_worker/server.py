@@ -27,6 +27,9 @@ from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span
 
 log = logging.getLogger(__name__)
 
+# How long a resumed request waits for its kept KV to start arriving from the kv_store (it was stored, or is
+# being stored, when its first token was sampled); after that it is recomputed.
+RESUME_KV_WAIT_S = 5.0
 FINISH_REASONS = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
 
 
@@ -57,25 +60,30 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
             raise ValueError("request_id is required")
         if not ids or len(ids) != request.num_prompt_tokens:
             raise ValueError("prompt_token_ids must hold the num_prompt_tokens > 0 prompt tokens")
-        if min(ids) < 0 or max(ids) >= vocab:
+        output = list(request.output_token_ids)
+        if any(t < 0 or t >= vocab for t in ids + output):
             raise ValueError(f"token ids must be in [0, {vocab})")
-        return ids, params
+        if len(output) >= params.max_tokens:
+            raise ValueError(f"a resumed request has {len(output)} output tokens already: no more than max_tokens - 1")
+        if output and not request.prefill_here and request.kv_source.kind != worker_pb2.KVTarget.KIND_KV_STORE:
+            raise ValueError("a resumed request takes its prompt KV from the kv_store, or prefills here")
+        return ids, output, params
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "token worker is draining")
         try:
-            ids, params = self._validate(request)
+            ids, output, params = self._validate(request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id
         span = rpc_span()
         span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
-                             "colocated": request.prefill_here})
+                             "colocated": request.prefill_here, "resumed.output_tokens": len(output)})
         with tracer().start_as_current_span("token_worker.admission") as admission:
             try:
                 if request.prefill_here:
-                    handle = self.engine.submit(rid, ids, params)
+                    handle = self.engine.submit(rid, ids, params, output_ids=output)
                 else:
                     handle = self.engine.reserve(rid, ids, params)
             except KVCapacityError as e:
@@ -107,11 +115,17 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                 layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids), offer=offer))
             if not request.prefill_here:
                 if request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE:
+                    stored_as = request.kv_source.request_id or rid
+                    # A resumed request's KV is in the kv_store already, or on its way: no long wait for it.
+                    wait_s = min(RESUME_KV_WAIT_S, self.kv_wait_timeout_s) if output else self.kv_wait_timeout_s
                     pull.append(asyncio.create_task(
-                        self._pull_from_store(receiver, rid, request.kv_source.address)))
+                        self._pull_from_store(receiver, stored_as, request.kv_source.address, wait_s)))
                 first = await self._wait_for_kv(receiver, context)
                 receiver.close()  # the KV is in its blocks now: the staging buffer goes at once
-                self.engine.start_decoding(handle, first)
+                if output:  # resumed: recompute the tokens streamed before, then go on
+                    self.engine.resume_decoding(handle, output)
+                else:
+                    self.engine.start_decoding(handle, first)
             async for event in self._stream(handle, context):
                 yield event
         except asyncio.CancelledError:
@@ -189,19 +203,19 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                 await context.abort(grpc.StatusCode.ABORTED, f"request {event.reason.value} on the token worker")
             yield worker_pb2.DecodeEvent(tokens=worker_pb2.Tokens(finish_reason=FINISH_REASONS[event.reason]))
 
-    async def _pull_from_store(self, receiver: KVReceiver, rid: str, address: str) -> None:
+    async def _pull_from_store(self, receiver: KVReceiver, rid: str, address: str, wait_s: float) -> None:
         stub = kv_store_pb2_grpc.KVStoreStub(self.channels.get(address))
-        call = stub.Get(
-            kv_store_pb2.GetRequest(request_id=rid, wait_s=self.kv_wait_timeout_s),
-            timeout=self.kv_wait_timeout_s,
-        )
+        # The kv_store judges a stall by progress after the start: the call's own deadline is generous.
+        call = stub.Get(kv_store_pb2.GetRequest(request_id=rid, wait_s=wait_s), timeout=self.kv_wait_timeout_s)
 
         async def messages():
             try:
                 async for msg in call:
                     yield msg
             except grpc.aio.AioRpcError as e:
-                raise KVTransferError(f"kv_store relay: {e.code().name}: {e.details()}") from e
+                # NOT_FOUND stays so: the scheduler tells a KV that is not there from a worker that is gone.
+                code = grpc.StatusCode.NOT_FOUND if e.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
+                raise KVTransferError(f"kv_store relay: {e.code().name}: {e.details()}", code) from e
 
         try:
             await receiver.consume(messages())

@@ -100,6 +100,25 @@ def uniform_random(workers: Sequence[WorkerInfo], request: RoutingRequest) -> Ro
     return Route(rng.choice(prompt), rng.choice(token))
 
 
+def token_phase(workers: Sequence[WorkerInfo], model: str, needed_kv_tokens: int, in_flight_tokens: Mapping[str, int],
+                policy: str = "cls", sequence: int = 0) -> WorkerInfo:
+    """The token worker alone, by `policy`'s token-phase rule: where a request resumes when its own died."""
+    request = RoutingRequest(model, 0, needed_kv_tokens, in_flight_tokens, sequence)
+    token = sorted((w for w in workers if w.model == model and w.role in ("token", "mixed")
+                    and w.kv_capacity_tokens >= needed_kv_tokens), key=lambda w: w.worker_id)
+    if not token:
+        raise NoWorkerAvailable(f"no other token worker serving this model can hold {needed_kv_tokens} tokens of KV")
+    if policy == "cls":
+        return least_kv_in_use(token, in_flight_tokens)
+    if policy == "jsq":
+        return join_shortest_queue(token, in_flight_tokens)
+    if policy == "round_robin":
+        return token[request.sequence % len(token)]
+    if policy == "random":
+        return random.Random(request.sequence).choice(token)
+    raise ValueError(f"unknown routing policy {policy!r}; choose from {', '.join(POLICIES)}")
+
+
 POLICIES: dict[str, Callable[[Sequence[WorkerInfo], RoutingRequest], Route]] = {
     "cls": cls, "jsq": jsq, "round_robin": round_robin, "random": uniform_random,
 }

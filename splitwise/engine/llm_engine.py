@@ -8,6 +8,7 @@ import threading
 from collections import deque
 import time
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -19,6 +20,11 @@ from splitwise.engine.sequence import FinishReason, Sequence, SequenceKVCallback
 from splitwise.model.weights import LoadedModel
 
 log = logging.getLogger(__name__)
+
+
+def _recomputed(output_ids: Iterable[int]) -> list[SampledToken]:
+    """Tokens sampled by an earlier attempt: their log-probabilities were reported then (NaN here)."""
+    return [SampledToken(int(t), float("nan")) for t in output_ids]
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,8 @@ class Engine:
         return queued + self.blocks.num_used * self.blocks.block_size
 
     def _check_fits(self, seq: Sequence) -> None:
-        needed = seq.num_tokens + (0 if seq.prefill_only else seq.params.max_tokens)
+        # A resumed request's output so far counts within its max_tokens.
+        needed = len(seq.prompt_ids) + (0 if seq.prefill_only else seq.params.max_tokens)
         if needed > self.blocks.capacity_tokens:
             raise KVCapacityError(
                 f"request needs KV for {needed} tokens but this worker holds at most {self.blocks.capacity_tokens}",
@@ -117,9 +124,13 @@ class Engine:
             raise ValueError(f"request {seq.request_id!r} is already here")
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prefill_only: bool = False,
-               on_layer_kv: SequenceKVCallback | None = None) -> RequestHandle:
-        """Queues a prompt; prefill_only stops after the first token (the prompt worker's job)."""
-        seq = Sequence(request_id, list(prompt_ids), params, prefill_only, on_layer_kv)
+               on_layer_kv: SequenceKVCallback | None = None, output_ids: Iterable[int] = ()) -> RequestHandle:
+        """Queues a prompt; prefill_only stops after the first token (the prompt worker's job).
+
+        `output_ids`: a resumed request's tokens already sampled elsewhere; they are recomputed with the prompt
+        and sampling goes on after them (the handle delivers only new tokens).
+        """
+        seq = Sequence(request_id, list(prompt_ids), params, prefill_only, on_layer_kv, output=_recomputed(output_ids))
         handle = RequestHandle(seq, asyncio.get_running_loop())
         with self._cond:
             self._check_fits(seq)
@@ -155,6 +166,20 @@ class Engine:
                 self._cond.notify()
             else:
                 self._finish(seq, self._finish_reason(seq))
+
+    def resume_decoding(self, handle: RequestHandle, output_ids: list[int]) -> None:
+        """A reserved request's prompt KV has arrived, and it had already sampled `output_ids` elsewhere: one
+        prefill step recomputes their KV on top of the prompt's and samples the next token; it decodes on."""
+        if not output_ids:
+            raise ValueError("resuming needs the tokens already sampled")
+        seq = handle.seq
+        with self._cond:
+            if seq.finished:
+                return
+            seq.num_cached = len(seq.prompt_ids)
+            seq.output = _recomputed(output_ids)
+            self.scheduler.add(seq)
+            self._cond.notify()
 
     def abort(self, request_id: str, handle: RequestHandle | None = None) -> None:
         """Ends a request wherever it is and frees its blocks (at the end of the step it is computing).

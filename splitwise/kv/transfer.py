@@ -109,7 +109,7 @@ class KVSender:
 
     def __init__(self, channel: grpc.aio.Channel, target_kind: int, request_id: str, layout: KVLayout,
                  num_tokens: int, max_chunk_bytes: int, progress_timeout_s: float,
-                 writer: StagedWriter | None = None, layerwise: bool = True):
+                 writer: StagedWriter | None = None, layerwise: bool = True, span_name: str = "kv_transfer.send"):
         self.target = "kv_store" if target_kind == worker_pb2.KVTarget.KIND_KV_STORE else "token_worker"
         if target_kind == worker_pb2.KVTarget.KIND_KV_STORE:
             self._call = kv_store_pb2_grpc.KVStoreStub(channel).Put
@@ -124,6 +124,7 @@ class KVSender:
         self.transport = writer.transport if writer else GRPC
         self.staged = StagedLayout(layout, num_tokens)
         self.layerwise = layerwise
+        self.span_name = span_name
         self.state = TransferState.WAITING
         self.stats = TransferStats()
         self._loop = asyncio.get_running_loop()
@@ -160,6 +161,10 @@ class KVSender:
 
     def commit(self, first: SampledToken) -> None:
         self._queue.put_nowait(first)
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
 
     def abort(self) -> None:
         self._aborted = True
@@ -254,7 +259,7 @@ class KVSender:
                 return
 
     async def send(self) -> TransferStats:
-        with tracer().start_as_current_span("kv_transfer.send") as span:
+        with tracer().start_as_current_span(self.span_name) as span:
             span.set_attributes({"splitwise.request_id": self.request_id, "kv.transport": self.transport,
                                  "kv.target": self.target, "kv.layerwise": self.layerwise})
             outcome = "failed"

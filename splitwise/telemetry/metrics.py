@@ -39,6 +39,11 @@ requests = _meter.create_counter(
     "splitwise.requests", unit="{request}",
     description="Requests ended at the scheduler, by outcome (stop, length, invalid, rejected, cancelled, deadline, unavailable, failed)",
 )
+recoveries = _meter.create_counter(
+    "splitwise.request.recoveries", unit="{attempt}",
+    description="Requests tried again after a worker failed: retry (nothing streamed yet, routed afresh), or resume "
+                "(on another token worker, from the kept KV or by recomputation), by kind and kv (kv_store, recompute)",
+)
 kv_transferred = _meter.create_counter(
     "splitwise.kv.transferred", unit="By", description="KV cache bytes moved between services, by direction and transport",
 )

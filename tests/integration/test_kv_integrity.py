@@ -59,5 +59,6 @@ async def test_after_a_corrupt_transfer_the_next_one_by_the_same_transport_succe
         out = await client.generate(token_ids=list(range(10, 60)), max_tokens=8, ignore_eos=True, timeout=30)
     assert out.completion_tokens == 8
     spans = await wait_for_whole_trace([trace_file], out.request_id)
-    assert {s["attributes"]["kv.transport"] for s in spans if s["name"].startswith("kv_transfer.")} == {transport}
+    moved = {s["attributes"]["kv.transport"] for s in spans if s["name"] in ("kv_transfer.send", "kv_transfer.receive")}
+    assert moved == {transport}
     await assert_no_kv_held(c)

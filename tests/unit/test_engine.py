@@ -152,6 +152,56 @@ async def test_kv_exported_by_one_engine_continues_identically_in_another(tiny):
         token_engine.stop()
 
 
+async def test_a_request_resumed_elsewhere_from_its_prompt_kv_and_its_output_so_far_goes_on_identically(tiny):
+    """A token worker died after streaming some tokens: another one takes the prompt's KV (as kv_store kept
+    it), recomputes the tokens already streamed, and samples exactly what the first one would have."""
+    loaded, tokenizer = tiny
+    ids = tokenizer.encode("a request that survives its token worker", add_special_tokens=False)
+    reference = hf_greedy(loaded.folder, ids, 30)
+    prompt_engine, token_engine = make_engine(loaded), make_engine(loaded)
+    layout = KVLayout.of(loaded.config, torch.float32, loaded.fingerprint)
+    chunks = []
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    try:
+        def export(layer, keys, values, start):
+            chunks.extend(split_layer(layer, keys, values, start, layout, max_chunk_bytes=4096))
+
+        handle = prompt_engine.submit("r", ids, params, prefill_only=True, on_layer_kv=export)
+        assert (await handle.next_event()).token_id == reference[0]
+        assert len(reference) > 7
+        for streamed in (1, 7, len(reference) - 1):
+            resumed = token_engine.reserve(f"r/resume-{streamed}", ids, params)
+            for chunk in chunks:
+                keys, values = decode_chunk(chunk, layout, len(ids))
+                token_engine.write_kv(resumed, chunk.layer, chunk.token_start, keys, values)
+            token_engine.resume_decoding(resumed, reference[:streamed])
+            rest, reason = await collect(resumed)
+            output = reference[:streamed] + rest
+            assert len(output) == 30 and reason is FinishReason.LENGTH, streamed
+            assert output[: len(reference)] == reference, streamed  # transformers stops at end-of-sequence
+            assert token_engine.blocks.num_free == token_engine.blocks.num_blocks
+    finally:
+        prompt_engine.stop()
+        token_engine.stop()
+
+
+async def test_a_request_resumed_by_recomputing_prompt_and_output_goes_on_identically(tiny):
+    """Without kept KV the new worker recomputes the prompt and the tokens streamed, in one chunked prefill;
+    a seeded sampler continues with the same draws, since they depend on the output position only."""
+    loaded, tokenizer = tiny
+    ids = tokenizer.encode("recomputed from scratch", add_special_tokens=False)
+    engine = make_engine(loaded, max_batch_tokens=8)  # the recomputation spans several chunks
+    try:
+        for params in (SamplingParams(max_tokens=20, ignore_eos=True),
+                       SamplingParams(max_tokens=20, ignore_eos=True, temperature=0.8, seed=7)):
+            whole, _ = await collect(engine.submit("whole", ids, params))
+            resumed, reason = await collect(engine.submit("resumed", ids, params, output_ids=whole[:9]))
+            assert whole[:9] + resumed == whole and reason is FinishReason.LENGTH
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.stop()
+
+
 async def test_requests_that_can_never_fit_are_refused_up_front(tiny):
     loaded, _ = tiny
     engine = make_engine(loaded, kv_tokens=64)

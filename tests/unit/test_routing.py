@@ -3,7 +3,7 @@
 import pytest
 
 from splitwise.cluster.registry import WorkerInfo
-from splitwise.cluster.routing import ConditionalDisaggregation, NoWorkerAvailable, route
+from splitwise.cluster.routing import ConditionalDisaggregation, NoWorkerAvailable, route, token_phase
 
 
 def worker(worker_id: str, role: str, pending: int = 0, used: int = 0, capacity: int = 10_000) -> WorkerInfo:
@@ -78,3 +78,13 @@ def test_a_long_prompt_or_an_idle_prompt_pool_keeps_the_phases_split():
 def test_a_mixed_worker_picked_for_both_phases_runs_the_request_colocated():
     chosen = route([worker("mx", "mixed")], "m", 100, {}, "cls")
     assert chosen.colocated and chosen.prompt_worker.worker_id == "mx"
+
+
+def test_a_resumed_request_goes_to_a_token_worker_by_the_policys_token_rule_without_a_prompt_worker():
+    workers = [worker("t1", "token", used=900), worker("t2", "token", used=100, pending=9_000), worker("m", "mixed", used=500),
+               worker("small", "token", capacity=50)]
+    assert token_phase(workers, "m", 200, {}, "cls").worker_id == "t2"  # least KV in use
+    assert token_phase(workers, "m", 200, {}, "jsq").worker_id == "m"  # no pending tokens; ties by id
+    assert {token_phase(workers, "m", 200, {}, "round_robin", n).worker_id for n in range(3)} == {"t1", "t2", "m"}
+    with pytest.raises(NoWorkerAvailable):
+        token_phase([worker("p", "prompt"), worker("small", "token", capacity=50)], "m", 200, {}, "cls")

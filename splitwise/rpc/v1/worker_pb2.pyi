@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVTarget(_message.Message):
-    __slots__ = ("kind", "address", "layout", "offer", "layerwise")
+    __slots__ = ("kind", "address", "layout", "offer", "layerwise", "request_id")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[KVTarget.Kind]
@@ -24,24 +24,28 @@ class KVTarget(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     OFFER_FIELD_NUMBER: _ClassVar[int]
     LAYERWISE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     kind: KVTarget.Kind
     address: str
     layout: _common_pb2.KVLayout
     offer: _common_pb2.KVTransportOffer
     layerwise: bool
-    def __init__(self, kind: _Optional[_Union[KVTarget.Kind, str]] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., offer: _Optional[_Union[_common_pb2.KVTransportOffer, _Mapping]] = ..., layerwise: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, kind: _Optional[_Union[KVTarget.Kind, str]] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., offer: _Optional[_Union[_common_pb2.KVTransportOffer, _Mapping]] = ..., layerwise: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_target")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_target", "kv_keep")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     KV_TARGET_FIELD_NUMBER: _ClassVar[int]
+    KV_KEEP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     kv_target: KVTarget
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_target: _Optional[_Union[KVTarget, _Mapping]] = ...) -> None: ...
+    kv_keep: KVTarget
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_target: _Optional[_Union[KVTarget, _Mapping]] = ..., kv_keep: _Optional[_Union[KVTarget, _Mapping]] = ...) -> None: ...
 
 class PrefillEvent(_message.Message):
     __slots__ = ("first_token", "transfer")
@@ -74,7 +78,7 @@ class KVTransferSummary(_message.Message):
     def __init__(self, num_bytes: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_chunks: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "num_prompt_tokens", "sampling", "kv_source", "prompt_token_ids", "prefill_here", "kv_transport")
+    __slots__ = ("request_id", "num_prompt_tokens", "sampling", "kv_source", "prompt_token_ids", "prefill_here", "kv_transport", "output_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +86,7 @@ class DecodeRequest(_message.Message):
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_prompt_tokens: int
     sampling: _common_pb2.SamplingParams
@@ -89,7 +94,8 @@ class DecodeRequest(_message.Message):
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     prefill_here: bool
     kv_transport: str
-    def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KVTarget, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prefill_here: _Optional[bool] = ..., kv_transport: _Optional[str] = ...) -> None: ...
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KVTarget, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prefill_here: _Optional[bool] = ..., kv_transport: _Optional[str] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeEvent(_message.Message):
     __slots__ = ("reserved", "tokens")
