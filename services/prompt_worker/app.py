@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass
 
 from services.prompt_worker.server import PromptWorkerServicer
+from services.token_worker.server import TokenWorkerServicer
 from splitwise.channels import ChannelPool
 from splitwise.cluster.registry import Heartbeat
 from splitwise.config import PromptWorkerConfig, parse_config
@@ -26,13 +27,14 @@ class PromptWorker:
     heartbeat: Heartbeat
     channels: ChannelPool
     address: str
+    token_servicer: TokenWorkerServicer  # decodes too while the scheduler has lent it to the mixed pool
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Graceful: refuse new prompts, leave the registry, let those in flight finish (KV shipped), then stop."""
-        self.servicer.draining = True
+        self.servicer.draining = self.token_servicer.draining = True
         await self.service.health.enter_graceful_shutdown()  # health checks say NOT_SERVING from now on
         await self.heartbeat.stop()
-        await drain(self.servicer.engine, grace_s)
+        await drain(self.servicer.engine, grace_s, self.token_servicer.receivers)
         await self.service.stop(1.0)
         await self.channels.close()
         self.servicer.engine.stop()
@@ -43,23 +45,28 @@ async def start(config: PromptWorkerConfig) -> PromptWorker:
     channels = ChannelPool()
     servicer = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
                                     config.kv_progress_timeout_s)
+    # The same engine can run the token phase: the scheduler routes decodes here only while it has borrowed
+    # this worker into the mixed pool.
+    token_servicer = TokenWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_wait_timeout_s,
+                                         config.kv_progress_timeout_s)
     worker_id = worker_id_of(config, "prompt")
     service = await start_server(
         config.listen,
-        [(worker_pb2_grpc.add_PromptWorkerServicer_to_server, servicer)],
-        [worker_pb2.DESCRIPTOR.services_by_name["PromptWorker"].full_name],
+        [(worker_pb2_grpc.add_PromptWorkerServicer_to_server, servicer),
+         (worker_pb2_grpc.add_TokenWorkerServicer_to_server, token_servicer)],
+        [worker_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("PromptWorker", "TokenWorker")],
         config.metrics_listen, engine_gauges(loaded.engine, worker_id, "prompt"),
     )
     address = config.advertise or bound_address(config.listen, service.port)
     transports = await asyncio.to_thread(start_kv_transports, config, address)
-    servicer.transports = transports
+    servicer.transports = token_servicer.transports = transports
     heartbeat = start_heartbeat(config, worker_id, "prompt", address, loaded.engine, transports)
     try:
         await heartbeat.start()
     except ConnectionError:
         await service.stop(0)
         raise
-    return PromptWorker(service, servicer, heartbeat, channels, address)
+    return PromptWorker(service, servicer, heartbeat, channels, address, token_servicer)
 
 
 async def serve(config: PromptWorkerConfig) -> None:

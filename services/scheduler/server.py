@@ -13,6 +13,7 @@ import redis.asyncio as redis
 
 from services.scheduler.output import OutputStream
 from splitwise.channels import ChannelPool, end_stream
+from splitwise.cluster.pools import PoolPolicy, PoolStore, Transition, plan, pool_of, with_pools
 from splitwise.cluster.registry import WorkerInfo, WorkerRegistry
 from splitwise.cluster.routing import (POLICIES, ConditionalDisaggregation, NoWorkerAvailable, Route, route,
                                       token_phase)
@@ -32,6 +33,7 @@ POOLS = ("prompt", "token", "mixed")
 # The retry hint of a RESOURCE_EXHAUSTED answer, as gRPC's retry policy reads it (server pushback).
 RETRY_PUSHBACK_MS = 1000
 PUSHBACK = (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),)
+KEEP_TRANSITIONS_SHOWN = 20  # pool transitions ClusterStatus lists
 
 
 class InvalidRequest(ValueError):
@@ -115,6 +117,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         conditional: ConditionalDisaggregation = ConditionalDisaggregation(),
         max_requests_in_flight: int = 1024,
         kv_keep: bool = True,
+        pools: PoolStore | None = None,
+        pool_policy: PoolPolicy = PoolPolicy(),
     ):
         if kv_transfer not in ("direct", "relay"):
             raise ValueError(f"kv_transfer must be 'direct' or 'relay', got {kv_transfer!r}")
@@ -132,14 +136,50 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.max_requests_in_flight = max_requests_in_flight
         self.conditional = conditional
         self.routed = 0  # requests routed so far: round-robin's turn, random's seed
-        self.workers: list[WorkerInfo] = []
+        self.pools = pools
+        self.pool_policy = pool_policy
+        self.declared: list[WorkerInfo] = []  # as registered, with the role each declared
+        self.membership: dict[str, str] = {}  # borrowed workers -> their pool now
+        self.transitions: list[Transition] = []
+        self.workers: list[WorkerInfo] = []  # as routing sees them: each in its current pool
         self.in_flight_tokens: dict[str, int] = {}
         self.requests_in_flight = 0
+
+    async def refresh_workers(self) -> None:
+        """Reads the registry and the pools, and moves a worker between pools if the load calls for it."""
+        declared = await self.registry.workers()
+        membership = await self.pools.membership() if self.pools else {}
+        if self.pools and self.pool_policy.enabled:
+            transitions = await self.pools.transitions(KEEP_TRANSITIONS_SHOWN)
+            self.transitions = transitions
+            last_change = transitions[0].at if transitions else 0.0
+            change = plan(declared, membership, self.pool_policy, self.in_flight_tokens, time.time(), last_change)
+            if change is not None and await self.pools.apply(change, self._home_pool(declared, change.worker_id),
+                                                             self.pool_policy.cooldown_s):
+                self._record_transition(change)
+                membership = await self.pools.membership()
+                self.transitions = [change, *transitions][:KEEP_TRANSITIONS_SHOWN]
+            if set(membership) - {w.worker_id for w in declared}:
+                await self.pools.forget_gone({w.worker_id for w in declared})
+        self.declared, self.membership = declared, membership
+        self.workers = with_pools(declared, membership)
+
+    @staticmethod
+    def _home_pool(workers: list[WorkerInfo], worker_id: str) -> str:
+        return next((w.role for w in workers if w.worker_id == worker_id), "")
+
+    def _record_transition(self, change: Transition) -> None:
+        with tracer().start_as_current_span("scheduler.pool_transition") as span:
+            span.set_attributes({"pool.worker": change.worker_id, "pool.from": change.from_pool,
+                                 "pool.to": change.to_pool, "pool.reason": change.reason})
+        metrics.pool_transitions.add(1, {"from": change.from_pool, "to": change.to_pool})
+        log.info("pools: %s moves from the %s pool to the %s pool (%s)", change.worker_id, change.from_pool,
+                 change.to_pool, change.reason)
 
     async def refresh_workers_forever(self, interval_s: float) -> None:
         while True:
             try:
-                self.workers = await self.registry.workers()
+                await self.refresh_workers()
             except (redis.RedisError, OSError) as e:
                 log.warning("cannot read the worker registry: %s", e)
             await asyncio.sleep(interval_s)
@@ -481,7 +521,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         now = time.time()
         return scheduler_pb2.ClusterStatusResponse(
             model=self.model.name,
-            workers=[convert.worker_to_pb(w, now) for w in self.workers],
+            workers=[convert.worker_to_pb(w, now, pool_of(w, self.membership)) for w in self.declared],
+            pool_transitions=[scheduler_pb2.PoolTransition(worker_id=t.worker_id, from_pool=t.from_pool,
+                                                           to_pool=t.to_pool, reason=t.reason, at_unix_s=t.at)
+                              for t in self.transitions],
             requests_in_flight=self.requests_in_flight,
             kv_transfer_mode=self.kv_transfer,
         )

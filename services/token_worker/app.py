@@ -27,13 +27,11 @@ class TokenWorker:
     heartbeat: Heartbeat
     channels: ChannelPool
     address: str
-    prompt_servicer: PromptWorkerServicer | None = None  # a mixed worker's prompt phase
+    prompt_servicer: PromptWorkerServicer  # the prompt phase, of a mixed worker or one borrowed into the mixed pool
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Graceful: refuse new requests, leave the registry, let those in flight finish, then stop."""
-        for servicer in (self.servicer, self.prompt_servicer):
-            if servicer is not None:
-                servicer.draining = True
+        self.servicer.draining = self.prompt_servicer.draining = True
         await self.service.health.enter_graceful_shutdown()  # health checks say NOT_SERVING from now on
         await self.heartbeat.stop()
         await drain(self.servicer.engine, grace_s, self.servicer.receivers)
@@ -51,12 +49,12 @@ async def start(config: TokenWorkerConfig) -> TokenWorker:
                                    config.kv_progress_timeout_s)
     servicers = [(worker_pb2_grpc.add_TokenWorkerServicer_to_server, servicer)]
     names = [worker_pb2.DESCRIPTOR.services_by_name["TokenWorker"].full_name]
-    prompt = None
-    if config.role == "mixed":  # the same engine also serves the prompt phase
-        prompt = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
-                                      config.kv_progress_timeout_s)
-        servicers.append((worker_pb2_grpc.add_PromptWorkerServicer_to_server, prompt))
-        names.append(worker_pb2.DESCRIPTOR.services_by_name["PromptWorker"].full_name)
+    # The same engine also serves the prompt phase: always for a mixed worker, and for a token worker while the
+    # scheduler has borrowed it into the mixed pool.
+    prompt = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
+                                  config.kv_progress_timeout_s)
+    servicers.append((worker_pb2_grpc.add_PromptWorkerServicer_to_server, prompt))
+    names.append(worker_pb2.DESCRIPTOR.services_by_name["PromptWorker"].full_name)
     worker_id = worker_id_of(config, config.role)
     service = await start_server(config.listen, servicers, names, config.metrics_listen,
                                  engine_gauges(loaded.engine, worker_id, config.role))

@@ -70,8 +70,9 @@ def chunk_from_pb(msg: common_pb2.KVChunk) -> KVChunk:
     return KVChunk(msg.layer, msg.token_start, msg.token_count, msg.key, msg.value, msg.crc32, msg.staged)
 
 
-def worker_to_pb(worker: WorkerInfo, now: float) -> scheduler_pb2.WorkerStatus:
+def worker_to_pb(worker: WorkerInfo, now: float, pool: str = "") -> scheduler_pb2.WorkerStatus:
     return scheduler_pb2.WorkerStatus(
+        pool=pool or worker.role,
         worker_id=worker.worker_id,
         role=worker.role,
         address=worker.address,

@@ -44,6 +44,10 @@ recoveries = _meter.create_counter(
     description="Requests tried again after a worker failed: retry (nothing streamed yet, routed afresh), or resume "
                 "(on another token worker, from the kept KV or by recomputation), by kind and kv (kv_store, recompute)",
 )
+pool_transitions = _meter.create_counter(
+    "splitwise.pool.transitions", unit="{transition}",
+    description="Workers moved between pools by this scheduler: borrowed into the mixed pool, or given back",
+)
 kv_transferred = _meter.create_counter(
     "splitwise.kv.transferred", unit="By", description="KV cache bytes moved between services, by direction and transport",
 )

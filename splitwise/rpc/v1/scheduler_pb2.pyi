@@ -65,7 +65,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "model", "pending_tokens", "active_requests", "kv_capacity_tokens", "kv_used_tokens", "heartbeat_age_s")
+    __slots__ = ("worker_id", "role", "address", "model", "pending_tokens", "active_requests", "kv_capacity_tokens", "kv_used_tokens", "heartbeat_age_s", "pool")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class WorkerStatus(_message.Message):
     KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KV_USED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     address: str
@@ -84,16 +85,33 @@ class WorkerStatus(_message.Message):
     kv_capacity_tokens: int
     kv_used_tokens: int
     heartbeat_age_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., pending_tokens: _Optional[int] = ..., active_requests: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ...) -> None: ...
+    pool: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., pending_tokens: _Optional[int] = ..., active_requests: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., heartbeat_age_s: _Optional[float] = ..., pool: _Optional[str] = ...) -> None: ...
+
+class PoolTransition(_message.Message):
+    __slots__ = ("worker_id", "from_pool", "to_pool", "reason", "at_unix_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_POOL_FIELD_NUMBER: _ClassVar[int]
+    TO_POOL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    from_pool: str
+    to_pool: str
+    reason: str
+    at_unix_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., from_pool: _Optional[str] = ..., to_pool: _Optional[str] = ..., reason: _Optional[str] = ..., at_unix_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("model", "workers", "requests_in_flight", "kv_transfer_mode")
+    __slots__ = ("model", "workers", "requests_in_flight", "kv_transfer_mode", "pool_transitions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_MODE_FIELD_NUMBER: _ClassVar[int]
+    POOL_TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     requests_in_flight: int
     kv_transfer_mode: str
-    def __init__(self, model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., kv_transfer_mode: _Optional[str] = ...) -> None: ...
+    pool_transitions: _containers.RepeatedCompositeFieldContainer[PoolTransition]
+    def __init__(self, model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., kv_transfer_mode: _Optional[str] = ..., pool_transitions: _Optional[_Iterable[_Union[PoolTransition, _Mapping]]] = ...) -> None: ...
