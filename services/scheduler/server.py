@@ -13,6 +13,7 @@ import redis.asyncio as redis
 
 from services.scheduler.output import OutputStream
 from splitwise.channels import ChannelPool, end_stream
+from splitwise.cluster.journal import RequestJournal
 from splitwise.cluster.pools import PoolPolicy, PoolStore, Transition, plan, pool_of, with_pools
 from splitwise.cluster.registry import WorkerInfo, WorkerRegistry
 from splitwise.cluster.routing import (POLICIES, ConditionalDisaggregation, NoWorkerAvailable, Route, route,
@@ -119,6 +120,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         kv_keep: bool = True,
         pools: PoolStore | None = None,
         pool_policy: PoolPolicy = PoolPolicy(),
+        journal: RequestJournal | None = None,
     ):
         if kv_transfer not in ("direct", "relay"):
             raise ValueError(f"kv_transfer must be 'direct' or 'relay', got {kv_transfer!r}")
@@ -137,6 +139,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.conditional = conditional
         self.routed = 0  # requests routed so far: round-robin's turn, random's seed
         self.pools = pools
+        self.journal = journal
         self.pool_policy = pool_policy
         self.declared: list[WorkerInfo] = []  # as registered, with the role each declared
         self.membership: dict[str, str] = {}  # borrowed workers -> their pool now
@@ -259,9 +262,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             timeout_s = min(remaining, self.request_timeout_s) if remaining is not None else self.request_timeout_s
             clock = TokenClock(received)
             self.requests_in_flight += 1
+            if self.journal:
+                self.journal.opened(rid, len(ids), params.max_tokens)
             try:
                 async for response in self._run(rid, ids, params, timeout_s, span):
                     clock.tokens(len(response.token_ids))
+                    if self.journal:
+                        self.journal.progress(rid, clock.count)
                     yield response
                     if response.finish_reason:
                         outcome = common_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_")
@@ -284,6 +291,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             finally:
                 self.requests_in_flight -= 1
                 span.set_attributes(clock.attributes())
+                if self.journal:
+                    self.journal.closed(rid, outcome, clock.count)
         finally:
             metrics.request_duration.record(time.perf_counter() - received, {"outcome": outcome})
             metrics.requests.add(1, {"outcome": outcome})
@@ -365,6 +374,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                        span, unreachable: set[str], output: OutputStream, progress: "Progress"):
         chosen = self._route(len(ids), params, unreachable)
         prompt_w, token_w = chosen.prompt_worker, chosen.token_worker
+        if self.journal:
+            self.journal.assigned(rid, worker_rid, "colocated" if chosen.colocated else "split", prompt_w.worker_id,
+                                  token_w.worker_id)
         loads = {prompt_w.worker_id: len(ids), token_w.worker_id: len(ids) + params.max_tokens}
         for worker_id, tokens in loads.items():
             self.in_flight_tokens[worker_id] = self.in_flight_tokens.get(worker_id, 0) + tokens
@@ -460,6 +472,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 "route.policy": self.routing_policy,
                 "route.unreachable_workers": len(unreachable),
             })
+        if self.journal:
+            self.journal.assigned(rid, worker_rid, "resumed", "", token_w.worker_id)
         load = len(ids) + params.max_tokens
         self.in_flight_tokens[token_w.worker_id] = self.in_flight_tokens.get(token_w.worker_id, 0) + load
         source = None
@@ -519,7 +533,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def ClusterStatus(self, request, context) -> scheduler_pb2.ClusterStatusResponse:
         now = time.time()
+        everywhere = self.requests_in_flight
+        if self.journal:
+            try:
+                everywhere = await asyncio.wait_for(self.journal.open_requests(), 1.0)
+            except (redis.RedisError, OSError, asyncio.TimeoutError) as e:
+                log.warning("cannot count the cluster's requests in the journal: %s", e or "timed out")
         return scheduler_pb2.ClusterStatusResponse(
+            cluster_requests_in_flight=everywhere,
             model=self.model.name,
             workers=[convert.worker_to_pb(w, now, pool_of(w, self.membership)) for w in self.declared],
             pool_transitions=[scheduler_pb2.PoolTransition(worker_id=t.worker_id, from_pool=t.from_pool,

@@ -103,15 +103,17 @@ class PoolTransition(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., from_pool: _Optional[str] = ..., to_pool: _Optional[str] = ..., reason: _Optional[str] = ..., at_unix_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("model", "workers", "requests_in_flight", "kv_transfer_mode", "pool_transitions")
+    __slots__ = ("model", "workers", "requests_in_flight", "kv_transfer_mode", "pool_transitions", "cluster_requests_in_flight")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_MODE_FIELD_NUMBER: _ClassVar[int]
     POOL_TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     model: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     requests_in_flight: int
     kv_transfer_mode: str
     pool_transitions: _containers.RepeatedCompositeFieldContainer[PoolTransition]
-    def __init__(self, model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., kv_transfer_mode: _Optional[str] = ..., pool_transitions: _Optional[_Iterable[_Union[PoolTransition, _Mapping]]] = ...) -> None: ...
+    cluster_requests_in_flight: int
+    def __init__(self, model: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., kv_transfer_mode: _Optional[str] = ..., pool_transitions: _Optional[_Iterable[_Union[PoolTransition, _Mapping]]] = ..., cluster_requests_in_flight: _Optional[int] = ...) -> None: ...

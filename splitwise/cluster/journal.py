@@ -1,0 +1,97 @@
+"""The request journal in Redis: each request's scheduler replica, assigned workers, attempts and tokens
+emitted so far, so that the cluster's state is not only in one scheduler process.
+
+Writes never hold a request up: they go out in the background, in order per request, and a Redis outage only
+costs journal entries (logged once per outage). An open request is also in a set with its expiry time as
+score, so `open_requests` counts every replica's requests without scanning keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+
+import redis.asyncio as redis
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "splitwise:request:"
+OPEN_KEY = "splitwise:requests:open"  # sorted set: request id -> unix time its entry expires
+PROGRESS_EVERY_TOKENS = 16  # tokens emitted between two progress writes
+CLOSED_TTL_S = 300.0  # how long a finished request's entry stays, for inspection
+
+
+class RequestJournal:
+    def __init__(self, client: redis.Redis, scheduler: str, ttl_s: float):
+        self.client = client
+        self.scheduler = scheduler
+        self.ttl_s = ttl_s  # an open entry outlives its request's deadline
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._written_tokens: dict[str, int] = defaultdict(int)
+        self._failing = False
+
+    def opened(self, rid: str, prompt_tokens: int, max_tokens: int) -> None:
+        self._write(rid, {"scheduler": self.scheduler, "state": "routing", "prompt_tokens": prompt_tokens,
+                          "max_tokens": max_tokens, "tokens_emitted": 0, "opened_at": time.time()}, opening=True)
+
+    def assigned(self, rid: str, attempt_id: str, kind: str, prompt_worker: str, token_worker: str) -> None:
+        self._write(rid, {"state": kind, "attempt": attempt_id, "prompt_worker": prompt_worker,
+                          "token_worker": token_worker})
+
+    def progress(self, rid: str, tokens_emitted: int) -> None:
+        if tokens_emitted - self._written_tokens[rid] >= PROGRESS_EVERY_TOKENS:
+            self._written_tokens[rid] = tokens_emitted
+            self._write(rid, {"tokens_emitted": tokens_emitted})
+
+    def closed(self, rid: str, outcome: str, tokens_emitted: int) -> None:
+        self._written_tokens.pop(rid, None)
+        self._write(rid, {"state": "done", "outcome": outcome, "tokens_emitted": tokens_emitted,
+                          "closed_at": time.time()}, closing=True)
+
+    async def entry(self, rid: str) -> dict[str, str]:
+        raw = await self.client.hgetall(KEY_PREFIX + rid)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def open_requests(self) -> int:
+        """Requests open on any scheduler replica (entries of a replica that died drop out at their expiry)."""
+        await self.client.zremrangebyscore(OPEN_KEY, 0, time.time())
+        return await self.client.zcard(OPEN_KEY)
+
+    def _write(self, rid: str, fields: dict, opening: bool = False, closing: bool = False) -> None:
+        queue = self._queues.get(rid)
+        if queue is None:
+            queue = self._queues[rid] = asyncio.Queue()
+            asyncio.create_task(self._writer(rid, queue))
+        queue.put_nowait((fields, opening, closing))
+
+    async def _writer(self, rid: str, queue: asyncio.Queue) -> None:
+        """Writes one request's updates in order; ends after its closing write."""
+        key = KEY_PREFIX + rid
+        while True:
+            fields, opening, closing = await queue.get()
+            try:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.hset(key, mapping=fields)
+                    if closing:
+                        pipe.expire(key, int(CLOSED_TTL_S))
+                        pipe.zrem(OPEN_KEY, rid)
+                    elif opening:
+                        pipe.expire(key, int(self.ttl_s) + 1)
+                        pipe.zadd(OPEN_KEY, {rid: time.time() + self.ttl_s})
+                    await pipe.execute()
+                if self._failing:
+                    log.info("request journal: Redis is back")
+                    self._failing = False
+            except (redis.RedisError, OSError) as e:
+                if not self._failing:
+                    log.warning("request journal: cannot write to Redis (%s); requests go on unjournaled", e)
+                    self._failing = True
+            if closing and queue.empty():  # (a request id used again at once goes on in this queue)
+                self._queues.pop(rid, None)
+                return
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
