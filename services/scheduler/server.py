@@ -35,6 +35,9 @@ POOLS = ("prompt", "token", "mixed")
 RETRY_PUSHBACK_MS = 1000
 PUSHBACK = (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),)
 KEEP_TRANSITIONS_SHOWN = 20  # pool transitions ClusterStatus lists
+# When a token worker reports its KV stream broken, how long the prompt worker's stream has to show that the
+# prompt worker itself failed.
+SENDER_FAILURE_GRACE_S = 1.0
 
 
 class InvalidRequest(ValueError):
@@ -503,6 +506,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         await asyncio.wait({read, other_ended}, return_when=asyncio.FIRST_COMPLETED)
         if read.done():
             return read.result()
+        # The receiver saw the KV stream break; if its sender died, the sender's own stream says so at once, and
+        # that is the failure to act on (the request goes to another prompt worker, not another token worker).
+        await asyncio.wait({read}, timeout=SENDER_FAILURE_GRACE_S)
+        if read.done() and isinstance(read.exception(), WorkerFailed):
+            raise read.exception()
         read.cancel()
         await asyncio.gather(read, return_exceptions=True)  # the stream's reader must be idle before its end is read
         code = other_ended.result()
