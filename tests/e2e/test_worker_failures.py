@@ -1,8 +1,11 @@
-"""A token worker dies (SIGKILL) while 20 greedy streams run: every stream goes on, on the other token worker,
-without an error, and each whole output equals transformers' greedy output.
+"""Workers die (SIGKILL) under requests, and no client sees it.
 
-Two ways back: the prompt's KV kept by kv_store plus recomputation of the tokens already streamed (the
-default), and, with SPLITWISE_KV_KEEP=false, recomputation of prompt and streamed tokens on the new worker.
+A token worker dies while 20 greedy streams run: every stream goes on, on the other token worker, without an
+error, and each whole output equals the no-failure output. Two ways back: the prompt's KV kept by kv_store
+plus recomputation of the tokens already streamed (the default), and, with SPLITWISE_KV_KEEP=false,
+recomputation of prompt and streamed tokens on the new worker.
+
+A prompt worker dies mid-prefill: the request is tried again on the other prompt worker.
 """
 
 import asyncio
@@ -26,12 +29,14 @@ STREAMS = 20
 MAX_TOKENS = 160  # long enough that the kill lands while every stream is decoding
 
 
-def start_cluster(tmp_path, cache_dir, keep: bool) -> Cluster:
+def start_cluster(tmp_path, cache_dir, keep: bool = True, prompt_workers: int = 1, token_workers: int = 2,
+                  **env: str) -> Cluster:
     options = UpOptions(model="tiny-llama", device="cpu", run_dir=tmp_path, scheduler_port=free_port(),
                         prompt_port=free_port(), token_port=free_port(), kv_store_port=free_port(),
-                        redis_port=free_port(), metrics_port=0, token_workers=2, startup_timeout_s=120,
+                        redis_port=free_port(), metrics_port=0, prompt_workers=prompt_workers,
+                        token_workers=token_workers, startup_timeout_s=120,
                         extra_env={"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
-                                   "SPLITWISE_HEARTBEAT_S": "0.2", "SPLITWISE_KV_KEEP": str(keep).lower()})
+                                   "SPLITWISE_HEARTBEAT_S": "0.1", "SPLITWISE_KV_KEEP": str(keep).lower(), **env})
     cluster = Cluster(options)
     cluster.start()
     try:
@@ -95,5 +100,34 @@ async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, ca
         # The dead worker held about half of the streams; each resumed once, by the expected way.
         assert resumed.get(("resume", kv), 0) >= 3, resumed
         assert set(resumed) <= {("resume", kv)}, resumed
+    finally:
+        cluster.stop()
+
+
+async def test_sigkill_of_a_prompt_worker_mid_prefill_retries_the_request_on_the_other(tmp_path, cache_dir):
+    # Chunks of 4 tokens make a 900-token prefill take hundreds of engine steps: the kill lands inside it.
+    cluster = start_cluster(tmp_path, cache_dir, prompt_workers=2, token_workers=1, SPLITWISE_MAX_BATCH_TOKENS="4",
+                            SPLITWISE_REGISTRY_REFRESH_S="0.02")
+    prompt = [(11 * i) % 240 + 3 for i in range(900)]
+    try:
+        scheduler = next(c for c in cluster.children if c.name == "scheduler")
+        prompt_workers = {c.name: c for c in cluster.children if c.name.startswith("prompt_worker")}
+        async with SplitwiseClient(scheduler.address) as client:
+            reference = await client.generate(token_ids=prompt, max_tokens=12, ignore_eos=True, timeout=120)
+            request = asyncio.create_task(client.generate(token_ids=prompt, max_tokens=12, ignore_eos=True,
+                                                          timeout=120))
+            busy = None
+            for _ in range(400):  # the worker prefilling it says so in its heartbeat
+                status = await client.cluster_status()
+                busy = next((w.worker_id for w in status.workers
+                             if w.worker_id in prompt_workers and w.pending_tokens > 0), None)
+                if busy or request.done():
+                    break
+                await asyncio.sleep(0.01)
+            assert busy and not request.done(), "the prefill was not seen running"
+            prompt_workers[busy].proc.send_signal(signal.SIGKILL)
+            out = await request  # no error: tried again on the other prompt worker
+        assert out.token_ids == reference.token_ids and out.finish_reason == "length"
+        assert recoveries(scheduler.metrics_address).get(("retry", "recompute"), 0) == 1
     finally:
         cluster.stop()
