@@ -80,8 +80,8 @@ def _up(args) -> int:
     return up(UpOptions(
         model=args.model, host=args.host, scheduler_port=args.port, prompt_port=args.prompt_port,
         token_port=args.token_port, kv_store_port=args.kv_store_port, redis_port=args.redis_port,
-        metrics_port=args.metrics_port, redis_url=args.redis_url, prompt_workers=args.prompt_workers,
-        token_workers=args.token_workers,
+        metrics_port=args.metrics_port, redis_url=args.redis_url, schedulers=args.schedulers,
+        prompt_workers=args.prompt_workers, token_workers=args.token_workers,
         kv_transfer=args.kv_transfer, run_dir=Path(args.run_dir), device=args.device,
     ))
 
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run a local cluster (Redis + the four services) until Ctrl-C")
     up.add_argument("--model", default=os.environ.get("SPLITWISE_MODEL", DEFAULT_MODEL))
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=50051, help="scheduler port")
+    up.add_argument("--port", type=int, default=50051, help="scheduler port (replicas: +1, +2, ...)")
     up.add_argument("--prompt-port", type=int, default=50061, help="first prompt worker's port (then +1, +2, ...)")
     up.add_argument("--token-port", type=int, default=50071, help="first token worker's port (then +1, +2, ...)")
     up.add_argument("--kv-store-port", type=int, default=50081)
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--metrics-port", type=int, default=9451,
                     help="first Prometheus /metrics port (one per service, consecutive); 0 picks free ports")
     up.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
+    up.add_argument("--schedulers", type=int, default=1,
+                    help="scheduler replicas, sharing Redis; clients take them all: --address HOST:PORT,HOST:PORT+1")
     up.add_argument("--prompt-workers", type=int, default=1)
     up.add_argument("--token-workers", type=int, default=1)
     up.add_argument("--kv-transfer", choices=["direct", "relay"], default="direct")
@@ -145,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt")
-    gen.add_argument("--address", default="", help=f"scheduler address [SPLITWISE_ADDRESS] (default {DEFAULT_ADDRESS})")
+    gen.add_argument("--address", default="", help="scheduler address, or replicas' addresses comma-separated "
+                     f"(tried in turn) [SPLITWISE_ADDRESS] (default {DEFAULT_ADDRESS})")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--system", default="", help="system message")
     gen.add_argument("--max-tokens", type=int, default=256)
@@ -160,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=lambda a: asyncio.run(_generate(a)))
 
     status = sub.add_parser("status", help="print the cluster's workers and load")
-    status.add_argument("--address", default="")
+    status.add_argument("--address", default="", help="as generate's")
     status.set_defaults(run=lambda a: asyncio.run(_status(a)))
     health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (gRPC health)")
     health.add_argument("address")

@@ -1,10 +1,11 @@
-"""An async Python client for the scheduler's public API."""
+"""An async Python client for the scheduler's public API, failing over between scheduler replicas."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import grpc
 
@@ -12,7 +13,10 @@ from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from splitwise.server import CHANNEL_OPTIONS
 from splitwise.telemetry.tracing import client_interceptors
 
+log = logging.getLogger(__name__)
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+T = TypeVar("T")
 
 
 @dataclass
@@ -81,11 +85,27 @@ def build_request(
     return request
 
 
+def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """"a:1,b:2" or ["a:1", "b:2"] -> ["a:1", "b:2"]."""
+    parts = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    found = [a.strip() for a in parts if a.strip()]
+    if not found:
+        raise ValueError(f"no scheduler address in {addresses!r}")
+    return found
+
+
 class SplitwiseClient:
-    def __init__(self, address: str = DEFAULT_ADDRESS):
+    """Talks to one scheduler replica at a time, in the order given, and moves to the next one when a call fails
+    with UNAVAILABLE (replica gone, connection refused, no worker there) before anything was received. A stream
+    that already yielded chunks is never replayed elsewhere: its error is raised."""
+
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS):
+        self.addresses = parse_addresses(address)
         # With a tracer provider set up in the caller's process, each call is a CLIENT span, parent of the cluster's.
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
-        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+                         for a in self.addresses]
+        self.stubs = [scheduler_pb2_grpc.SchedulerStub(c) for c in self.channels]
+        self.current = 0  # the replica calls go to first
 
     async def __aenter__(self) -> "SplitwiseClient":
         return self
@@ -94,20 +114,46 @@ class SplitwiseClient:
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
+
+    def _replicas(self) -> list[int]:
+        """Every replica once, the current one first."""
+        n = len(self.stubs)
+        return [(self.current + i) % n for i in range(n)]
+
+    def _moved_on(self, index: int, error: grpc.aio.AioRpcError) -> bool:
+        """After an UNAVAILABLE from a replica, later calls start at the next one; True when that was the error."""
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        if len(self.stubs) > 1:
+            log.warning("scheduler %s is unavailable: %s", self.addresses[index], error.details())
+        if self.current == index:
+            self.current = (index + 1) % len(self.stubs)
+        return True
 
     async def stream(self, *args, timeout: float | None = None, **kwargs) -> AsyncIterator[Chunk]:
         """Streams a completion; arguments as build_request. Raises grpc.aio.AioRpcError on failure.
 
-        Leaving the loop early cancels the request on every worker.
+        timeout bounds the whole call, failovers included. Leaving the loop early cancels the request on every worker.
         """
-        call = self.stub.Generate(build_request(*args, **kwargs), timeout=timeout)
-        try:
-            async for r in call:
-                yield Chunk(r.request_id, list(r.token_ids), r.text, _finish_reason_name(r.finish_reason),
-                            r.usage.prompt_tokens, r.usage.completion_tokens, list(r.logprobs))
-        finally:
-            call.cancel()
+        request = build_request(*args, **kwargs)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replicas = self._replicas()
+        for index in replicas:
+            call = self.stubs[index].Generate(request, timeout=_remaining(deadline))
+            received = False
+            try:
+                async for r in call:
+                    received = True
+                    yield Chunk(r.request_id, list(r.token_ids), r.text, _finish_reason_name(r.finish_reason),
+                                r.usage.prompt_tokens, r.usage.completion_tokens, list(r.logprobs))
+                return
+            except grpc.aio.AioRpcError as e:
+                if not self._moved_on(index, e) or received or index == replicas[-1]:
+                    raise
+            finally:
+                call.cancel()
 
     async def generate(self, *args, timeout: float | None = None, **kwargs) -> Completion:
         """The whole completion at once."""
@@ -127,4 +173,21 @@ class SplitwiseClient:
         return out
 
     async def cluster_status(self, timeout: float = 10.0) -> scheduler_pb2.ClusterStatusResponse:
-        return await self.stub.ClusterStatus(scheduler_pb2.ClusterStatusRequest(), timeout=timeout)
+        """The cluster as the first replica that answers sees it."""
+        return await self._unary(lambda stub, t: stub.ClusterStatus(scheduler_pb2.ClusterStatusRequest(), timeout=t),
+                                 timeout)
+
+    async def _unary(self, call: Callable[[scheduler_pb2_grpc.SchedulerStub, float | None], Awaitable[T]],
+                     timeout: float | None) -> T:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replicas = self._replicas()
+        for index in replicas:
+            try:
+                return await call(self.stubs[index], _remaining(deadline))
+            except grpc.aio.AioRpcError as e:
+                if not self._moved_on(index, e) or index == replicas[-1]:
+                    raise
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -1,4 +1,5 @@
-"""`splitwise up`: runs Redis and the four services as subprocesses, waits until healthy, and stops them all."""
+"""`splitwise up`: runs Redis and the four services (the scheduler in one or more replicas) as subprocesses, waits
+until healthy, and stops them all."""
 
 from __future__ import annotations
 
@@ -43,13 +44,14 @@ def die_with_launcher() -> None:
 class UpOptions:
     model: str
     host: str = "127.0.0.1"
-    scheduler_port: int = 50051
+    scheduler_port: int = 50051  # replica i of the scheduler listens on scheduler_port + i
     prompt_port: int = 50061
     token_port: int = 50071
     kv_store_port: int = 50081
     redis_port: int = 6379
     metrics_port: int = 9451  # Prometheus endpoints on consecutive ports, one per service as it starts; 0: free ports
     redis_url: str = ""  # use this Redis instead of starting one
+    schedulers: int = 1  # replicas, all reading the same Redis and all serving clients
     prompt_workers: int = 1
     token_workers: int = 1
     kv_transfer: str = "direct"
@@ -94,11 +96,33 @@ class Cluster:
         log.close()
         self.children.append(Child(name, address, proc, metrics))
 
+    @property
+    def schedulers(self) -> list[Child]:
+        return [c for c in self.children if c.name.split("-")[0] == "scheduler"]
+
+    @property
+    def address(self) -> str:
+        """Every scheduler replica's address, comma-separated, as SplitwiseClient and `--address` take them."""
+        return ",".join(c.address for c in self.schedulers)
+
+    def start_redis(self) -> None:
+        """Starts the cluster's own Redis on redis_port: at start, or again (empty) after kill_redis."""
+        self.redis = start_redis(self.o.redis_port, self.o.host)
+
+    def kill_redis(self) -> None:
+        """SIGKILL to the cluster's own Redis, as a crash would; everything it held is gone."""
+        if self.redis is None:
+            raise RuntimeError("this cluster uses an external Redis (redis_url)")
+        self.redis.kill()
+        self.redis.wait()
+
     def start(self) -> None:
         o = self.o
+        if o.schedulers < 1:
+            raise ValueError(f"schedulers must be at least 1, got {o.schedulers}")
         redis_url = o.redis_url
         if not redis_url:
-            self.redis = start_redis(o.redis_port, o.host)
+            self.start_redis()
             redis_url = f"redis://{o.host}:{o.redis_port}/0"
         traces = (o.run_dir / "traces").resolve()
         common = {"SPLITWISE_MODEL": o.model, "SPLITWISE_REDIS_URL": redis_url, "SPLITWISE_DEVICE": o.device}
@@ -114,16 +138,25 @@ class Cluster:
                 self._spawn(name, f"services.{role}", {
                     **common, f"SPLITWISE_{role.upper()}_LISTEN": address, "SPLITWISE_WORKER_ID": name,
                     "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")}, address)
-        scheduler = f"{o.host}:{o.scheduler_port}"
-        self._spawn("scheduler", "services.scheduler", {
-            **common, "SPLITWISE_SCHEDULER_LISTEN": scheduler, "SPLITWISE_KV_TRANSFER": o.kv_transfer,
-            "SPLITWISE_KV_STORE_ADDRESS": kv_store, "SPLITWISE_TRACE_FILE": str(traces / "scheduler.jsonl")}, scheduler)
+        for i in range(o.schedulers):
+            scheduler = f"{o.host}:{o.scheduler_port + i}"
+            name = "scheduler" if o.schedulers == 1 else f"scheduler-{i}"
+            self._spawn(name, "services.scheduler", {
+                **common, "SPLITWISE_SCHEDULER_LISTEN": scheduler, "SPLITWISE_KV_TRANSFER": o.kv_transfer,
+                "SPLITWISE_KV_STORE_ADDRESS": kv_store, "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")},
+                scheduler)
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
+    def lost_service(self) -> Child | None:
+        """A dead child the cluster cannot do without: any service but a scheduler replica with a live sibling."""
+        live_schedulers = [c for c in self.schedulers if c.proc.poll() is None]
+        return next((c for c in self.children if c.proc.poll() is not None
+                     and (c not in self.schedulers or not live_schedulers)), None)
+
     def wait_healthy(self) -> None:
-        """Waits for every service's gRPC health check, then for all workers to join the registry."""
+        """Waits for every service's gRPC health check, then for every scheduler replica to see all workers."""
         deadline = time.monotonic() + self.o.startup_timeout_s
         pending = [c for c in self.children if c.address]
         while pending:
@@ -131,18 +164,10 @@ class Cluster:
             pending = [c for c in pending if not serving(c.address)]
             time.sleep(0.2)
         expected = self.o.prompt_workers + self.o.token_workers
-        scheduler = self.children[-1].address
-        while True:
+        pending = [c.address for c in self.schedulers]
+        while pending:
             self._check_alive(deadline)
-            try:
-                with grpc.insecure_channel(scheduler) as channel:
-                    status = scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(
-                        scheduler_pb2.ClusterStatusRequest(), timeout=5)
-                if len(status.workers) >= expected:
-                    return
-            except grpc.RpcError as e:  # a busy machine: ask again until the deadline
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the scheduler does not answer ClusterStatus: {e.code().name}") from e
+            pending = [address for address in pending if num_workers_seen(address, deadline) < expected]
             time.sleep(0.2)
 
     def _check_alive(self, deadline: float) -> None:
@@ -173,6 +198,19 @@ class Cluster:
                 self.redis.kill()
 
 
+def num_workers_seen(scheduler: str, deadline: float) -> int:
+    """How many workers the scheduler at this address lists; 0 while it does not answer, until the deadline."""
+    try:
+        with grpc.insecure_channel(scheduler) as channel:
+            status = scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(
+                scheduler_pb2.ClusterStatusRequest(), timeout=5)
+        return len(status.workers)
+    except grpc.RpcError as e:  # a busy machine: ask again until the deadline
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the scheduler at {scheduler} does not answer ClusterStatus: {e.code().name}") from e
+        return 0
+
+
 def serving(address: str) -> bool:
     """True when the gRPC server at address answers the standard health check with SERVING."""
     try:
@@ -184,7 +222,8 @@ def serving(address: str) -> bool:
 
 
 def up(options: UpOptions) -> int:
-    """Runs the cluster in the foreground until Ctrl-C / SIGTERM or until a service dies."""
+    """Runs the cluster in the foreground until Ctrl-C / SIGTERM or until a service is lost (a scheduler replica
+    may die while another one serves)."""
     from splitwise.model.weights import resolve_model
 
     print(f"preparing model {options.model} (the first run converts the GGUF, ~30 s)...", flush=True)
@@ -211,14 +250,20 @@ def up(options: UpOptions) -> int:
             for child in cluster.children:
                 print(f"  {child.name:<16} {child.address or '':<22} pid {child.proc.pid:<8} metrics http://{child.metrics_address}/metrics")
             print(f"  logs and traces in {options.run_dir.resolve()}")
-            print(f"try: splitwise generate --address {cluster.children[-1].address} \"What is the capital of France?\"")
+            print(f"try: splitwise generate --address {cluster.address} \"What is the capital of France?\"")
             print("Ctrl-C stops everything.", flush=True)
+        reported: set[str] = set()
         while not stop_requested:
-            dead = cluster.dead_child()
-            if dead:
-                print(f"{dead.name} exited with code {dead.proc.returncode}; stopping the cluster", file=sys.stderr)
+            lost = cluster.lost_service()
+            if lost:
+                print(f"{lost.name} exited with code {lost.proc.returncode}; stopping the cluster", file=sys.stderr)
                 code = 1
                 break
+            for replica in cluster.schedulers:
+                if replica.proc.poll() is not None and replica.name not in reported:
+                    reported.add(replica.name)
+                    print(f"{replica.name} exited with code {replica.proc.returncode}; the other scheduler replicas "
+                          "go on serving", file=sys.stderr)
             time.sleep(0.2)
     except (RuntimeError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,9 +7,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as redis
-
-from splitwise.cluster.registry import Heartbeat, WorkerInfo, WorkerRegistry
+from splitwise.cluster.registry import Heartbeat, WorkerInfo, WorkerRegistry, connect
 from splitwise.config import cache_dir_of, default_worker_id, resolve_device
 from splitwise.engine.llm_engine import Engine, EngineConfig
 from splitwise.kv.layout import KVLayout
@@ -66,7 +64,7 @@ def start_kv_transports(config, address: str) -> WorkerTransports:
 def start_heartbeat(config, worker_id: str, role: str, address: str, engine: Engine,
                     transports: WorkerTransports) -> Heartbeat:
     """A heartbeat announcing this worker with its current load."""
-    registry = WorkerRegistry(redis.Redis.from_url(config.redis_url), ttl_s=config.registry_ttl_s)
+    registry = WorkerRegistry(connect(config.redis_url), ttl_s=config.registry_ttl_s)
     loaded = engine.loaded
     blocks = engine.blocks
 

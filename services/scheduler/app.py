@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from dataclasses import dataclass
-
-import redis.asyncio as redis
 
 from services.scheduler.server import ModelInfo, SchedulerServicer
 from splitwise.channels import ChannelPool
-from splitwise.cluster.registry import WorkerRegistry
+from splitwise.cluster.journal import RequestJournal
+from splitwise.cluster.pools import PoolPolicy, PoolStore
+from splitwise.cluster.registry import WorkerRegistry, connect
 from splitwise.cluster.routing import ConditionalDisaggregation
 from splitwise.config import SchedulerConfig, cache_dir_of, parse_config
 from splitwise.model.weights import eos_token_ids, load_tokenizer, read_hf_config, resolve_model
@@ -20,6 +22,8 @@ from splitwise.telemetry.metrics import setup_metrics
 from splitwise.telemetry.tracing import setup_tracing
 
 SERVICE = "scheduler"
+# An open journal entry outlives its request's deadline by this much (then a dead replica's entries expire).
+JOURNAL_SLACK_S = 60.0
 
 
 @dataclass
@@ -45,14 +49,20 @@ def load_model_info(config: SchedulerConfig) -> ModelInfo:
 
 async def start(config: SchedulerConfig) -> Scheduler:
     model = await asyncio.to_thread(load_model_info, config)
-    registry = WorkerRegistry(redis.Redis.from_url(config.redis_url))
+    client = connect(config.redis_url)
+    registry = WorkerRegistry(client)
     channels = ChannelPool()
+    replica = f"scheduler-{socket.gethostname()}-{os.getpid()}"
     servicer = SchedulerServicer(model, registry, channels, config.kv_transfer, config.kv_store_address,
                                  config.request_timeout_s, config.kv_layerwise_min_tokens, config.routing_policy,
                                  ConditionalDisaggregation(config.conditional_prefill_max_tokens,
                                                            config.prompt_pool_busy_tokens),
-                                 config.max_requests_in_flight, config.kv_keep)
-    servicer.workers = await registry.workers()
+                                 config.max_requests_in_flight, config.kv_keep,
+                                 PoolStore(client, replica),
+                                 PoolPolicy(config.pool_borrow_prompt_tokens, config.pool_borrow_kv_fraction,
+                                            config.pool_cooldown_s),
+                                 RequestJournal(client, replica, config.request_timeout_s + JOURNAL_SLACK_S))
+    await servicer.refresh_workers()
     refresher = asyncio.create_task(servicer.refresh_workers_forever(config.registry_refresh_s))
     service = await start_server(
         config.listen,

@@ -1,4 +1,8 @@
-"""The worker registry in Redis: each worker keeps a key with a TTL alive by heartbeats; a dead worker's key expires."""
+"""The worker registry in Redis: each worker keeps a key with a TTL alive by heartbeats; a dead worker's key expires.
+
+A Redis that restarts empty loses nothing for good: the heartbeats fill it again within an interval, and a
+reader meanwhile goes on listing the workers it saw before, so that routing never sees an empty cluster.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
 import redis.asyncio as redis
@@ -14,6 +18,13 @@ import redis.asyncio as redis
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "splitwise:worker:"
+REDIS_TIMEOUT_S = 2.0  # a Redis that does not answer within this long counts as down
+
+
+def connect(redis_url: str) -> redis.Redis:
+    """A client for the registry whose calls fail after REDIS_TIMEOUT_S: a Redis whose host vanished without a
+    connection reset would otherwise hold a heartbeat or a registry read until TCP gives up, many minutes later."""
+    return redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
 
 
 @dataclass(frozen=True)
@@ -33,9 +44,16 @@ class WorkerInfo:
 
 
 class WorkerRegistry:
+    """Workers announce themselves here; the scheduler lists them. ttl_s: how long an announcement lasts, and how
+    long a reader goes on listing the workers it saw before Redis restarted, while they announce again."""
+
     def __init__(self, client: redis.Redis, ttl_s: float = 3.0):
         self.client = client
         self.ttl_s = ttl_s
+        self._redis_run_id = ""  # which Redis process answered the last read
+        self._listed: list[WorkerInfo] = []
+        self._bridged: dict[str, WorkerInfo] = {}  # listed before a Redis restart, not announced since
+        self._bridged_until = 0.0  # monotonic seconds
 
     async def announce(self, info: WorkerInfo) -> None:
         info = replace(info, heartbeat_at=time.time())
@@ -45,11 +63,42 @@ class WorkerRegistry:
         await self.client.delete(KEY_PREFIX + worker_id)
 
     async def workers(self, role: str | None = None) -> list[WorkerInfo]:
+        found = await self._read()
+        run_id = (await self.client.info("server")).get("run_id", "")
+        now = time.monotonic()
+        if self._redis_run_id and run_id != self._redis_run_id:
+            log.warning("Redis restarted: listing the %d workers seen before for %.1fs while they register again",
+                        len(self._listed), self.ttl_s)
+            self._bridged = {w.worker_id: w for w in self._listed}
+            self._bridged_until = now + self.ttl_s
+        self._redis_run_id = run_id
+        for w in found:
+            self._bridged.pop(w.worker_id, None)
+        if now < self._bridged_until:
+            found += self._bridged.values()
+        self._listed = found
+        return sorted((w for w in found if role is None or w.role == role), key=lambda w: w.worker_id)
+
+    async def _read(self) -> list[WorkerInfo]:
         keys = [key async for key in self.client.scan_iter(match=KEY_PREFIX + "*", count=500)]
         if not keys:
             return []
-        found = [WorkerInfo(**json.loads(raw)) for raw in await self.client.mget(keys) if raw is not None]
-        return sorted((w for w in found if role is None or w.role == role), key=lambda w: w.worker_id)
+        entries = (_parse(key, raw) for key, raw in zip(keys, await self.client.mget(keys)) if raw is not None)
+        return [info for info in entries if info is not None]
+
+
+WORKER_FIELDS = frozenset(f.name for f in fields(WorkerInfo))
+
+
+def _parse(key: bytes, raw: bytes) -> WorkerInfo | None:
+    """The entry as a WorkerInfo, leaving out fields this version does not know; None, logged, if it is not one:
+    one bad entry must not keep the scheduler from reading the others."""
+    try:
+        entry = json.loads(raw)
+        return WorkerInfo(**{name: value for name, value in entry.items() if name in WORKER_FIELDS})
+    except (ValueError, TypeError, AttributeError) as e:
+        log.warning("registry entry %r is not a worker: %s", key, e)
+        return None
 
 
 class Heartbeat:
@@ -75,6 +124,8 @@ class Heartbeat:
                 await self.registry.announce(self.describe())
             except (redis.RedisError, OSError) as e:
                 log.warning("heartbeat to Redis failed: %s", e)
+            except Exception:  # a heartbeat that stops silently would drop a live worker from the registry
+                log.exception("heartbeat failed")
 
     async def stop(self, deregister: bool = True, timeout_s: float = 2.0) -> None:
         if self._task:

@@ -1,12 +1,19 @@
 """The registry against a real Redis, and the routing policy as a pure function."""
 
 import asyncio
+import json
+import os
+import signal
+import time
+from dataclasses import asdict
 
 import pytest
 import redis.asyncio as redis
 
-from splitwise.cluster.registry import Heartbeat, WorkerInfo, WorkerRegistry
+from splitwise.cluster.redis_server import start_redis
+from splitwise.cluster.registry import KEY_PREFIX, REDIS_TIMEOUT_S, Heartbeat, WorkerInfo, WorkerRegistry, connect
 from splitwise.cluster.routing import NoWorkerAvailable, join_shortest_queue, route
+from tests.conftest import free_port
 
 
 def worker(worker_id: str, role: str, pending: int = 0, capacity: int = 10_000, model: str = "m") -> WorkerInfo:
@@ -43,6 +50,61 @@ async def test_deregistered_worker_leaves_at_once(registry):
     await registry.announce(worker("t0", "token"))
     await registry.remove("t0")
     assert await registry.workers() == []
+
+
+async def test_an_entry_that_is_not_a_worker_hides_no_other_and_unknown_fields_are_ignored(registry):
+    await registry.announce(worker("p0", "prompt"))
+    await registry.client.set(KEY_PREFIX + "junk", b"not json")
+    await registry.client.set(KEY_PREFIX + "t1", json.dumps({**asdict(worker("t1", "token")), "from_the_future": 1}))
+    assert [w.worker_id for w in await registry.workers()] == ["p0", "t1"]
+
+
+async def test_after_redis_restarts_empty_a_reader_lists_the_workers_it_saw_until_they_announce_or_one_ttl_passes():
+    port = free_port()
+    server = start_redis(port)
+    client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    registry = WorkerRegistry(client, ttl_s=1.0)
+    try:
+        for info in (worker("p0", "prompt"), worker("t0", "token"), worker("t1", "token")):
+            await registry.announce(info)
+        before = {w.worker_id: w for w in await registry.workers()}
+        server.kill()
+        server.wait()
+        with pytest.raises(redis.ConnectionError):
+            await registry.workers()
+        server = start_redis(port)
+        restarted = time.monotonic()
+        assert await registry.workers() == list(before.values())  # the new Redis is empty
+        await registry.announce(worker("t0", "token"))
+        await registry.announce(worker("t1", "token"))
+        assert [w.worker_id for w in await registry.workers()] == ["p0", "t0", "t1"]
+        await registry.remove("t1")  # announced again, then deregistered: gone at once
+        (p0, t0) = await registry.workers()
+        assert p0 == before["p0"] and t0.heartbeat_at > before["t0"].heartbeat_at
+        while "p0" in {w.worker_id for w in await registry.workers()}:  # never announced again: gone one TTL later
+            assert time.monotonic() - restarted < 5, "p0 is still listed"
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - restarted >= 1.0
+    finally:
+        server.kill()
+        await client.aclose()
+
+
+async def test_a_redis_that_hangs_fails_registry_calls_after_the_timeout_instead_of_holding_them():
+    port = free_port()
+    server = start_redis(port)
+    registry = WorkerRegistry(connect(f"redis://127.0.0.1:{port}/0"))
+    try:
+        await registry.announce(worker("p0", "prompt"))
+        os.kill(server.pid, signal.SIGSTOP)  # connections stay open; nothing answers
+        for call in (registry.workers(), registry.announce(worker("p0", "prompt"))):
+            start = time.monotonic()
+            with pytest.raises(redis.TimeoutError):
+                await asyncio.wait_for(call, 3 * REDIS_TIMEOUT_S)
+            assert time.monotonic() - start < 1.5 * REDIS_TIMEOUT_S
+    finally:
+        server.kill()
+        await registry.client.aclose()
 
 
 def test_join_shortest_queue_counts_reported_and_in_flight_tokens():

@@ -1,0 +1,54 @@
+"""A `splitwise up` cluster of real processes on free ports, running the tiny model on CPU, for end-to-end tests."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from splitwise.launcher import Cluster, UpOptions
+from splitwise.model.weights import resolve_model
+from tests.conftest import free_port
+
+HEARTBEAT_S = 0.2
+
+
+@contextmanager
+def launched_cluster(run_dir: Path, cache_dir: Path, env: dict | None = None, **options) -> Iterator[Cluster]:
+    """Started and healthy on entry (the test fails with the services' logs otherwise), stopped on exit."""
+    resolve_model("tiny-llama", cache_dir)
+    schedulers = options.get("schedulers", 1)
+    first_scheduler_port = free_port()
+    while not all(port_is_free(first_scheduler_port + i) for i in range(schedulers)):
+        first_scheduler_port = free_port()
+    cluster = Cluster(UpOptions(
+        model="tiny-llama", device="cpu", run_dir=run_dir, scheduler_port=first_scheduler_port,
+        prompt_port=free_port(), token_port=free_port(), kv_store_port=free_port(), redis_port=free_port(),
+        metrics_port=0, startup_timeout_s=120,
+        extra_env={"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
+                   "SPLITWISE_HEARTBEAT_S": str(HEARTBEAT_S), **(env or {})},
+        **options))
+    try:
+        cluster.start()
+        cluster.wait_healthy()
+    except (RuntimeError, TimeoutError, grpc.RpcError) as e:
+        cluster.stop()
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in (run_dir / "logs").glob("*.log"))
+        pytest.fail(f"the cluster did not start: {e}\n{logs}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
