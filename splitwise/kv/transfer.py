@@ -397,7 +397,7 @@ class KVReceiver:
             except asyncio.CancelledError:
                 message.cancel()
                 raise
-            if not message.done():
+            if not message.done() or self.committed.done():  # (a message and the end can come in one wake-up)
                 message.cancel()
                 await asyncio.gather(message, return_exceptions=True)
                 continue  # the check above refuses the stream
