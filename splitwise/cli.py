@@ -55,23 +55,40 @@ async def _generate(args) -> int:
 
 async def _status(args) -> int:
     async with SplitwiseClient(_address(args)) as client:
-        try:
-            status = await client.cluster_status()
-        except grpc.aio.AioRpcError as e:
-            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
-    print(f"model {status.model}; KV transfer {status.kv_transfer_mode}; {status.requests_in_flight} requests in flight")
-    pools = {role: [w for w in status.workers if w.role == role] for role in ("prompt", "token", "mixed")}
-    print("pools: " + "; ".join(f"{role} {len(members)} workers, {sum(w.pending_tokens for w in members)} tokens pending"
-                                for role, members in pools.items()))
-    print(f"{'worker':<24} {'role':<7} {'address':<22} {'pending tok':>11} {'active':>6} {'KV used/capacity tok':>22} {'heartbeat':>9}")
+        while True:
+            try:
+                status = await client.cluster_status()
+            except grpc.aio.AioRpcError as e:
+                print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 1
+            if args.watch:
+                print("\033[H\033[J", end="")  # clear the terminal: one screen, refreshed
+            print_status(status)
+            if not args.watch:
+                return 0
+            await asyncio.sleep(args.watch)
+
+
+def print_status(status) -> None:
+    print(f"model {status.model}; KV transfer {status.kv_transfer_mode}; requests in flight: "
+          f"{status.cluster_requests_in_flight} in the cluster, {status.requests_in_flight} on this scheduler")
+    pools = {pool: [w for w in status.workers if (w.pool or w.role) == pool] for pool in ("prompt", "token", "mixed")}
+    print("pools: " + "; ".join(f"{pool} {len(members)} workers, {sum(w.pending_tokens for w in members)} tokens pending"
+                                for pool, members in pools.items()))
+    print(f"{'worker':<24} {'role':<7} {'pool':<7} {'address':<22} {'pending tok':>11} {'active':>6} "
+          f"{'KV used/capacity tok':>22} {'heartbeat':>9}")
     for w in status.workers:
         kv = f"{w.kv_used_tokens}/{w.kv_capacity_tokens}"
-        print(f"{w.worker_id:<24} {w.role:<7} {w.address:<22} {w.pending_tokens:>11} {w.active_requests:>6} "
-              f"{kv:>22} {w.heartbeat_age_s:>8.1f}s")
+        pool = w.pool or w.role
+        print(f"{w.worker_id:<24} {w.role:<7} {pool + ('*' if pool != w.role else ''):<7} {w.address:<22} "
+              f"{w.pending_tokens:>11} {w.active_requests:>6} {kv:>22} {w.heartbeat_age_s:>8.1f}s")
     if not status.workers:
         print("(no workers registered)")
-    return 0
+    if status.pool_transitions:
+        print("pool transitions (newest first; * above: borrowed):")
+        now = time.time()
+        for t in status.pool_transitions[:8]:
+            print(f"  {now - t.at_unix_s:>7.1f}s ago  {t.worker_id}: {t.from_pool} -> {t.to_pool}  ({t.reason})")
 
 
 def _up(args) -> int:
@@ -164,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="print the cluster's workers and load")
     status.add_argument("--address", default="", help="as generate's")
+    status.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                        help="refresh every SECONDS until interrupted (pools and transitions live)")
     status.set_defaults(run=lambda a: asyncio.run(_status(a)))
     health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (gRPC health)")
     health.add_argument("address")

@@ -143,6 +143,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.routed = 0  # requests routed so far: round-robin's turn, random's seed
         self.pools = pools
         self.journal = journal
+        self._journal_unreadable = False
         self.pool_policy = pool_policy
         self.declared: list[WorkerInfo] = []  # as registered, with the role each declared
         self.membership: dict[str, str] = {}  # borrowed workers -> their pool now
@@ -545,8 +546,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if self.journal:
             try:
                 everywhere = await asyncio.wait_for(self.journal.open_requests(), 1.0)
+                self._journal_unreadable = False
             except (redis.RedisError, OSError, asyncio.TimeoutError) as e:
-                log.warning("cannot count the cluster's requests in the journal: %s", e or "timed out")
+                if not self._journal_unreadable:  # once per outage
+                    log.warning("cannot count the cluster's requests in the journal: %s", e or "timed out")
+                    self._journal_unreadable = True
         return scheduler_pb2.ClusterStatusResponse(
             cluster_requests_in_flight=everywhere,
             model=self.model.name,

@@ -44,11 +44,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _StreamEndDetachFilter(logging.Filter):
+    """opentelemetry-instrumentation-grpc's server interceptor holds its span's context across the `yield` of a
+    streaming RPC; when the stream is closed rather than exhausted (the scheduler ends a token worker's Decode
+    stream once it has what it needs, a client cancels), the generator is finalised in another context and
+    opentelemetry.context logs "Failed to detach context" at ERROR, though the span has ended and nothing
+    else went wrong (open-telemetry/opentelemetry-python-contrib#2357, open). Such records go to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "opentelemetry.context" and record.getMessage() == "Failed to detach context":
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def setup_logging(service: str, level: str = "INFO", fmt: str = "json") -> None:
     if fmt not in ("json", "text"):
         raise ValueError(f"log format must be json or text, got {fmt!r}")
     handler = logging.StreamHandler()
     handler.addFilter(_TraceContextFilter())
+    handler.addFilter(_StreamEndDetachFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter(service))
     else:

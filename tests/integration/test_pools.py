@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from services.token_worker import app as token_app
+from splitwise.cli import print_status
 from splitwise.client import SplitwiseClient
 from splitwise.config import TokenWorkerConfig
 from splitwise.model.weights import resolve_model
@@ -44,7 +45,7 @@ async def pools(client: SplitwiseClient) -> dict[str, str]:
 
 
 async def test_a_burst_of_long_prompts_borrows_a_token_worker_into_the_mixed_pool_and_gives_it_back(
-        cluster, cache_dir, trace_file):
+        cluster, cache_dir, trace_file, capsys):
     c, second = cluster
     folder = resolve_model("tiny-llama", cache_dir)[1]
     prompts = [[(7 * i + j) % 200 + 3 for j in range(240)] for i in range(24)]
@@ -74,6 +75,10 @@ async def test_a_burst_of_long_prompts_borrows_a_token_worker_into_the_mixed_poo
     assert ("token", "mixed") in moves and ("mixed", "token") in moves
     lent = next(t for t in status.pool_transitions if t.to_pool == "mixed")
     assert lent.worker_id in ("token-a", "token-b") and "prompt pool busy" in lent.reason
+    print_status(status)  # what `splitwise status` shows
+    shown = capsys.readouterr().out
+    assert f"{lent.worker_id}: token -> mixed" in shown and f"{lent.worker_id}: mixed -> token" in shown
+    assert "pools: prompt 1 workers" in shown and "token 2 workers" in shown
 
     # Some requests were prefilled in the mixed pool, with output as exact as the split ones'.
     routes = []

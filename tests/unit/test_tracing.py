@@ -85,3 +85,23 @@ async def test_logs_are_json_lines_carrying_the_trace_and_span_ids():
     assert inside["message"] == "inside a span" and inside["severity"] == "WARNING"
     assert (inside["trace_id"], inside["span_id"]) == (trace_id, span_id)
     assert inside["service.name"] == "test-service" and inside["request_id"] == "r-1"
+
+
+DETACH_IN_ANOTHER_CONTEXT = """
+import contextvars, logging
+from opentelemetry import context
+from splitwise.telemetry.logs import setup_logging
+setup_logging("test-service")
+token = context.attach(context.set_value("k", 1))
+contextvars.Context().run(context.detach, token)  # what a stream closed in another context does
+logging.getLogger("x").error("a real error")
+"""
+
+
+async def test_the_grpc_instrumentations_spurious_detach_error_is_not_logged_as_an_error():
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", DETACH_IN_ANOTHER_CONTEXT,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    records = [json.loads(line) for line in err.decode().splitlines()]
+    assert [(r["severity"], r["message"]) for r in records] == [("ERROR", "a real error")]
