@@ -38,6 +38,8 @@ KEEP_TRANSITIONS_SHOWN = 20  # pool transitions ClusterStatus lists
 # When a token worker reports its KV stream broken, how long the prompt worker's stream has to show that the
 # prompt worker itself failed.
 SENDER_FAILURE_GRACE_S = 1.0
+# How long the scheduler waits for a token worker's own end of a stream it already has every token of.
+WORKER_END_GRACE_S = 0.5
 
 
 class InvalidRequest(ValueError):
@@ -455,6 +457,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             response = output.add(list(tokens.token_ids), tokens.finish_reason or None, list(tokens.logprobs))
             if response.token_ids or response.text or output.finished:
                 yield response
+        if decode not in ending and output.finish_reason == common_pb2.FINISH_REASON_LENGTH:
+            # The worker stops at max_tokens too: its last message is on its way. Reading it lets the stream end
+            # by itself rather than be cancelled.
+            try:
+                last = await asyncio.wait_for(decode.read(), WORKER_END_GRACE_S)
+                if last is not grpc.aio.EOF and last.WhichOneof("kind") == "tokens" and last.tokens.finish_reason:
+                    ending.add(decode)
+            except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+                pass
         span.set_attributes({"completion.tokens": output.completion_tokens,
                              "finish_reason": common_pb2.FinishReason.Name(output.finish_reason)})
 

@@ -179,25 +179,27 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
             produced = 0
             start = last = time.perf_counter()
             gaps: list[float] = []
-            while True:
-                event = await handle.next_event()
-                if isinstance(event, Finished):
-                    break
-                produced += 1
-                now = time.perf_counter()
-                if produced == 1:
-                    span.add_event("first_token")
-                    span.set_attribute("time_to_first_token_ms", (now - start) * 1e3)
-                else:
-                    gaps.append(now - last)
-                last = now
-                yield worker_pb2.DecodeEvent(tokens=worker_pb2.Tokens(token_ids=[event.token_id],
-                                                                      logprobs=[event.logprob]))
-            if gaps:
-                span.set_attributes({"time_between_tokens_mean_ms": sum(gaps) / len(gaps) * 1e3,
-                                     "time_between_tokens_max_ms": max(gaps) * 1e3})
-            span.set_attributes({"output.tokens": produced, "finish_reason": event.reason.value,
-                                 "preemptions": handle.seq.num_preemptions})
+            try:
+                while True:
+                    event = await handle.next_event()
+                    if isinstance(event, Finished):
+                        break
+                    produced += 1
+                    now = time.perf_counter()
+                    if produced == 1:
+                        span.add_event("first_token")
+                        span.set_attribute("time_to_first_token_ms", (now - start) * 1e3)
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                    yield worker_pb2.DecodeEvent(tokens=worker_pb2.Tokens(token_ids=[event.token_id],
+                                                                          logprobs=[event.logprob]))
+            finally:  # also when the scheduler ends the stream first (it had what it needed, or was cancelled)
+                if gaps:
+                    span.set_attributes({"time_between_tokens_mean_ms": sum(gaps) / len(gaps) * 1e3,
+                                         "time_between_tokens_max_ms": max(gaps) * 1e3})
+                span.set_attributes({"output.tokens": produced, "preemptions": handle.seq.num_preemptions})
+            span.set_attribute("finish_reason", event.reason.value)
             if event.reason not in FINISH_REASONS:
                 record_error(span, event.reason.value)
                 await context.abort(grpc.StatusCode.ABORTED, f"request {event.reason.value} on the token worker")

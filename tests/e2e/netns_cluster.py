@@ -154,7 +154,9 @@ def running_cluster(lan: Lan, run_dir: Path, cache_dir: Path, env: dict[str, str
     redis_port = free_port()
     redis = start_redis(redis_port, lan.gateway)
     common = {"SPLITWISE_MODEL": MODEL, "SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_DEVICE": "cpu",
-              "SPLITWISE_NUM_THREADS": "1", "SPLITWISE_REDIS_URL": f"redis://{lan.gateway}:{redis_port}/0", **env}
+              "SPLITWISE_NUM_THREADS": "1", "SPLITWISE_REDIS_URL": f"redis://{lan.gateway}:{redis_port}/0",
+              "SPLITWISE_KV_KEEP": "false",  # no kv_store runs on this LAN
+              **env}
     services: list[Service] = []
     try:
         for name in ("token_worker", "prompt_worker"):

@@ -76,9 +76,8 @@ def start_cluster(transport, tmp_path, cache_dir):
     with ExitStack() as stack:
         def start(**env: str) -> NetnsCluster:
             lans.append(stack.enter_context(three_host_lan(tag, subnet=f"10.214.{os.getpid() % 256}")))
-            # No kept copy in the kv_store: its traffic would share the shaped link (recovery recomputes instead).
-            common = {"SPLITWISE_KV_TRANSPORTS": KV_TRANSPORTS[transport], "SPLITWISE_HEARTBEAT_S": str(HEARTBEAT_S),
-                      "SPLITWISE_KV_KEEP": "false"}
+            # No kv_store runs on the LAN (no kept KV copy): recovery recomputes.
+            common = {"SPLITWISE_KV_TRANSPORTS": KV_TRANSPORTS[transport], "SPLITWISE_HEARTBEAT_S": str(HEARTBEAT_S)}
             return stack.enter_context(running_cluster(lans[0], tmp_path, cache_dir, {**common, **env}))
 
         yield start
