@@ -102,11 +102,13 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         return kv_store_pb2.PutReply(request_id=rid, num_bytes=transfer.num_bytes, num_chunks=transfer.num_chunks)
 
     async def _wait_for(self, rid: str, wait_s: float) -> StoredTransfer | None:
-        async with self._arrived:
-            try:
-                await asyncio.wait_for(self._arrived.wait_for(lambda: rid in self.transfers), wait_s)
-            except asyncio.TimeoutError:
-                return None
+        # asyncio.timeout, not wait_for: before Python 3.12, wait_for can swallow the cancellation of a Get whose
+        # client leaves just as the transfer arrives (CPython gh-86296).
+        try:
+            async with asyncio.timeout(wait_s), self._arrived:
+                await self._arrived.wait_for(lambda: rid in self.transfers)
+        except TimeoutError:
+            return None
         return self.transfers[rid]
 
     async def Get(self, request: kv_store_pb2.GetRequest, context: grpc.aio.ServicerContext):
@@ -134,15 +136,12 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             if transfer.complete:
                 span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.chunks": transfer.num_chunks})
                 return
-            async with transfer.changed:
-                remaining = deadline - time.monotonic()
-                try:
-                    await asyncio.wait_for(
-                        transfer.changed.wait_for(lambda seen=sent: len(transfer.messages) > seen or transfer.finished),
-                        max(remaining, 0),
-                    )
-                except asyncio.TimeoutError:
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "KV transfer stalled")
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0)), transfer.changed:
+                    await transfer.changed.wait_for(
+                        lambda seen=sent: len(transfer.messages) > seen or transfer.finished)
+            except TimeoutError:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "KV transfer stalled")
 
     async def Delete(self, request: kv_store_pb2.DeleteRequest, context) -> kv_store_pb2.DeleteReply:
         deleted = await self._forget([request.request_id])

@@ -36,6 +36,8 @@ class Scheduler:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         self.refresher.cancel()
+        # Bounded: on Python 3.11 a cancellation landing as a Redis call completes can be lost in redis-py.
+        await asyncio.wait({self.refresher}, timeout=2.0)
         await self.service.stop(grace_s)
         await self.channels.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -13,6 +14,7 @@ import redis.asyncio as redis
 
 from services.scheduler.output import OutputStream
 from splitwise.channels import ChannelPool, end_stream
+from splitwise.cluster.aio import keeps_cancellation
 from splitwise.cluster.journal import RequestJournal
 from splitwise.cluster.pools import PoolPolicy, PoolStore, Transition, plan, pool_of, with_pools
 from splitwise.cluster.registry import WorkerInfo, WorkerRegistry
@@ -154,6 +156,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.in_flight_tokens: dict[str, int] = {}
         self.requests_in_flight = 0
 
+    @keeps_cancellation
     async def refresh_workers(self) -> None:
         """Reads the registry and the pools, and moves a worker between pools if the load calls for it."""
         declared = await self.registry.workers()
@@ -271,14 +274,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             if self.journal:
                 self.journal.opened(rid, len(ids), params.max_tokens)
             try:
-                async for response in self._run(rid, ids, params, timeout_s, span):
-                    clock.tokens(len(response.token_ids))
-                    if self.journal:
-                        self.journal.progress(rid, clock.count)
-                    yield response
-                    if response.finish_reason:
-                        outcome = common_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_")
-                        outcome = outcome.lower()
+                async with contextlib.aclosing(self._run(rid, ids, params, timeout_s, span)) as run_:
+                    async for response in run_:
+                        clock.tokens(len(response.token_ids))
+                        if self.journal:
+                            self.journal.progress(rid, clock.count)
+                        yield response
+                        if response.finish_reason:
+                            outcome = common_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_")
+                            outcome = outcome.lower()
             except WorkerFailed as e:
                 outcome = {grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
                            grpc.StatusCode.RESOURCE_EXHAUSTED: "rejected"}.get(e.code, "failed")
@@ -289,7 +293,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 outcome = "unavailable"
                 record_error(span, e)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
                 expired = context.time_remaining() is not None and context.time_remaining() <= 0
                 outcome = "deadline" if expired else "cancelled"
                 record_cancelled(span, "deadline" if expired else "client")
@@ -328,8 +332,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 else:
                     run = self._attempt(rid, worker_rid, ids, params, deadline - loop.time(), span, unreachable,
                                         output, progress)
-                async for response in run:
-                    yield response
+                async with contextlib.aclosing(run):
+                    async for response in run:
+                        yield response
                 return
             except NoWorkerAvailable:
                 if last_failure is not None:  # the workers left were all unreachable: say what happened
@@ -441,10 +446,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 decode_ended.cancel()
             for worker_id, tokens in loads.items():
                 self.in_flight_tokens[worker_id] -= tokens
+            for call in (decode, prefill):  # both at once: waiting on one below may be cut short by a cancellation
+                if call is not None and call not in ending:
+                    call.cancel()
             for call in (decode, prefill):
                 if call is not None:
                     await end_stream(call, cancel=call not in ending)
-
 
     async def _relay_tokens(self, decode, token_w: WorkerInfo, output: OutputStream, span, ending: set):
         """The client's messages from a token worker's stream, up to the finish."""
@@ -515,12 +522,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                              other_ended: asyncio.Future):
         """Like _expect on `call`, but fails as soon as the `other` stream ends with an error meanwhile."""
         read = asyncio.ensure_future(self._expect(call, who, kind))
-        await asyncio.wait({read, other_ended}, return_when=asyncio.FIRST_COMPLETED)
-        if read.done():
-            return read.result()
-        # The receiver saw the KV stream break; if its sender died, the sender's own stream says so at once, and
-        # that is the failure to act on (the request goes to another prompt worker, not another token worker).
-        await asyncio.wait({read}, timeout=SENDER_FAILURE_GRACE_S)
+        try:
+            await asyncio.wait({read, other_ended}, return_when=asyncio.FIRST_COMPLETED)
+            if read.done():
+                return read.result()
+            # The receiver saw the KV stream break; if its sender died, the sender's own stream says so at once,
+            # and that is the failure to act on (the request goes to another prompt worker, not another token
+            # worker).
+            await asyncio.wait({read}, timeout=SENDER_FAILURE_GRACE_S)
+        except asyncio.CancelledError:  # the request ended: no read of the stream may outlive it
+            read.cancel()
+            await asyncio.gather(read, return_exceptions=True)
+            raise
         if read.done() and isinstance(read.exception(), WorkerFailed):
             raise read.exception()
         read.cancel()

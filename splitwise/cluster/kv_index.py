@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as redis
 
+from splitwise.cluster.aio import keeps_cancellation
+
 KEY_PREFIX = "splitwise:kv:"
 
 # Atomic, so that a holder never removes the entry another kv_store wrote after it.
@@ -40,6 +42,7 @@ class KVIndex:
         self.prefix = prefix
         self._remove_if_holder = client.register_script(REMOVE_IF_HOLDER)
 
+    @keeps_cancellation
     async def put(self, key: str, holder: str, num_bytes: int, ttl_s: float) -> None:
         name = self.prefix + key
         fields = {"holder": holder, "num_bytes": num_bytes, "expires_at": time.time() + ttl_s}
@@ -49,13 +52,16 @@ class KVIndex:
             pipe.pexpire(name, max(1, round(ttl_s * 1000)))
             await pipe.execute()
 
+    @keeps_cancellation
     async def lookup(self, key: str) -> KVIndexEntry | None:
         return self._entry(key, await self.client.hgetall(self.prefix + key))
 
+    @keeps_cancellation
     async def remove(self, key: str, holder: str) -> bool:
         """Removes the entry of `key` if `holder` still holds it; True if it did."""
         return bool(await self._remove_if_holder(keys=[self.prefix + key], args=[holder]))
 
+    @keeps_cancellation
     async def entries(self) -> list[KVIndexEntry]:
         names = [_text(name) async for name in self.client.scan_iter(match=self.prefix + "*", count=500)]
         if not names:

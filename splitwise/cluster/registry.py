@@ -15,6 +15,8 @@ from typing import Callable
 
 import redis.asyncio as redis
 
+from splitwise.cluster.aio import keeps_cancellation
+
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "splitwise:worker:"
@@ -55,6 +57,7 @@ class WorkerRegistry:
         self._bridged: dict[str, WorkerInfo] = {}  # listed before a Redis restart, not announced since
         self._bridged_until = 0.0  # monotonic seconds
 
+    @keeps_cancellation
     async def announce(self, info: WorkerInfo) -> None:
         info = replace(info, heartbeat_at=time.time())
         await self.client.set(KEY_PREFIX + info.worker_id, json.dumps(asdict(info)), px=int(self.ttl_s * 1000))

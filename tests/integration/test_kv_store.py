@@ -1,7 +1,9 @@
 """The kv_store and its KV index in a real Redis: what is stored is indexed, expires on time, and is found elsewhere."""
 
 import asyncio
+import random
 import time
+from collections import Counter
 
 import grpc
 import pytest
@@ -144,6 +146,33 @@ async def test_kv_index_remove_spares_an_entry_another_holder_took_over(kv_index
     assert (await kv_index.lookup("moved")).holder == "10.0.0.2:50081"
     assert await kv_index.remove("moved", "10.0.0.2:50081")
     assert await kv_index.lookup("moved") is None
+
+
+async def test_a_kv_index_call_whose_task_is_cancelled_ends_cancelled_never_as_if_it_was_not(redis_url):
+    # With a socket_timeout (as the kv_store's client has), redis-py sends through asyncio.wait_for, which before
+    # Python 3.12 can return as if its caller was never cancelled (CPython gh-86296).
+    client = redis.Redis.from_url(redis_url, socket_timeout=1.0)
+    index = KVIndex(client)
+    rng = random.Random(7)
+    ended = Counter()
+
+    async def lookup() -> str:
+        await index.lookup("never-stored")
+        return "cancellation lost" if asyncio.current_task().cancelling() else "completed"
+
+    try:
+        for _ in range(300):
+            task = asyncio.create_task(lookup())
+            for _ in range(rng.randint(1, 8)):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                ended[await task] += 1
+            except asyncio.CancelledError:
+                ended["cancelled"] += 1
+    finally:
+        await client.aclose()
+    assert ended["cancellation lost"] == 0 and ended["cancelled"] > 0, ended
 
 
 async def test_relay_gives_the_same_output_when_redis_is_unreachable_for_the_index(redis_url, cache_dir, prompt_ids,
