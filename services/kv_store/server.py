@@ -48,6 +48,7 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         self.address = address
         self.expiry_interval_s = min(1.0, ttl_s / 4)
         self.transfers: dict[str, StoredTransfer] = {}
+        self._redis_run_id: str | None = None  # of the Redis holding the index, to notice that it restarted
         self._arrived = asyncio.Condition()
 
     @property
@@ -155,6 +156,19 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             await asyncio.sleep(self.expiry_interval_s)
             now = time.monotonic()
             await self._forget([r for r, t in self.transfers.items() if t.expires_at <= now and t.finished])
+            await self.reindex_if_redis_restarted()
+
+    async def reindex_if_redis_restarted(self) -> None:
+        """A Redis that restarted (a new run id) lost the index: this kv_store lists what it holds there again."""
+        run_id = await self._index_call(self.index.redis_run_id(), "run id", "-")
+        if run_id is None:
+            return
+        restarted = self._redis_run_id is not None and run_id != self._redis_run_id
+        self._redis_run_id = run_id
+        if restarted:
+            held = [t for t in self.transfers.values() if t.complete]
+            log.info("Redis restarted: indexing the %d transfers this kv_store holds again", len(held))
+            await asyncio.gather(*(self._index_put(t) for t in held))
 
     async def forget_all(self) -> None:
         """Drops every transfer, as a stopping kv_store must, so that the index sends no client here."""
@@ -168,7 +182,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
 
     # The index is advisory: the KV is still served from here when Redis is away, so its errors are only logged.
     async def _index_put(self, transfer: StoredTransfer) -> None:
-        put = self.index.put(transfer.request_id, self.address, transfer.num_bytes, self.ttl_s)
+        ttl_s = max(transfer.expires_at - time.monotonic(), 0.001)
+        put = self.index.put(transfer.request_id, self.address, transfer.num_bytes, ttl_s)
         await self._index_call(put, "put", transfer.request_id)
 
     async def _index_remove(self, rid: str) -> None:

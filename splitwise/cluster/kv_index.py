@@ -73,6 +73,11 @@ class KVIndex:
         entries = (self._entry(name.removeprefix(self.prefix), fields) for name, fields in zip(names, found))
         return sorted((e for e in entries if e is not None), key=lambda e: e.key)
 
+    @keeps_cancellation
+    async def redis_run_id(self) -> str:
+        """Which Redis process answers: a new one after a restart (with an empty index, without persistence)."""
+        return _text((await self.client.info("server")).get("run_id", ""))
+
     @staticmethod
     def _entry(key: str, fields: dict) -> KVIndexEntry | None:
         if not fields:  # absent, or expired since the scan

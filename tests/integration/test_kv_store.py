@@ -11,6 +11,7 @@ import redis.asyncio as redis
 
 from services.kv_store import app as kv_store_app
 from splitwise.client import SplitwiseClient
+from splitwise.cluster.redis_server import start_redis
 from splitwise.cluster.kv_index import KVIndex
 from splitwise.config import KVStoreConfig
 from splitwise.model.weights import load_tokenizer, resolve_model
@@ -192,3 +193,40 @@ async def _stream(messages):
 
 async def _collect(call) -> list:
     return [message async for message in call]
+
+
+async def test_after_redis_restarts_empty_the_kv_store_indexes_what_it_holds_again():
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    redis_proc = start_redis(port)
+    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=url,
+                                                   ttl_s=60))
+    index = KVIndex(redis.Redis.from_url(url))
+    try:
+        async with grpc.aio.insecure_channel(store.address) as channel:
+            await kv_store_pb2_grpc.KVStoreStub(channel).Put(_stream(transfer("kept-across-restart")))
+        assert (await index.lookup("kept-across-restart")).holder == store.address
+        await asyncio.sleep(2 * store.servicer.expiry_interval_s)  # the kv_store has seen this Redis's run id
+        redis_proc.kill()
+        redis_proc.wait(10)
+        redis_proc = start_redis(port)  # empty: no persistence
+
+        async def lookup():
+            try:
+                return await index.lookup("kept-across-restart")
+            except redis.ConnectionError:  # the first call after the restart finds its connection closed
+                return await index.lookup("kept-across-restart")
+
+        entry = await lookup()
+        for _ in range(60):
+            if entry is not None:
+                break
+            await asyncio.sleep(0.05)
+            entry = await lookup()
+        assert entry is not None and entry.holder == store.address, "not indexed again within 3 s"
+        assert 0 < await index.client.pttl(index.prefix + "kept-across-restart") <= 60_000
+    finally:
+        await index.client.aclose()
+        await store.stop(grace_s=1.0)
+        redis_proc.terminate()
+        redis_proc.wait(10)
