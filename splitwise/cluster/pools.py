@@ -30,7 +30,8 @@ class PoolPolicy:
     The prompt pool is overloaded when every prompt-pool worker has prompt_borrow_tokens pending; the token
     pool when every token-pool worker has token_borrow_kv_fraction of its KV memory in use. A borrowed worker
     goes home when the pool that borrowed it is below half of that, and no change follows another within
-    cooldown_s. A pool never lends its last worker.
+    cooldown_s. A pool may lend its last worker: in the mixed pool it still serves its home phase, and the
+    other phase besides.
     """
 
     prompt_borrow_tokens: int = 0
@@ -85,11 +86,11 @@ def plan(workers: Sequence[WorkerInfo], membership: Mapping[str, str], policy: P
         if w.role == "prompt" and token_kv < policy.token_borrow_kv_fraction / 2 and not prompt_busy:
             return Transition(w.worker_id, "mixed", "prompt",
                               f"token pool drained: {token_kv:.0%} of KV memory in use at least", now)
-    if prompt_busy and not token_busy and len(token_pool) > 1:
+    if prompt_busy and not token_busy and token_pool:
         lender = min(token_pool, key=lambda w: (kv_in_use(w, in_flight_tokens), w.worker_id))
         return Transition(lender.worker_id, "token", "mixed",
                           f"prompt pool busy: every worker has {prompt_load}+ pending tokens", now)
-    if token_busy and not prompt_busy and len(prompt_pool) > 1:
+    if token_busy and not prompt_busy and prompt_pool:
         lender = min(prompt_pool, key=lambda w: (load(w, in_flight_tokens), w.worker_id))
         return Transition(lender.worker_id, "prompt", "mixed",
                           f"token pool busy: every worker has {token_kv:.0%}+ of its KV memory in use", now)

@@ -37,10 +37,13 @@ def test_a_busy_token_pool_borrows_the_least_loaded_prompt_worker():
     assert (change.worker_id, change.from_pool, change.to_pool) == ("p1", "prompt", "mixed")
 
 
-def test_a_pool_never_lends_its_last_worker():
+def test_a_pools_last_worker_can_be_lent_since_the_mixed_pool_serves_its_phase_too():
     workers = [worker("p0", "prompt", pending=5000), worker("t0", "token")]
-    assert plan(workers, {}, POLICY, {}, 100, 0) is None
+    assert plan(workers, {}, POLICY, {}, 100, 0).worker_id == "t0"
     workers = [worker("p0", "prompt"), worker("t0", "token", used=990)]
+    assert plan(workers, {}, POLICY, {}, 100, 0).worker_id == "p0"
+    # Both pools busy: nobody is lent.
+    workers = [worker("p0", "prompt", pending=5000), worker("t0", "token", used=990)]
     assert plan(workers, {}, POLICY, {}, 100, 0) is None
 
 
@@ -62,5 +65,6 @@ def test_no_change_within_the_cooldown_and_none_when_borrowing_is_off():
 
 
 def test_declared_mixed_workers_stay_mixed():
-    workers = [worker("p0", "prompt", pending=1500), worker("m0", "mixed"), worker("t0", "token")]
-    assert plan(workers, {}, POLICY, {}, 100, 0) is None  # t0 is the token pool's last worker
+    workers = [worker("p0", "prompt", pending=1500), worker("m0", "mixed")]
+    assert plan(workers, {}, POLICY, {}, 100, 0) is None  # no token-pool worker to lend; m0 is no borrowed one
+    assert plan(workers, {"m0": "mixed"}, POLICY, {}, 100, 0) is None  # and never "given back"
