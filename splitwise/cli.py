@@ -91,6 +91,12 @@ def print_status(status) -> None:
             print(f"  {now - t.at_unix_s:>7.1f}s ago  {t.worker_id}: {t.from_pool} -> {t.to_pool}  ({t.reason})")
 
 
+def _bench_replay(args) -> int:
+    from bench.replay import run
+
+    return asyncio.run(run(args))
+
+
 def _up(args) -> int:
     from splitwise.launcher import UpOptions, up
 
@@ -191,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare", help="convert and cache the model now (done on first start otherwise)")
     prepare.add_argument("--model", default=os.environ.get("SPLITWISE_MODEL", DEFAULT_MODEL))
     prepare.set_defaults(run=_prepare)
+
+    bench = sub.add_parser("bench", help="benchmarks against a running cluster")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    replay = bench_sub.add_parser("replay", help="replay an Azure LLM trace open-loop; latencies, SLOs, goodput",
+                                  description="Replays the Azure LLM inference traces against a running cluster "
+                                              "through the public API (open loop), and reports latencies and SLOs.")
+    from bench.replay import add_arguments as replay_arguments
+
+    replay_arguments(replay)
+    replay.set_defaults(run=_bench_replay)
 
     trace = sub.add_parser("trace", help="draw one request's spans as a waterfall, from the span files of `up`")
     trace.add_argument("request_id")
