@@ -11,6 +11,7 @@ from splitwise.cluster.registry import Heartbeat, WorkerInfo, WorkerRegistry, co
 from splitwise.config import cache_dir_of, default_worker_id, resolve_device
 from splitwise.engine.llm_engine import Engine, EngineConfig
 from splitwise.kv.layout import KVLayout
+from splitwise.kv.staging import remove_stale_segments
 from splitwise.kv.transport import WorkerTransports
 from splitwise.model.weights import load_model
 from splitwise.telemetry.metrics import GaugeSource
@@ -58,6 +59,10 @@ def engine_gauges(engine: Engine, worker_id: str, pool: str) -> GaugeSource:
 
 
 def start_kv_transports(config, address: str) -> WorkerTransports:
+    if "shm" in config.kv_transports.split(","):
+        stale = remove_stale_segments()
+        if stale:
+            log.info("removed %d KV staging segments of dead processes from /dev/shm", stale)
     return WorkerTransports.start(config.kv_transports, address.rsplit(":", 1)[0], config.kv_mooncake_protocol)
 
 

@@ -121,6 +121,29 @@ class SharedSegment:
         self._map = None
 
 
+def remove_stale_segments() -> int:
+    """Unlinks the staging segments whose creator is dead: a worker killed with requests in flight (SIGKILL, OOM)
+    never removed its own, and /dev/shm is memory. Workers call it as they start; returns how many went."""
+    removed = 0
+    for path in SHM_DIR.glob("splitwise-kv-*"):
+        pid = path.name.split("-")[2]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 class ShmStaging:
     """Receiver side: a request's staging segment in /dev/shm, created at reservation, removed at release."""
 

@@ -107,8 +107,8 @@ async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, ca
 
 
 async def test_sigkill_of_a_prompt_worker_mid_prefill_retries_the_request_on_the_other(tmp_path, cache_dir):
-    # Chunks of 4 tokens make a 900-token prefill take hundreds of engine steps: the kill lands inside it.
-    cluster = start_cluster(tmp_path, cache_dir, prompt_workers=2, token_workers=1, SPLITWISE_MAX_BATCH_TOKENS="4",
+    # Chunks of 2 tokens make a 900-token prefill take 450 engine steps (seconds): the kill lands inside it.
+    cluster = start_cluster(tmp_path, cache_dir, prompt_workers=2, token_workers=1, SPLITWISE_MAX_BATCH_TOKENS="2",
                             SPLITWISE_REGISTRY_REFRESH_S="0.02")
     prompt = [(11 * i) % 240 + 3 for i in range(900)]
     try:
@@ -130,6 +130,7 @@ async def test_sigkill_of_a_prompt_worker_mid_prefill_retries_the_request_on_the
             prompt_workers[busy].proc.send_signal(signal.SIGKILL)
             out = await request  # no error: tried again on the other prompt worker
         assert out.token_ids == reference.token_ids and out.finish_reason == "length"
-        assert recoveries(scheduler.metrics_address).get(("retry", "recompute"), 0) == 1
+        recovered = recoveries(scheduler.metrics_address)
+        assert recovered == {("retry", "recompute"): 1}, f"not killed mid-prefill: {recovered}"
     finally:
         cluster.stop()

@@ -1,11 +1,14 @@
 """The staging buffer: where each layer's bytes go, their checksum, and a segment that closes under a writer."""
 
+import subprocess
+import sys
 import threading
 
 import torch
 
 from splitwise.kv.layout import KVLayout
-from splitwise.kv.staging import ShmStaging, ShmWriter, StagedLayout, byte_view, region_checksum, stage_layer
+from splitwise.kv.staging import (SHM_DIR, SharedSegment, ShmStaging, ShmWriter, StagedLayout, byte_view,
+                                  region_checksum, remove_stale_segments, stage_layer)
 from splitwise.kv.transport import GRPC, MOONCAKE, SHM, choose_transport, parse_transports
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, dtype="float32", model_fingerprint="m")
@@ -66,3 +69,17 @@ def test_transport_choice_prefers_shared_memory_on_one_host_then_mooncake_then_g
     assert choose_transport(everything, "host-a", everything, "host-b") == MOONCAKE
     assert choose_transport(everything, "", everything, "") == MOONCAKE  # unknown hosts never share memory
     assert choose_transport((GRPC,), "host-a", everything, "host-a") == GRPC
+
+
+def test_segments_of_dead_processes_are_removed_and_live_ones_kept():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = SHM_DIR / f"splitwise-kv-{dead.pid}-deadbeef0000"
+    live = SharedSegment.create(4096)
+    stale.write_bytes(b"\0" * 4096)
+    try:
+        assert remove_stale_segments() >= 1
+        assert not stale.exists() and live.path.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+        live.close()
