@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.replay import load_trace, measure_idle_baseline, replay
-from bench.slo import goodput, slo_attainment, summarize, write_csv
+from bench.slo import IdleBaseline, goodput, slo_attainment, summarize, write_csv
 from bench.slo_plots import plot_goodput, plot_latency_cdfs
 from splitwise.launcher import Cluster, UpOptions
 from splitwise.model.weights import read_hf_config, resolve_model
@@ -42,9 +42,10 @@ class Setup:
     env: dict = field(default_factory=dict)
 
 
+# Colocated first: its idle baseline (each request alone on one idle worker) is every configuration's reference.
 SETUPS = [
-    Setup("splitwise", 1, 1, {"SPLITWISE_POOL_BORROW_PROMPT_TOKENS": "0"}),
     Setup("colocated", 0, 2, {"SPLITWISE_TOKEN_WORKER_ROLE": "mixed"}),
+    Setup("splitwise", 1, 1, {"SPLITWISE_POOL_BORROW_PROMPT_TOKENS": "0"}),
     Setup("splitwise+mixed", 1, 1, {"SPLITWISE_POOL_BORROW_PROMPT_TOKENS": "512", "SPLITWISE_POOL_COOLDOWN_S": "1"}),
 ]
 
@@ -65,16 +66,18 @@ def start(setup: Setup, model: str, run_dir: Path, base_port: int) -> Cluster:
     return cluster
 
 
-async def measure(setup: Setup, args, traces: list[str], vocab: int, context: int, out: Path) -> dict:
-    """Baseline and rate sweep of one configuration on each trace."""
+async def measure(setup: Setup, args, traces: list[str], vocab: int, context: int, out: Path,
+                  baseline: IdleBaseline | None) -> tuple[dict, IdleBaseline]:
+    """Rate sweep of one configuration on each trace (measuring the idle baseline first if none is given)."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"sw-{setup.name}-"))
     cluster = start(setup, args.model, run_dir, args.base_port)
     address = cluster.address
     found: dict = {}
     try:
-        log(f"{setup.name}: measuring the idle baseline")
-        baseline = await measure_idle_baseline(address, vocab, context, output_tokens=16, repeats=2)
-        (out / f"{setup.name}-baseline.json").write_text(json.dumps(baseline.to_dict(), indent=1))
+        if baseline is None:
+            log(f"{setup.name}: measuring the idle baseline (each request size alone)")
+            baseline = await measure_idle_baseline(address, vocab, context, output_tokens=16, repeats=2)
+            (out / "baseline.json").write_text(json.dumps(baseline.to_dict(), indent=1))
         for trace in traces:
             sweep = []
             for rate_scale in args.rates:
@@ -88,12 +91,16 @@ async def measure(setup: Setup, args, traces: list[str], vocab: int, context: in
                 summary = summarize(results)
                 sweep.append({"rate_scale": rate_scale, "rate": rate, "all_met": report.all_met,
                               "summary": summary, "report": report, "results": results})
-                log(f"  all nine SLOs {'met' if report.all_met else 'NOT met'}; "
-                    f"P99 TBT {summary['tbt_p99_s'] * 1e3:.0f} ms, P99 TTFT {summary['ttft_p99_s'] * 1e3:.0f} ms")
+                log(f"  all nine SLOs {'met' if report.all_met else 'NOT met'} ({summary['failed']} failed); "
+                    f"P99 TBT {_ms(summary['tbt_p99_s'])} ms, P99 TTFT {_ms(summary['ttft_p99_s'])} ms")
             found[trace] = sweep
     finally:
         cluster.stop()
-    return found
+    return found, baseline
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.0f}"
 
 
 def table(measured: dict[str, dict], traces: list[str]) -> str:
@@ -110,10 +117,10 @@ def table(measured: dict[str, dict], traces: list[str]) -> str:
             top = sweep[-1]["summary"]
             ratio = (f"{good[name] / good['colocated']:.2f}x" if good.get("colocated") and good[name] is not None
                      else "n/a")
-            at_good = f"{met[-1]['summary']['tbt_p99_s'] * 1e3:.0f}" if met else "n/a"
-            lines.append(f"| {name} | {good[name]:.2f} | {ratio} | {at_good} | {top['tbt_p99_s'] * 1e3:.0f} | "
-                         f"{top['ttft_p99_s'] * 1e3:.0f} |" if good[name] is not None else
-                         f"| {name} | none met | n/a | n/a | {top['tbt_p99_s'] * 1e3:.0f} | {top['ttft_p99_s'] * 1e3:.0f} |")
+            at_good = _ms(met[-1]["summary"]["tbt_p99_s"]) if met else "n/a"
+            rate = f"{good[name]:.2f}" if good[name] is not None else "none met"
+            lines.append(f"| {name} | {rate} | {ratio} | {at_good} | {_ms(top['tbt_p99_s'])} | "
+                         f"{_ms(top['ttft_p99_s'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -137,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     hf = read_hf_config(resolve_model(args.model)[1])
     vocab, context = hf["vocab_size"], hf["max_position_embeddings"]
     log(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model}")
-    measured = {}
+    measured, baseline = {}, None
     for setup in SETUPS:
         if setup.name in args.setups:
-            measured[setup.name] = asyncio.run(measure(setup, args, args.traces, vocab, context, args.out))
+            measured[setup.name], baseline = asyncio.run(measure(setup, args, args.traces, vocab, context, args.out,
+                                                                 baseline))
     for trace in args.traces:
         top = {name: sweeps[trace][-1]["results"] for name, sweeps in measured.items()}
         plot_latency_cdfs(top, args.out / f"latency-cdf-{trace}.png")

@@ -149,9 +149,14 @@ def route(workers: Sequence[WorkerInfo], model: str, needed_kv_tokens: int, in_f
           conditional: ConditionalDisaggregation = ConditionalDisaggregation()) -> Route:
     """Picks a prompt worker and a token worker at once by `policy`, then applies conditional disaggregation.
 
-    A mixed worker can serve either phase; when it is picked for both, the request runs colocated there.
+    A request whose prompt phase goes to a mixed-pool worker runs colocated there (mixed batching, no KV
+    transfer), when that worker can hold it; a mixed worker may also be picked for the token phase alone.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown routing policy {policy!r}; choose from {', '.join(POLICIES)}")
     request = RoutingRequest(model, prompt_tokens, needed_kv_tokens, in_flight_tokens, sequence)
-    return conditional.apply(POLICIES[policy](workers, request), workers, request)
+    chosen = POLICIES[policy](workers, request)
+    prompt_worker = chosen.prompt_worker
+    if prompt_worker.role == "mixed" and prompt_worker.kv_capacity_tokens >= needed_kv_tokens:
+        chosen = Route(prompt_worker, prompt_worker)
+    return conditional.apply(chosen, workers, request)

@@ -80,6 +80,17 @@ def test_a_mixed_worker_picked_for_both_phases_runs_the_request_colocated():
     assert chosen.colocated and chosen.prompt_worker.worker_id == "mx"
 
 
+def test_a_request_prefilled_in_the_mixed_pool_stays_on_that_worker():
+    # JSQ picks m1 for the prompt (shorter queue), least-KV would pick m2 for tokens: it stays on m1.
+    workers = [worker("m1", "mixed", pending=10, used=800), worker("m2", "mixed", pending=500, used=100)]
+    chosen = route(workers, "m", 100, {}, "cls")
+    assert chosen.colocated and chosen.prompt_worker.worker_id == "m1"
+    # ... unless m1 could never hold it: then its KV goes to a worker that can.
+    small = [worker("m1", "mixed", pending=10, capacity=50), worker("m2", "mixed", pending=500)]
+    chosen = route(small, "m", 100, {}, "cls")
+    assert (chosen.prompt_worker.worker_id, chosen.token_worker.worker_id) == ("m1", "m2")
+
+
 def test_a_resumed_request_goes_to_a_token_worker_by_the_policys_token_rule_without_a_prompt_worker():
     workers = [worker("t1", "token", used=900), worker("t2", "token", used=100, pending=9_000), worker("m", "mixed", used=500),
                worker("small", "token", capacity=50)]
