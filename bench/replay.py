@@ -188,6 +188,8 @@ async def measure_idle_baseline(address: str, vocab_size: int, max_context_token
     if prompt_lengths is None:
         top = max_context_tokens - output_tokens - 1
         prompt_lengths = sorted({max(1, round(top * f)) for f in (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)})
+    warmup = TraceRequest(9_999_999, 0.0, prompt_lengths[0], output_tokens)
+    await replay(address, [warmup], vocab_size, seed=seed, progress=False)  # first-call costs are not latency
     ttft_points, tbt_points = [], []
     for length in prompt_lengths:
         ttfts, tbts = [], []
