@@ -181,11 +181,17 @@ async def replay(address: str, requests: list[TraceRequest], vocab_size: int, *,
     return list(results)
 
 
+def baseline_lengths(requests: list[TraceRequest], points: int = 6) -> list[int]:
+    """Prompt lengths at which to measure the idle baseline: spread over what the workload sends."""
+    top = max(r.prompt_tokens for r in requests)
+    return sorted({max(1, round(top * f)) for f in (0.02, 0.1, 0.25, 0.5, 0.75, 1.0)[-points:]})
+
+
 async def measure_idle_baseline(address: str, vocab_size: int, max_context_tokens: int,
                                 prompt_lengths: list[int] | None = None, output_tokens: int = 32,
                                 repeats: int = 3, seed: int = 0) -> IdleBaseline:
     """Each request alone on the idle cluster: TTFT by prompt length, TBT by context length (medians)."""
-    if prompt_lengths is None:
+    if prompt_lengths is None:  # the whole context window (workloads pass baseline_lengths instead)
         top = max_context_tokens - output_tokens - 1
         prompt_lengths = sorted({max(1, round(top * f)) for f in (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)})
     warmup = TraceRequest(9_999_999, 0.0, prompt_lengths[0], output_tokens)
@@ -247,7 +253,7 @@ async def run(args: argparse.Namespace) -> int:
     baseline = None
     if args.measure_baseline:
         print(f"measuring the idle baseline on {model}...", file=sys.stderr)
-        baseline = await measure_idle_baseline(args.address, vocab, context)
+        baseline = await measure_idle_baseline(args.address, vocab, context, baseline_lengths(requests))
         (args.out / "baseline.json").write_text(json.dumps(baseline.to_dict(), indent=1))
     elif args.baseline:
         baseline = IdleBaseline.from_dict(json.loads(args.baseline.read_text()))

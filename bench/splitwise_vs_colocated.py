@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.replay import load_trace, measure_idle_baseline, replay
-from bench.slo import IdleBaseline, goodput, slo_attainment, summarize, write_csv
+from bench.replay import baseline_lengths, load_trace, measure_idle_baseline, replay
+from bench.slo import IdleBaseline, goodput, read_csv, slo_attainment, summarize, write_csv
 from bench.slo_plots import plot_goodput, plot_latency_cdfs
 from splitwise.launcher import Cluster, UpOptions
 from splitwise.model.weights import read_hf_config, resolve_model
@@ -68,15 +68,24 @@ def start(setup: Setup, model: str, run_dir: Path, base_port: int) -> Cluster:
 
 async def measure(setup: Setup, args, traces: list[str], vocab: int, context: int, out: Path,
                   baseline: IdleBaseline | None) -> tuple[dict, IdleBaseline]:
-    """Rate sweep of one configuration on each trace (measuring the idle baseline first if none is given)."""
-    run_dir = Path(tempfile.mkdtemp(prefix=f"sw-{setup.name}-"))
-    cluster = start(setup, args.model, run_dir, args.base_port)
-    address = cluster.address
+    """Rate sweep of one configuration on each trace (measuring the idle baseline first if none is given).
+
+    A run whose CSV is in `out` already is read back, not repeated (an interrupted experiment resumes)."""
+    csv_of = {(trace, rate_scale): out / f"{setup.name}-{trace}-x{rate_scale}.csv"
+              for trace in traces for rate_scale in args.rates}
+    cluster = None
+    if baseline is None or not all(path.exists() for path in csv_of.values()):
+        cluster = start(setup, args.model, Path(tempfile.mkdtemp(prefix=f"sw-{setup.name}-")), args.base_port)
+    address = cluster.address if cluster else ""
     found: dict = {}
     try:
         if baseline is None:
             log(f"{setup.name}: measuring the idle baseline (each request size alone)")
-            baseline = await measure_idle_baseline(address, vocab, context, output_tokens=16, repeats=2)
+            everything = [r for trace in traces for rate_scale in args.rates[:1]
+                          for r in load_trace(trace, rate_scale=rate_scale, length_scale=args.length_scale,
+                                              max_requests=args.requests, max_context_tokens=context)]
+            baseline = await measure_idle_baseline(address, vocab, context, baseline_lengths(everything),
+                                                   output_tokens=16, repeats=2)
             (out / "baseline.json").write_text(json.dumps(baseline.to_dict(), indent=1))
         for trace in traces:
             sweep = []
@@ -85,8 +94,11 @@ async def measure(setup: Setup, args, traces: list[str], vocab: int, context: in
                                       max_requests=args.requests, max_context_tokens=context)
                 rate = len(requests) / max(requests[-1].arrival_s, 1e-9)
                 log(f"{setup.name} / {trace}: x{rate_scale} ({rate:.2f} req/s, {len(requests)} requests)")
-                results = await replay(address, requests, vocab, seed=args.seed, timeout_s=args.timeout_s)
-                write_csv(results, out / f"{setup.name}-{trace}-x{rate_scale}.csv")
+                if csv_of[trace, rate_scale].exists():
+                    results = read_csv(csv_of[trace, rate_scale])
+                else:
+                    results = await replay(address, requests, vocab, seed=args.seed, timeout_s=args.timeout_s)
+                    write_csv(results, csv_of[trace, rate_scale])
                 report = slo_attainment(results, baseline)
                 summary = summarize(results)
                 sweep.append({"rate_scale": rate_scale, "rate": rate, "all_met": report.all_met,
@@ -95,7 +107,8 @@ async def measure(setup: Setup, args, traces: list[str], vocab: int, context: in
                     f"P99 TBT {_ms(summary['tbt_p99_s'])} ms, P99 TTFT {_ms(summary['ttft_p99_s'])} ms")
             found[trace] = sweep
     finally:
-        cluster.stop()
+        if cluster:
+            cluster.stop()
     return found, baseline
 
 
@@ -144,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     hf = read_hf_config(resolve_model(args.model)[1])
     vocab, context = hf["vocab_size"], hf["max_position_embeddings"]
     log(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; model {args.model}")
-    measured, baseline = {}, None
+    saved = args.out / "baseline.json"  # the reference of an earlier, interrupted run
+    measured, baseline = {}, IdleBaseline.from_dict(json.loads(saved.read_text())) if saved.exists() else None
     for setup in SETUPS:
         if setup.name in args.setups:
             measured[setup.name], baseline = asyncio.run(measure(setup, args, args.traces, vocab, context, args.out,
