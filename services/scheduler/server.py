@@ -166,19 +166,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             self.transitions = transitions
             last_change = transitions[0].at if transitions else 0.0
             change = plan(declared, membership, self.pool_policy, self.in_flight_tokens, time.time(), last_change)
-            if change is not None and await self.pools.apply(change, self._home_pool(declared, change.worker_id),
-                                                             self.pool_policy.cooldown_s):
+            if change is not None and await self.pools.apply(change, self.pool_policy.cooldown_s):
                 self._record_transition(change)
                 membership = await self.pools.membership()
                 self.transitions = [change, *transitions][:KEEP_TRANSITIONS_SHOWN]
-            if set(membership) - {w.worker_id for w in declared}:
-                await self.pools.forget_gone({w.worker_id for w in declared})
+            gone = list(set(membership) - {w.worker_id for w in declared})
+            if gone:
+                await self.pools.forget(gone)
         self.declared, self.membership = declared, membership
         self.workers = with_pools(declared, membership)
-
-    @staticmethod
-    def _home_pool(workers: list[WorkerInfo], worker_id: str) -> str:
-        return next((w.role for w in workers if w.worker_id == worker_id), "")
 
     def _record_transition(self, change: Transition) -> None:
         with tracer().start_as_current_span("scheduler.pool_transition") as span:

@@ -111,12 +111,12 @@ class PoolStore:
     async def transitions(self, count: int = 20) -> list[Transition]:
         return [Transition(**json.loads(raw)) for raw in await self.client.lrange(TRANSITIONS_KEY, 0, count - 1)]
 
-    async def apply(self, transition: Transition, home_pool: str, lock_s: float) -> bool:
+    async def apply(self, transition: Transition, lock_s: float) -> bool:
         """Records the transition unless another replica holds the lock (it changes the pools now)."""
         if not await self.client.set(LOCK_KEY, self.owner, nx=True, px=max(int(lock_s * 1000), 1)):
             return False
         async with self.client.pipeline(transaction=True) as pipe:
-            if transition.to_pool == home_pool:
+            if transition.from_pool == "mixed":  # only a borrowed worker leaves the mixed pool: it goes home
                 pipe.hdel(MEMBERSHIP_KEY, transition.worker_id)
             else:
                 pipe.hset(MEMBERSHIP_KEY, transition.worker_id, transition.to_pool)
@@ -125,11 +125,9 @@ class PoolStore:
             await pipe.execute()
         return True
 
-    async def forget_gone(self, live_worker_ids: set[str]) -> None:
+    async def forget(self, worker_ids: list[str]) -> None:
         """Drops the membership of workers that left the registry (a worker that comes back starts at home)."""
-        gone = [w for w in await self.membership() if w not in live_worker_ids]
-        if gone:
-            await self.client.hdel(MEMBERSHIP_KEY, *gone)
+        await self.client.hdel(MEMBERSHIP_KEY, *worker_ids)
 
 
 def _text(value) -> str:
