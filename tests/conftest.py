@@ -17,6 +17,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_ranges(*counts: int) -> list[int]:
+    """First ports of ranges of `counts` consecutive free ports, none overlapping another: a launcher puts worker i
+    of a kind on its first port + i."""
+    taken: set[int] = set()
+    firsts = []
+    for count in counts:
+        while True:
+            first = free_port()
+            ports = set(range(first, first + count))
+            if not ports & taken and all(port_is_free(p) for p in ports):
+                break
+        taken |= ports
+        firsts.append(first)
+    return firsts
+
+
 @pytest.fixture(scope="session")
 def redis_url():
     port = free_port()

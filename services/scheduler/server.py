@@ -37,8 +37,8 @@ POOLS = ("prompt", "token", "mixed")
 RETRY_PUSHBACK_MS = 1000
 PUSHBACK = (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),)
 KEEP_TRANSITIONS_SHOWN = 20  # pool transitions ClusterStatus lists
-# When a token worker reports its KV stream broken, how long the prompt worker's stream has to show that the
-# prompt worker itself failed.
+# When one side of a KV transfer reports it broken, how long the other side's stream has to say why: a prompt
+# worker that died, or a token worker that refused the KV (a checksum, a layout) or went away.
 SENDER_FAILURE_GRACE_S = 1.0
 # How long the scheduler waits for a token worker's own end of a stream it already has every token of.
 WORKER_END_GRACE_S = 0.5
@@ -57,6 +57,8 @@ class WorkerFailed(Exception):
         self.code = code
         # The worker is up, but could not pull the request's KV from the kv_store (token workers say so).
         self.kv_store_failed = "kv_store relay" in (details or "")
+        # The worker is up and answered, but its KV transfer broke: the receiving end knows why (prompt workers).
+        self.kv_transfer_failed = (details or "").startswith("KV transfer")
 
 
 @dataclass
@@ -521,16 +523,25 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         try:
             await asyncio.wait({read, other_ended}, return_when=asyncio.FIRST_COMPLETED)
             if read.done():
-                return read.result()
-            # The receiver saw the KV stream break; if its sender died, the sender's own stream says so at once,
-            # and that is the failure to act on (the request goes to another prompt worker, not another token
-            # worker).
-            await asyncio.wait({read}, timeout=SENDER_FAILURE_GRACE_S)
+                failed = read.exception()
+                if not (isinstance(failed, WorkerFailed) and failed.kv_transfer_failed):
+                    return read.result()
+                # The sender is up and says its transfer broke, often only as "the peer went away" (grpcio hides
+                # the receiver's status when a write races its abort): the receiver's own stream says why, a
+                # corrupt chunk (DATA_LOSS) or its death, and that is the failure to act on.
+                await asyncio.wait({other_ended}, timeout=SENDER_FAILURE_GRACE_S)
+                if not other_ended.done() or other_ended.result() == grpc.StatusCode.OK:
+                    raise failed
+            else:
+                # The receiver saw the KV stream break; if its sender died, the sender's own stream says so at
+                # once, and that is the failure to act on (the request goes to another prompt worker, not
+                # another token worker).
+                await asyncio.wait({read}, timeout=SENDER_FAILURE_GRACE_S)
         except asyncio.CancelledError:  # the request ended: no read of the stream may outlive it
             read.cancel()
             await asyncio.gather(read, return_exceptions=True)
             raise
-        if read.done() and isinstance(read.exception(), WorkerFailed):
+        if read.done() and isinstance(read.exception(), WorkerFailed) and not read.exception().kv_transfer_failed:
             raise read.exception()
         read.cancel()
         await asyncio.gather(read, return_exceptions=True)  # the stream's reader must be idle before its end is read

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -12,7 +11,7 @@ import pytest
 
 from splitwise.launcher import Cluster, UpOptions
 from splitwise.model.weights import resolve_model
-from tests.conftest import free_port
+from tests.conftest import free_port_ranges
 
 HEARTBEAT_S = 0.2
 
@@ -22,12 +21,11 @@ def launched_cluster(run_dir: Path, cache_dir: Path, env: dict | None = None, **
     """Started and healthy on entry (the test fails with the services' logs otherwise), stopped on exit."""
     resolve_model("tiny-llama", cache_dir)
     schedulers = options.get("schedulers", 1)
-    first_scheduler_port = free_port()
-    while not all(port_is_free(first_scheduler_port + i) for i in range(schedulers)):
-        first_scheduler_port = free_port()
+    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(
+        schedulers, options.get("prompt_workers", 1), options.get("token_workers", 1), 1, 1)
     cluster = Cluster(UpOptions(
-        model="tiny-llama", device="cpu", run_dir=run_dir, scheduler_port=first_scheduler_port,
-        prompt_port=free_port(), token_port=free_port(), kv_store_port=free_port(), redis_port=free_port(),
+        model="tiny-llama", device="cpu", run_dir=run_dir, scheduler_port=scheduler_port,
+        prompt_port=prompt_port, token_port=token_port, kv_store_port=kv_store_port, redis_port=redis_port,
         metrics_port=0, startup_timeout_s=120,
         extra_env={"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
                    "SPLITWISE_HEARTBEAT_S": str(HEARTBEAT_S), **(env or {})},
@@ -44,11 +42,3 @@ def launched_cluster(run_dir: Path, cache_dir: Path, env: dict | None = None, **
     finally:
         cluster.stop()
 
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False

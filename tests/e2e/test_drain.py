@@ -10,7 +10,7 @@ import pytest
 from splitwise.client import SplitwiseClient
 from splitwise.launcher import Cluster, UpOptions
 from splitwise.model.weights import resolve_model
-from tests.conftest import free_port
+from tests.conftest import free_port_ranges
 
 pytestmark = pytest.mark.e2e
 
@@ -20,9 +20,10 @@ MAX_TOKENS = 600  # long enough that the SIGTERM lands mid-stream
 @pytest.fixture
 def cluster(tmp_path, cache_dir):
     resolve_model("tiny-llama", cache_dir)
-    options = UpOptions(model="tiny-llama", device="cpu", run_dir=tmp_path, scheduler_port=free_port(),
-                        prompt_port=free_port(), token_port=free_port(), kv_store_port=free_port(),
-                        redis_port=free_port(), metrics_port=0, startup_timeout_s=120,
+    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(1, 1, 1, 1, 1)
+    options = UpOptions(model="tiny-llama", device="cpu", run_dir=tmp_path, scheduler_port=scheduler_port,
+                        prompt_port=prompt_port, token_port=token_port, kv_store_port=kv_store_port,
+                        redis_port=redis_port, metrics_port=0, startup_timeout_s=120,
                         extra_env={"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
                                    "SPLITWISE_HEARTBEAT_S": "0.2", "SPLITWISE_DRAIN_GRACE_S": "60"})
     processes = Cluster(options)

@@ -9,7 +9,7 @@ import pytest
 from splitwise.client import SplitwiseClient
 from splitwise.launcher import Cluster, UpOptions
 from splitwise.model.weights import resolve_model
-from tests.conftest import free_port
+from tests.conftest import free_port_ranges
 from tests.reference import hf_greedy
 from tests.traces import wait_for_whole_trace
 
@@ -26,9 +26,10 @@ MAX_TOKENS = 12
 def cluster(request, tmp_path_factory, cache_dir):
     transport = request.param
     run_dir = tmp_path_factory.mktemp(f"kv-{transport}")
+    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(1, 1, 1, 1, 1)
     options = UpOptions(
-        model="tiny-llama", device="cpu", run_dir=run_dir, scheduler_port=free_port(), prompt_port=free_port(),
-        token_port=free_port(), kv_store_port=free_port(), redis_port=free_port(), metrics_port=0,
+        model="tiny-llama", device="cpu", run_dir=run_dir, scheduler_port=scheduler_port, prompt_port=prompt_port,
+        token_port=token_port, kv_store_port=kv_store_port, redis_port=redis_port, metrics_port=0,
         startup_timeout_s=120,
         extra_env={"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
                    "SPLITWISE_KV_TRANSPORTS": transport, "SPLITWISE_KV_LAYERWISE_MIN_TOKENS": str(LAYERWISE_MIN_TOKENS)},

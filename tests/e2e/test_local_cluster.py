@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.client import SplitwiseClient
 from splitwise.model.weights import load_tokenizer, resolve_model
-from tests.conftest import free_port
+from tests.conftest import free_port_ranges
 from tests.reference import hf_greedy
 from tests.traces import SCHEDULER_GENERATE, tops, wait_for_whole_trace
 
@@ -28,7 +28,8 @@ MAX_TOKENS = 40
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("run")
-    ports = {name: free_port() for name in ("port", "prompt-port", "token-port", "kv-store-port", "redis-port")}
+    names = ("port", "prompt-port", "token-port", "kv-store-port", "redis-port")
+    ports = dict(zip(names, free_port_ranges(*[1] * len(names))))
     args = [sys.executable, "-m", "splitwise.cli", "up", "--run-dir", str(run_dir), "--device", "cpu",
             "--metrics-port", "0"]
     for name, port in ports.items():

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitwise.client import SplitwiseClient
 from splitwise.launcher import Cluster, UpOptions
 from splitwise.model.weights import resolve_model
-from tests.conftest import free_port
+from tests.conftest import free_port_ranges
 from tests.reference import hf_greedy
 
 pytestmark = pytest.mark.e2e
@@ -31,9 +31,11 @@ MAX_TOKENS = 200  # long enough that the kill lands while the streams are decodi
 
 def start_cluster(tmp_path, cache_dir, keep: bool = True, prompt_workers: int = 1, token_workers: int = 2,
                   **env: str) -> Cluster:
-    options = UpOptions(model="tiny-llama", device="cpu", run_dir=tmp_path, scheduler_port=free_port(),
-                        prompt_port=free_port(), token_port=free_port(), kv_store_port=free_port(),
-                        redis_port=free_port(), metrics_port=0, prompt_workers=prompt_workers,
+    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(
+        1, prompt_workers, token_workers, 1, 1)
+    options = UpOptions(model="tiny-llama", device="cpu", run_dir=tmp_path, scheduler_port=scheduler_port,
+                        prompt_port=prompt_port, token_port=token_port, kv_store_port=kv_store_port,
+                        redis_port=redis_port, metrics_port=0, prompt_workers=prompt_workers,
                         token_workers=token_workers, startup_timeout_s=120,
                         extra_env={"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
                                    "SPLITWISE_HEARTBEAT_S": "0.1", "SPLITWISE_KV_KEEP": str(keep).lower(), **env})

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from splitwise.client import SplitwiseClient
-from splitwise.kv.transfer import KVSender
+from splitwise.kv.transfer import KVSender, KVTransferError
 from tests.integration.cluster import assert_no_kv_held, local_cluster
 from tests.traces import wait_for_whole_trace
 
@@ -50,6 +50,33 @@ async def test_a_corrupt_chunk_fails_the_transfer_with_data_loss_and_frees_kv_ev
             await client.generate(token_ids=list(range(10, 60)), max_tokens=8, timeout=30)
     assert error.value.code() == grpc.StatusCode.DATA_LOSS, error.value.details()
     assert "checksum mismatch in layer 0" in error.value.details()
+    await assert_no_kv_held(c)
+
+
+def hiding_the_receivers_status(send):
+    """Wraps KVSender.send: its failure reads as grpcio's "Internal error from Core" when a write races the
+    receiver's abort (grpc/grpc#36066), which says nothing of why the receiver refused the KV."""
+
+    async def sending(self):
+        try:
+            return await send(self)
+        except KVTransferError as e:
+            raise KVTransferError("KV transfer failed: UNAVAILABLE: Internal error from Core") from e
+
+    return sending
+
+
+async def test_the_receivers_data_loss_reaches_the_client_when_the_sender_only_saw_its_peer_go_away(
+        cluster, monkeypatch, caplog):
+    transport, c = cluster
+    monkeypatch.setattr(KVSender, "_encode", flip_first_byte_of_layer_0(KVSender._encode))
+    monkeypatch.setattr(KVSender, "send", hiding_the_receivers_status(KVSender.send))
+    async with SplitwiseClient(c.address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await client.generate(token_ids=list(range(10, 60)), max_tokens=8, timeout=30)
+    assert error.value.code() == grpc.StatusCode.DATA_LOSS, error.value.details()
+    assert "checksum mismatch in layer 0" in error.value.details()
+    assert "routing again" not in caplog.text  # the prompt worker is not blamed for the receiver's refusal
     await assert_no_kv_held(c)
 
 
