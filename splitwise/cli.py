@@ -106,6 +106,7 @@ def _up(args) -> int:
         metrics_port=args.metrics_port, redis_url=args.redis_url, schedulers=args.schedulers,
         prompt_workers=args.prompt_workers, token_workers=args.token_workers,
         kv_transfer=args.kv_transfer, run_dir=Path(args.run_dir), device=args.device,
+        pin_workers=args.pin_workers,
     ))
 
 
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--kv-transfer", choices=["direct", "relay"], default="direct")
     up.add_argument("--device", default=os.environ.get("SPLITWISE_DEVICE", "auto"))
     up.add_argument("--run-dir", default=".splitwise", help="logs and trace files go here")
+    up.add_argument("--pin-workers", action="store_true",
+                    help="give each worker process its own share of this machine's cores (as separate machines)")
     up.set_defaults(run=_up)
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")

@@ -59,6 +59,16 @@ class UpOptions:
     device: str = "auto"
     startup_timeout_s: float = 600.0
     extra_env: dict = field(default_factory=dict)
+    # Each worker process on its own share of the machine's cores (as separate machines would be); the other
+    # services are not pinned.
+    pin_workers: bool = False
+
+
+def worker_cores(index: int, workers: int, cores: list[int]) -> set[int]:
+    """The cores of worker `index` of `workers`: disjoint equal shares while there are enough, else one each, in
+    turn."""
+    share = max(1, len(cores) // workers)
+    return {cores[(index * share + k) % len(cores)] for k in range(share)}
 
 
 @dataclass
@@ -67,6 +77,7 @@ class Child:
     address: str | None
     proc: subprocess.Popen
     metrics_address: str = ""
+    cores: set[int] | None = None  # pinned to these
 
 
 class Cluster:
@@ -82,7 +93,7 @@ class Cluster:
                 return f"{self.o.host}:{s.getsockname()[1]}"
         return f"{self.o.host}:{self.o.metrics_port + len(self.children)}"
 
-    def _spawn(self, name: str, module: str, env: dict, address: str | None) -> None:
+    def _spawn(self, name: str, module: str, env: dict, address: str | None, cores: set[int] | None = None) -> None:
         metrics = self._metrics_address()
         env = {**env, "SPLITWISE_METRICS_LISTEN": metrics, "OTEL_SERVICE_NAME": name.split("-")[0]}
         log_dir = self.o.run_dir / "logs"
@@ -92,9 +103,11 @@ class Cluster:
             [sys.executable, "-m", module],
             env={**os.environ, **self.o.extra_env, **env, PARENT_PID_ENV: str(os.getpid())},
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            # Before exec, so every thread the service starts inherits the cores.
+            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
         )
         log.close()
-        self.children.append(Child(name, address, proc, metrics))
+        self.children.append(Child(name, address, proc, metrics, cores))
 
     @property
     def schedulers(self) -> list[Child]:
@@ -130,14 +143,17 @@ class Cluster:
         self._spawn("kv_store", "services.kv_store", {
             "SPLITWISE_KV_STORE_LISTEN": kv_store, "SPLITWISE_REDIS_URL": redis_url,
             "SPLITWISE_TRACE_FILE": str(traces / "kv_store.jsonl")}, kv_store)
-        for role, count, port in (("prompt_worker", o.prompt_workers, o.prompt_port),
-                                  ("token_worker", o.token_workers, o.token_port)):
+        cores = sorted(os.sched_getaffinity(0))
+        workers = o.prompt_workers + o.token_workers
+        for role, count, port, first in (("prompt_worker", o.prompt_workers, o.prompt_port, 0),
+                                         ("token_worker", o.token_workers, o.token_port, o.prompt_workers)):
             for i in range(count):
                 address = f"{o.host}:{port + i}"
                 name = f"{role}-{i}"
                 self._spawn(name, f"services.{role}", {
                     **common, f"SPLITWISE_{role.upper()}_LISTEN": address, "SPLITWISE_WORKER_ID": name,
-                    "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")}, address)
+                    "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")}, address,
+                    worker_cores(first + i, workers, cores) if o.pin_workers else None)
         for i in range(o.schedulers):
             scheduler = f"{o.host}:{o.scheduler_port + i}"
             name = "scheduler" if o.schedulers == 1 else f"scheduler-{i}"
@@ -248,7 +264,8 @@ def up(options: UpOptions) -> int:
             if cluster.redis is not None:
                 print(f"  {'redis':<16} {options.host + ':' + str(options.redis_port):<22} pid {cluster.redis.pid}")
             for child in cluster.children:
-                print(f"  {child.name:<16} {child.address or '':<22} pid {child.proc.pid:<8} metrics http://{child.metrics_address}/metrics")
+                print(f"  {child.name:<16} {child.address or '':<22} pid {child.proc.pid:<8} metrics http://{child.metrics_address}/metrics"
+                      + (f"  cores {','.join(map(str, sorted(child.cores)))}" if child.cores else ""))
             print(f"  logs and traces in {options.run_dir.resolve()}")
             print(f"try: splitwise generate --address {cluster.address} \"What is the capital of France?\"")
             print("Ctrl-C stops everything.", flush=True)
