@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 from splitwise.cluster.registry import Heartbeat, WorkerInfo, WorkerRegistry, connect
 from splitwise.config import cache_dir_of, default_worker_id, resolve_device
-from splitwise.engine.llm_engine import Engine, EngineConfig
+from splitwise.engine.llm_engine import Engine, EngineConfig, StepRecord
 from splitwise.kv.layout import KVLayout
 from splitwise.kv.staging import remove_stale_segments
 from splitwise.kv.transport import WorkerTransports
 from splitwise.model.weights import load_model
+from splitwise.telemetry import metrics
 from splitwise.telemetry.metrics import GaugeSource
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,16 @@ def load_engine(config, max_decode_batch: int = 256) -> LoadedEngine:
         max_batch_tokens=config.max_batch_tokens, max_decode_batch=max_decode_batch,
         num_threads=config.num_threads,
     ))
+    engine.on_step = record_step
     log.info("loaded %s on %s (%s) in %.1fs; KV cache %d blocks of %d tokens", loaded.name, device, config.dtype,
              time.perf_counter() - start, engine.blocks.num_blocks, engine.blocks.block_size)
     return LoadedEngine(engine, KVLayout.of(loaded.config, engine.runner.dtype, loaded.fingerprint))
+
+
+def record_step(step: StepRecord) -> None:
+    phase = {"phase": "prefill" if step.prefill else "decode"}
+    metrics.engine_step_duration.record(step.seconds, phase)
+    metrics.engine_step_tokens.add(step.num_tokens, phase)
 
 
 def worker_id_of(config, role: str) -> str:

@@ -8,7 +8,7 @@ import threading
 from collections import deque
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -89,6 +89,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopped = False
         self.steps: deque[StepRecord] = deque(maxlen=10_000)  # recent steps, for benchmarks and metrics
+        self.on_step: Callable[[StepRecord], None] | None = None  # called on the engine thread after each step
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -239,8 +240,9 @@ class Engine:
             try:
                 started = time.perf_counter()
                 results = self.runner.run(batch)
-                self.steps.append(StepRecord(batch.prefill, len(batch.seqs), sum(e - s for s, e in batch.spans),
-                                             time.perf_counter() - started))
+                record = StepRecord(batch.prefill, len(batch.seqs), sum(e - s for s, e in batch.spans),
+                                    time.perf_counter() - started)
+                self.steps.append(record)
             except Exception as e:  # a failing batch fails its requests, not the engine
                 log.exception("engine step failed")
                 with self._cond:
@@ -252,6 +254,8 @@ class Engine:
                             handle._deliver(RuntimeError(f"engine step failed: {e}"))
                     self._in_flight = set()
                 continue
+            if self.on_step is not None:
+                self.on_step(record)
             with self._cond:
                 self.scheduler.step_finished(batch)
                 self._postprocess(batch, results)

@@ -48,6 +48,14 @@ pool_transitions = _meter.create_counter(
     "splitwise.pool.transitions", unit="{transition}",
     description="Workers moved between pools by this scheduler: borrowed into the mixed pool, or given back",
 )
+engine_step_duration = _meter.create_histogram(
+    "splitwise.engine.step.duration", unit="s", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+    description="Duration of one engine step (one forward pass) of a worker, by phase (prefill, decode)",
+)
+engine_step_tokens = _meter.create_counter(
+    "splitwise.engine.step.tokens", unit="{token}",
+    description="Tokens computed by a worker's engine steps, by phase (prefill: prompt tokens, decode: one a sequence)",
+)
 kv_transferred = _meter.create_counter(
     "splitwise.kv.transferred", unit="By", description="KV cache bytes moved between services, by direction and transport",
 )

@@ -86,6 +86,13 @@ async def test_every_service_serves_prometheus_metrics_and_the_ttft_histogram_co
     assert after["splitwise_requests_total{outcome=length}"] - before.get("splitwise_requests_total{outcome=length}", 0) == 3
     tbt = "gen_ai_server_time_per_output_token_seconds_count{}"
     assert after[tbt] - before.get(tbt, 0) == 3 * 2
+    # Engine steps (the workers share this process's meter): one decode token per output token after the first.
+    decoded = "splitwise_engine_step_tokens_total{phase=decode}"
+    assert after[decoded] - before.get(decoded, 0) == 3 * 2
+    prefilled = "splitwise_engine_step_tokens_total{phase=prefill}"
+    assert after[prefilled] - before.get(prefilled, 0) >= 3 * len("count me 0".split())
+    steps = "splitwise_engine_step_duration_seconds_count{phase=prefill}"
+    assert after[steps] - before.get(steps, 0) >= 3
     assert after["splitwise_pool_workers{splitwise_pool=prompt}"] >= 1
     await assert_no_kv_held(cluster)
     for service in services(cluster):
