@@ -30,6 +30,9 @@ class LocalCluster:
         return self.scheduler.address
 
 
+STEADY_REGISTRY_TTL_S = 15.0
+
+
 @asynccontextmanager
 async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer: str = "direct",
                         prompt_worker: bool = True, scheduler_overrides: dict | None = None,
@@ -37,6 +40,11 @@ async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer
                         **token_overrides):
     """prompt_worker=False with role="mixed" in token_overrides: one mixed worker runs both phases."""
     common = dict(model=model, cache_dir=str(cache_dir), redis_url=redis_url, metrics_listen=METRICS_LISTEN)
+    # Every service shares the test's process and event loop: on a loaded machine a heartbeat can be seconds late,
+    # and a worker dropped from the registry fails requests that have nothing to do with it.
+    steady = {"registry_ttl_s": STEADY_REGISTRY_TTL_S}
+    prompt_overrides = {**steady, **(prompt_overrides or {})}
+    token_overrides = {**steady, **token_overrides}
     kv_store = await kv_store_app.start(KVStoreConfig(**{"listen": "127.0.0.1:0", "metrics_listen": METRICS_LISTEN,
                                                          "redis_url": redis_url, **(kv_store_overrides or {})}))
     prompt = None

@@ -17,9 +17,7 @@ TINY_VOCAB = 256
 @pytest.fixture(scope="module")
 async def cluster(redis_url, cache_dir, trace_file):
     isolated = redis_url.rsplit("/", 1)[0] + "/11"
-    # Every service shares this test process with the replay: a late heartbeat must not drop a worker.
-    steady = {"registry_ttl_s": 15.0}
-    async with local_cluster(isolated, "tiny-llama", cache_dir, prompt_overrides=steady, **steady) as c:
+    async with local_cluster(isolated, "tiny-llama", cache_dir) as c:
         await wait_for_workers(c)
         yield c
 

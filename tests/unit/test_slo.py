@@ -177,3 +177,19 @@ def test_plots_write_png_files(tmp_path):
     for name in ("cdf.png", "goodput.png"):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
+
+
+def test_engine_work_of_a_run_is_the_difference_of_two_readings_over_its_wall_time():
+    from bench.splitwise_vs_colocated import steps_during
+
+    zero = {f"{p}_{w}": 0.0 for p in ("prefill", "decode") for w in ("steps", "s", "tokens")}
+    before = {"token_worker-0": {**zero, "decode_steps": 10, "decode_s": 1.0, "decode_tokens": 10}}
+    after = {"token_worker-0": {**zero, "decode_steps": 30, "decode_s": 3.0, "decode_tokens": 70},
+             "prompt_worker-0": {**zero, "prefill_steps": 4, "prefill_s": 5.0, "prefill_tokens": 1000}}
+    work = steps_during(before, after, wall_s=10.0)
+    token, prompt = work["token_worker-0"], work["prompt_worker-0"]
+    assert token["decode_busy"] == pytest.approx(0.2) and token["prefill_busy"] == 0
+    assert token["decode_step_ms"] == pytest.approx(100.0) and token["decode_batch"] == pytest.approx(3.0)
+    assert token["prefill_tok_s"] is None
+    assert prompt["prefill_busy"] == pytest.approx(0.5) and prompt["prefill_tok_s"] == pytest.approx(200.0)
+    assert prompt["decode_step_ms"] is None and prompt["decode_batch"] is None
