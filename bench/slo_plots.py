@@ -76,7 +76,7 @@ def plot_goodput(sweeps: dict[str, list[tuple[float, bool, float | None]]], path
             ax.plot(*zip(*missed), marker="x", markersize=8, linestyle="none", color=color)
         rate = goodput([(r, m) for r, m, _ in points])
         if rate is not None:
-            ax.axvline(rate, color=color, linestyle="--", alpha=0.7, label=f"{name} goodput {rate:g} req/s")
+            ax.axvline(rate, color=color, linestyle="--", alpha=0.7, label=f"{name} goodput {rate:.2f} req/s")
     if limit is not None:
         ax.axhline(limit, color="gray", linestyle=":", label=f"SLO {limit:g}x")
     ax.set_ylim(0, top)
