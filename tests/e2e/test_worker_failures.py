@@ -118,6 +118,12 @@ async def test_sigkill_of_a_prompt_worker_mid_prefill_retries_the_request_on_the
         prompt_workers = {c.name: c for c in cluster.children if c.name.startswith("prompt_worker")}
         async with SplitwiseClient(scheduler.address) as client:
             reference = await client.generate(token_ids=prompt, max_tokens=12, ignore_eos=True, timeout=120)
+            # Heartbeats lag: until both prompt workers report an empty queue, a busy one may be the reference's.
+            for _ in range(300):
+                status = await client.cluster_status()
+                if all(w.pending_tokens == 0 for w in status.workers if w.worker_id in prompt_workers):
+                    break
+                await asyncio.sleep(0.1)
             request = asyncio.create_task(client.generate(token_ids=prompt, max_tokens=12, ignore_eos=True,
                                                           timeout=120))
             busy = None
