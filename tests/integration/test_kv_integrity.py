@@ -42,14 +42,18 @@ def flip_first_byte_of_layer_0(encode):
     return corrupting
 
 
-async def test_a_corrupt_chunk_fails_the_transfer_with_data_loss_and_frees_kv_everywhere(cluster, monkeypatch):
-    transport, c = cluster
-    monkeypatch.setattr(KVSender, "_encode", flip_first_byte_of_layer_0(KVSender._encode))
+async def request_fails_with_data_loss_in_layer_0(c) -> None:
     async with SplitwiseClient(c.address) as client:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await client.generate(token_ids=list(range(10, 60)), max_tokens=8, timeout=30)
     assert error.value.code() == grpc.StatusCode.DATA_LOSS, error.value.details()
     assert "checksum mismatch in layer 0" in error.value.details()
+
+
+async def test_a_corrupt_chunk_fails_the_transfer_with_data_loss_and_frees_kv_everywhere(cluster, monkeypatch):
+    transport, c = cluster
+    monkeypatch.setattr(KVSender, "_encode", flip_first_byte_of_layer_0(KVSender._encode))
+    await request_fails_with_data_loss_in_layer_0(c)
     await assert_no_kv_held(c)
 
 
@@ -71,11 +75,7 @@ async def test_the_receivers_data_loss_reaches_the_client_when_the_sender_only_s
     transport, c = cluster
     monkeypatch.setattr(KVSender, "_encode", flip_first_byte_of_layer_0(KVSender._encode))
     monkeypatch.setattr(KVSender, "send", hiding_the_receivers_status(KVSender.send))
-    async with SplitwiseClient(c.address) as client:
-        with pytest.raises(grpc.aio.AioRpcError) as error:
-            await client.generate(token_ids=list(range(10, 60)), max_tokens=8, timeout=30)
-    assert error.value.code() == grpc.StatusCode.DATA_LOSS, error.value.details()
-    assert "checksum mismatch in layer 0" in error.value.details()
+    await request_fails_with_data_loss_in_layer_0(c)
     assert "routing again" not in caplog.text  # the prompt worker is not blamed for the receiver's refusal
     await assert_no_kv_held(c)
 
