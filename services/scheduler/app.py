@@ -7,7 +7,10 @@ import os
 import socket
 from dataclasses import dataclass
 
-from services.scheduler.server import ModelInfo, SchedulerServicer
+from services.scheduler.cluster_view import ClusterView
+from services.scheduler.dispatch import Dispatcher, KVSettings
+from services.scheduler.server import SchedulerServicer
+from services.scheduler.validation import ModelInfo
 from splitwise.channels import ChannelPool
 from splitwise.cluster.journal import RequestJournal
 from splitwise.cluster.pools import PoolPolicy, PoolStore
@@ -55,22 +58,22 @@ async def start(config: SchedulerConfig) -> Scheduler:
     registry = WorkerRegistry(client)
     channels = ChannelPool()
     replica = f"scheduler-{socket.gethostname()}-{os.getpid()}"
-    servicer = SchedulerServicer(model, registry, channels, config.kv_transfer, config.kv_store_address,
-                                 config.request_timeout_s, config.kv_layerwise_min_tokens, config.routing_policy,
-                                 ConditionalDisaggregation(config.conditional_prefill_max_tokens,
-                                                           config.prompt_pool_busy_tokens),
-                                 config.max_requests_in_flight, config.kv_keep,
-                                 PoolStore(client, replica),
-                                 PoolPolicy(config.pool_borrow_prompt_tokens, config.pool_borrow_kv_fraction,
-                                            config.pool_cooldown_s),
-                                 RequestJournal(client, replica, config.request_timeout_s + JOURNAL_SLACK_S))
-    await servicer.refresh_workers()
-    refresher = asyncio.create_task(servicer.refresh_workers_forever(config.registry_refresh_s))
+    journal = RequestJournal(client, replica, config.request_timeout_s + JOURNAL_SLACK_S)
+    view = ClusterView(model.name, registry, config.routing_policy,
+                       ConditionalDisaggregation(config.conditional_prefill_max_tokens, config.prompt_pool_busy_tokens),
+                       PoolStore(client, replica),
+                       PoolPolicy(config.pool_borrow_prompt_tokens, config.pool_borrow_kv_fraction,
+                                  config.pool_cooldown_s))
+    kv = KVSettings(config.kv_transfer, config.kv_store_address, config.kv_keep, config.kv_layerwise_min_tokens)
+    servicer = SchedulerServicer(model, view, Dispatcher(view, channels, kv, journal), config.request_timeout_s,
+                                 config.max_requests_in_flight, journal)
+    await view.refresh()
+    refresher = asyncio.create_task(view.refresh_forever(config.registry_refresh_s))
     service = await start_server(
         config.listen,
         [(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer)],
         [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name],
-        config.metrics_listen, servicer.gauges,
+        config.metrics_listen, view.gauges,
     )
     return Scheduler(service, servicer, refresher, channels, bound_address(config.listen, service.port))
 

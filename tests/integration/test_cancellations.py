@@ -165,8 +165,8 @@ def held_by_services(cluster) -> list[str]:
         held.append(f"{len(segments)} staging segments in {SHM_DIR}, e.g. {segments[:3]}")
     if scheduler.requests_in_flight:
         held.append(f"scheduler: {scheduler.requests_in_flight} requests in flight")
-    if any(scheduler.in_flight_tokens.values()):
-        held.append(f"scheduler: tokens in flight on workers {scheduler.in_flight_tokens}")
+    if any(scheduler.view.in_flight_tokens.values()):
+        held.append(f"scheduler: tokens in flight on workers {scheduler.view.in_flight_tokens}")
     if handlers := rpc_handlers_running():
         held.append(f"RPC handlers still running: {dict(handlers)}")
     return held

@@ -1,0 +1,230 @@
+"""Runs one request on workers: routes it, drives the prompt and token workers' streams, and recovers from failures.
+
+Before anything was streamed, a request whose worker is unreachable starts over on freshly routed workers. After,
+it resumes on another token worker: from the prompt's KV kept in kv_store when there is one, else recomputing the
+prompt there, and in both cases recomputing the tokens already streamed; the client's stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from services.scheduler.cluster_view import ClusterView
+from services.scheduler.output import OutputStream
+from services.scheduler.worker_calls import WorkerFailed, expect, expect_unless
+from splitwise.channels import ChannelPool, end_stream
+from splitwise.cluster.journal import RequestJournal
+from splitwise.cluster.registry import WorkerInfo
+from splitwise.cluster.routing import NoWorkerAvailable
+from splitwise.engine.sampling import SamplingParams
+from splitwise.kv.transport import GRPC, choose_transport
+from splitwise.rpc import convert
+from splitwise.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from splitwise.telemetry import metrics
+
+log = logging.getLogger(__name__)
+
+# Attempts of a request whose worker is unreachable (or died after streaming, for a resume).
+MAX_ATTEMPTS = 3
+# How long the scheduler waits for a token worker's own end of a stream it already has every token of.
+WORKER_END_GRACE_S = 0.5
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    transfer: str  # "direct": prompt worker -> token worker; "relay": through the kv_store
+    kv_store_address: str
+    keep: bool  # in direct mode, the prompt worker also keeps a copy in the kv_store (for resumes)
+    layerwise_min_tokens: int
+
+    def __post_init__(self):
+        if self.transfer not in ("direct", "relay"):
+            raise ValueError(f"kv_transfer must be 'direct' or 'relay', got {self.transfer!r}")
+
+
+@dataclass
+class Progress:
+    """What one attempt leaves the next: where the kv_store keeps the prompt's KV (the id it is stored by)."""
+
+    kv_kept_as: str | None = None
+
+
+class Dispatcher:
+    def __init__(self, view: ClusterView, channels: ChannelPool, kv: KVSettings, journal: RequestJournal | None):
+        self.view = view
+        self.channels = channels
+        self.kv = kv
+        self.journal = journal
+
+    async def run(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span,
+                  output: OutputStream, progress: Progress):
+        """The request's responses, trying again on other workers when one becomes unreachable."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        unreachable: set[str] = set()
+        last_failure: WorkerFailed | None = None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            # Workers know each attempt by its own id, so one attempt's cleanup never touches the next.
+            worker_rid = rid if attempt == 1 else f"{rid}/attempt-{attempt}"
+            resuming = output.completion_tokens > 0
+            kept_as = progress.kv_kept_as if resuming else None
+            try:
+                if resuming:
+                    run = self._resume(rid, worker_rid, ids, params, deadline - loop.time(), span, unreachable,
+                                       output, kept_as)
+                else:
+                    run = self._attempt(rid, worker_rid, ids, params, deadline - loop.time(), span, unreachable,
+                                        output, progress)
+                async with contextlib.aclosing(run):
+                    async for response in run:
+                        yield response
+                return
+            except NoWorkerAvailable:
+                if last_failure is not None:  # the workers left were all unreachable: say what happened
+                    raise last_failure
+                raise
+            except WorkerFailed as e:
+                kept_kv_missing = kept_as is not None and e.worker.role != "prompt" and e.kv_store_failed
+                if attempt == MAX_ATTEMPTS or not (e.code == grpc.StatusCode.UNAVAILABLE or kept_kv_missing):
+                    raise
+                last_failure = e
+                if kept_kv_missing:  # the worker is fine, the kept KV is not: recompute the prompt instead
+                    progress.kv_kept_as = None
+                else:
+                    unreachable.add(e.worker.worker_id)
+                kind = "resume" if output.completion_tokens else "retry"
+                kv = "kv_store" if kind == "resume" and progress.kv_kept_as else "recompute"
+                span.add_event(kind, {"worker": e.worker.worker_id, "error": str(e), "attempt": attempt,
+                                      "output.tokens": output.completion_tokens, "kv": kv})
+                metrics.recoveries.add(1, {"kind": kind, "kv": kv})
+                log.warning("request %s: %s; %s", rid, e,
+                            f"resuming after {output.completion_tokens} tokens ({kv})" if kind == "resume"
+                            else "routing again")
+
+    def _kv_target(self, prompt_w: WorkerInfo, token_w: WorkerInfo, num_prompt_tokens: int):
+        if self.kv.transfer == "relay":
+            target = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv.kv_store_address)
+            transport = GRPC
+        else:
+            target = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_TOKEN_WORKER, address=token_w.address)
+            transport = choose_transport(prompt_w.kv_transports.split(","), prompt_w.host_id,
+                                         token_w.kv_transports.split(","), token_w.host_id)
+        target.layerwise = num_prompt_tokens >= self.kv.layerwise_min_tokens
+        return target, transport
+
+    async def _attempt(self, rid: str, worker_rid: str, ids: list[int], params: SamplingParams, timeout_s: float,
+                       span, unreachable: set[str], output: OutputStream, progress: Progress):
+        chosen = self.view.route(len(ids), params.max_tokens, unreachable)
+        prompt_w, token_w = chosen.prompt_worker, chosen.token_worker
+        colocated = chosen.colocated  # a mixed worker (or a token worker, for a short prompt) runs both phases
+        if self.journal:
+            self.journal.assigned(rid, worker_rid, "colocated" if colocated else "split", prompt_w.worker_id,
+                                  token_w.worker_id)
+        sampling = convert.sampling_to_pb(params)
+        target, transport = self._kv_target(prompt_w, token_w, len(ids))
+        span.set_attributes({"kv.transport": transport, "kv.layerwise": target.layerwise})
+        keep = None
+        if self.kv.transfer == "direct" and self.kv.keep and self.kv.kv_store_address and not colocated:
+            keep = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv.kv_store_address)
+        decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
+            worker_pb2.DecodeRequest(request_id=worker_rid, num_prompt_tokens=len(ids), sampling=sampling,
+                                     kv_source=target, prompt_token_ids=ids, prefill_here=colocated,
+                                     kv_transport=transport),
+            timeout=timeout_s,
+        )
+        prefill = None
+        decode_ended = None
+        ending: set = set()  # the calls whose worker has sent everything: their streams end by themselves
+        try:
+            with self.view.loaded({prompt_w.worker_id: len(ids), token_w.worker_id: len(ids) + params.max_tokens}):
+                reserved = await expect(decode, token_w, "reserved")
+                # The handshake: the prompt worker refuses a receiver whose KV layout is not its own.
+                target.layout.CopyFrom(reserved.layout)
+                if reserved.HasField("offer"):
+                    target.offer.CopyFrom(reserved.offer)
+                if not colocated:
+                    prefill = worker_pb2_grpc.PromptWorkerStub(self.channels.get(prompt_w.address)).Prefill(
+                        worker_pb2.PrefillRequest(request_id=worker_rid, prompt_token_ids=ids, sampling=sampling,
+                                                  kv_target=target, kv_keep=keep),
+                        timeout=timeout_s,
+                    )
+                    # The token worker can fail the transfer first (its KV stopped arriving): watch both streams.
+                    decode_ended = asyncio.ensure_future(decode.code())
+                    first = await expect_unless(prefill, prompt_w, "first_token", decode, token_w, decode_ended)
+                    span.add_event("first_token")
+                    if keep is not None or self.kv.transfer == "relay":  # the kv_store has (or gets) the prompt KV
+                        progress.kv_kept_as = worker_rid
+                    yield output.add([first.token_id], None, [first.logprob])
+                    if output.finished:
+                        return
+                    transfer = await expect_unless(prefill, prompt_w, "transfer", decode, token_w, decode_ended)
+                    await end_stream(prefill, cancel=False)  # the prompt worker's part is over
+                    ending.add(prefill)
+                    span.set_attributes({"kv.bytes": transfer.num_bytes, "kv.layers": transfer.num_layers,
+                                         "kv.transfer_s": transfer.seconds})
+                async for response in self._relay_tokens(decode, token_w, output, span, ending):
+                    yield response
+        finally:
+            if decode_ended is not None:
+                decode_ended.cancel()
+            for call in (decode, prefill):  # both at once: waiting on one below may be cut short by a cancellation
+                if call is not None and call not in ending:
+                    call.cancel()
+            for call in (decode, prefill):
+                if call is not None:
+                    await end_stream(call, cancel=call not in ending)
+
+    async def _relay_tokens(self, decode, token_w: WorkerInfo, output: OutputStream, span, ending: set):
+        """The client's messages from a token worker's stream, up to the finish."""
+        while not output.finished:
+            tokens = await expect(decode, token_w, "tokens")
+            if output.completion_tokens == 0 and tokens.token_ids:
+                span.add_event("first_token")
+            if tokens.finish_reason:
+                ending.add(decode)
+            response = output.add(list(tokens.token_ids), tokens.finish_reason or None, list(tokens.logprobs))
+            if response.token_ids or response.text or output.finished:
+                yield response
+        if decode not in ending and output.finish_reason == common_pb2.FINISH_REASON_LENGTH:
+            # The worker stops at max_tokens too: its last message is on its way. Reading it lets the stream end
+            # by itself rather than be cancelled.
+            try:
+                last = await asyncio.wait_for(decode.read(), WORKER_END_GRACE_S)
+                if last is not grpc.aio.EOF and last.WhichOneof("kind") == "tokens" and last.tokens.finish_reason:
+                    ending.add(decode)
+            except (asyncio.TimeoutError, grpc.aio.AioRpcError):
+                pass
+        span.set_attributes({"completion.tokens": output.completion_tokens,
+                             "finish_reason": common_pb2.FinishReason.Name(output.finish_reason)})
+
+    async def _resume(self, rid: str, worker_rid: str, ids: list[int], params: SamplingParams, timeout_s: float,
+                      span, unreachable: set[str], output: OutputStream, kept_as: str | None):
+        """Goes on with a request that has streamed some tokens already, on a token worker of its own."""
+        token_w = self.view.route_resume(len(ids), params.max_tokens, output.completion_tokens,
+                                         "kv_store" if kept_as else "recompute", unreachable)
+        if self.journal:
+            self.journal.assigned(rid, worker_rid, "resumed", "", token_w.worker_id)
+        source = None
+        if kept_as is not None:
+            source = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv.kv_store_address,
+                                         request_id=kept_as)
+        decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
+            worker_pb2.DecodeRequest(request_id=worker_rid, num_prompt_tokens=len(ids),
+                                     sampling=convert.sampling_to_pb(params), kv_source=source,
+                                     prompt_token_ids=ids, prefill_here=source is None, kv_transport=GRPC,
+                                     output_token_ids=output.token_ids),
+            timeout=timeout_s,
+        )
+        ending: set = set()
+        try:
+            with self.view.loaded({token_w.worker_id: len(ids) + params.max_tokens}):
+                await expect(decode, token_w, "reserved")
+                async for response in self._relay_tokens(decode, token_w, output, span, ending):
+                    yield response
+        finally:
+            await end_stream(decode, cancel=decode not in ending)

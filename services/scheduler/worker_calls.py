@@ -1,0 +1,74 @@
+"""Reading the scheduler's streams from workers: the next expected event, or the failure the client gets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from splitwise.cluster.registry import WorkerInfo
+
+# When one side of a KV transfer reports it broken, how long the other side's stream has to say why: a prompt
+# worker that died, or a token worker that refused the KV (a checksum, a layout) or went away.
+SENDER_FAILURE_GRACE_S = 1.0
+
+
+class WorkerFailed(Exception):
+    """A worker call failed; `code` is the status the client gets."""
+
+    def __init__(self, worker: WorkerInfo, code: grpc.StatusCode, details: str):
+        super().__init__(f"{worker.role} worker {worker.worker_id}: {details}")
+        self.worker = worker
+        self.code = code
+        # The worker is up, but could not pull the request's KV from the kv_store (token workers say so).
+        self.kv_store_failed = "kv_store relay" in (details or "")
+        # The worker is up and answered, but its KV transfer broke: the receiving end knows why (prompt workers).
+        self.kv_transfer_failed = (details or "").startswith("KV transfer")
+
+
+async def expect(call, who: WorkerInfo, kind: str):
+    """Reads the next event of a worker stream, which must be of `kind`; returns its payload."""
+    try:
+        msg = await call.read()
+    except grpc.aio.AioRpcError as e:
+        raise WorkerFailed(who, e.code(), e.details()) from e
+    if msg is grpc.aio.EOF or msg.WhichOneof("kind") != kind:
+        got = "the end of the stream" if msg is grpc.aio.EOF else msg.WhichOneof("kind")
+        raise WorkerFailed(who, grpc.StatusCode.INTERNAL, f"expected {kind}, got {got}")
+    return getattr(msg, kind)
+
+
+async def expect_unless(call, who: WorkerInfo, kind: str, other, other_worker: WorkerInfo,
+                        other_ended: asyncio.Future):
+    """Like expect on `call`, but fails as soon as the `other` stream ends with an error meanwhile."""
+    read = asyncio.ensure_future(expect(call, who, kind))
+    try:
+        await asyncio.wait({read, other_ended}, return_when=asyncio.FIRST_COMPLETED)
+        if read.done():
+            failed = read.exception()
+            if not (isinstance(failed, WorkerFailed) and failed.kv_transfer_failed):
+                return read.result()
+            # The sender is up and says its transfer broke, often only as "the peer went away" (grpcio hides
+            # the receiver's status when a write races its abort): the receiver's own stream says why, a
+            # corrupt chunk (DATA_LOSS) or its death, and that is the failure to act on.
+            await asyncio.wait({other_ended}, timeout=SENDER_FAILURE_GRACE_S)
+            if not other_ended.done() or other_ended.result() == grpc.StatusCode.OK:
+                raise failed
+        else:
+            # The receiver saw the KV stream break; if its sender died, the sender's own stream says so at
+            # once, and that is the failure to act on (the request goes to another prompt worker, not
+            # another token worker).
+            await asyncio.wait({read}, timeout=SENDER_FAILURE_GRACE_S)
+    except asyncio.CancelledError:  # the request ended: no read of the stream may outlive it
+        read.cancel()
+        await asyncio.gather(read, return_exceptions=True)
+        raise
+    if read.done() and isinstance(read.exception(), WorkerFailed) and not read.exception().kv_transfer_failed:
+        raise read.exception()
+    read.cancel()
+    await asyncio.gather(read, return_exceptions=True)  # the stream's reader must be idle before its end is read
+    code = other_ended.result()
+    details = await other.details()
+    if code == grpc.StatusCode.OK:
+        code, details = grpc.StatusCode.INTERNAL, "the decode stream ended before the KV arrived"
+    raise WorkerFailed(other_worker, code, details)
