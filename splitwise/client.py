@@ -96,11 +96,14 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
 
 class SplitwiseClient:
     """Talks to one scheduler replica at a time, in the order given, and moves to the next one when a call fails
-    with UNAVAILABLE (replica gone, connection refused, no worker there) before anything was received. A stream
-    that already yielded chunks is never replayed elsewhere: its error is raised."""
+    with UNAVAILABLE (replica gone, connection refused, no worker there). A stream that breaks that way after
+    yielding chunks is continued on the next replica, which is told the tokens received so far
+    (`continue_after_token_ids`) and streams only what follows; with `continue_streams=False` its error is raised
+    instead. Each replica is tried at most once per call."""
 
-    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS):
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, continue_streams: bool = True):
         self.addresses = parse_addresses(address)
+        self.continue_streams = continue_streams
         # With a tracer provider set up in the caller's process, each call is a CLIENT span, parent of the cluster's.
         self.channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
                          for a in self.addresses]
@@ -140,18 +143,24 @@ class SplitwiseClient:
         request = build_request(*args, **kwargs)
         deadline = None if timeout is None else time.monotonic() + timeout
         replicas = self._replicas()
+        received: list[int] = []  # output tokens so far, over every replica
         for index in replicas:
             call = self.stubs[index].Generate(request, timeout=_remaining(deadline))
-            received = False
             try:
                 async for r in call:
-                    received = True
+                    received += r.token_ids
+                    request.request_id = r.request_id  # the scheduler's, when the caller gave none
                     yield Chunk(r.request_id, list(r.token_ids), r.text, _finish_reason_name(r.finish_reason),
                                 r.usage.prompt_tokens, r.usage.completion_tokens, list(r.logprobs))
                 return
             except grpc.aio.AioRpcError as e:
-                if not self._moved_on(index, e) or received or index == replicas[-1]:
+                broken = bool(received)
+                if not self._moved_on(index, e) or index == replicas[-1] or (broken and not self.continue_streams):
                     raise
+                if broken:
+                    log.warning("request %s: stream broken after %d tokens; continuing it on scheduler %s",
+                                request.request_id, len(received), self.addresses[replicas[replicas.index(index) + 1]])
+                    request.continue_after_token_ids[:] = received
             finally:
                 call.cancel()
 

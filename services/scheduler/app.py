@@ -13,6 +13,7 @@ from services.scheduler.server import SchedulerServicer
 from services.scheduler.validation import ModelInfo
 from splitwise.channels import ChannelPool
 from splitwise.cluster.journal import RequestJournal
+from splitwise.cluster.kv_index import KVIndex
 from splitwise.cluster.pools import PoolPolicy, PoolStore
 from splitwise.cluster.registry import WorkerRegistry, connect
 from splitwise.cluster.routing import ConditionalDisaggregation
@@ -65,8 +66,9 @@ async def start(config: SchedulerConfig) -> Scheduler:
                        PoolPolicy(config.pool_borrow_prompt_tokens, config.pool_borrow_kv_fraction,
                                   config.pool_cooldown_s))
     kv = KVSettings(config.kv_transfer, config.kv_store_address, config.kv_keep, config.kv_layerwise_min_tokens)
-    servicer = SchedulerServicer(model, view, Dispatcher(view, channels, kv, journal), config.request_timeout_s,
-                                 config.max_requests_in_flight, journal)
+    dispatcher = Dispatcher(view, channels, kv, journal, KVIndex(client))
+    servicer = SchedulerServicer(model, view, dispatcher, config.request_timeout_s, config.max_requests_in_flight,
+                                 journal)
     await view.refresh()
     refresher = asyncio.create_task(view.refresh_forever(config.registry_refresh_s))
     service = await start_server(

@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from dataclasses import dataclass
 
 import grpc
+import redis.asyncio as redis
 
 from services.scheduler.cluster_view import ClusterView
 from services.scheduler.output import OutputStream
 from services.scheduler.worker_calls import WorkerFailed, expect, expect_unless
 from splitwise.channels import ChannelPool, end_stream
 from splitwise.cluster.journal import RequestJournal
+from splitwise.cluster.kv_index import KVIndex
 from splitwise.cluster.registry import WorkerInfo
 from splitwise.cluster.routing import NoWorkerAvailable
 from splitwise.engine.sampling import SamplingParams
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 # How long the scheduler waits for a token worker's own end of a stream it already has every token of.
 WORKER_END_GRACE_S = 0.5
+# How long a continued request looks in Redis for the prompt KV its broken stream kept, before recomputing it.
+KEPT_COPY_LOOKUP_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -55,11 +60,36 @@ class Progress:
 
 
 class Dispatcher:
-    def __init__(self, view: ClusterView, channels: ChannelPool, kv: KVSettings, journal: RequestJournal | None):
+    def __init__(self, view: ClusterView, channels: ChannelPool, kv: KVSettings, journal: RequestJournal | None = None,
+                 kv_index: KVIndex | None = None):
         self.view = view
         self.channels = channels
         self.kv = kv
         self.journal = journal
+        self.kv_index = kv_index
+
+    async def kept_copy(self, rid: str) -> str | None:
+        """The id the kv_store keeps the request's prompt KV by, when an earlier stream of it (on a scheduler
+        replica that died) left a copy there: its last attempt's, as journaled, or its first's."""
+        if self.kv_index is None or not self.kv.kv_store_address:
+            return None
+        try:
+            async with asyncio.timeout(KEPT_COPY_LOOKUP_S):
+                entry = await self.journal.entry(rid) if self.journal else {}
+                for key in dict.fromkeys([entry.get("attempt") or rid, rid]):
+                    if await self.kv_index.lookup(key) is not None:
+                        return key
+        except (redis.RedisError, OSError, TimeoutError) as e:
+            log.warning("request %s: cannot look up its kept KV (%s); recomputing the prompt", rid, e or "timed out")
+        return None
+
+    @staticmethod
+    def continued(rid: str, span, output_tokens: int, kept_as: str | None) -> None:
+        """Records a request that continues a broken stream (its scheduler replica died) after `output_tokens`."""
+        kv = "kv_store" if kept_as else "recompute"
+        span.add_event("continue", {"output.tokens": output_tokens, "kv": kv})
+        metrics.recoveries.add(1, {"kind": "continue", "kv": kv})
+        log.info("request %s: continues a broken stream after %d tokens (%s)", rid, output_tokens, kv)
 
     async def run(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span,
                   output: OutputStream, progress: Progress):
@@ -68,9 +98,11 @@ class Dispatcher:
         deadline = loop.time() + timeout_s
         unreachable: set[str] = set()
         last_failure: WorkerFailed | None = None
+        # Workers know each attempt by its own id, so one attempt's cleanup never touches the next; a continued
+        # stream's too (the broken stream's workers may not have let go of theirs yet).
+        base = rid if output.completion_tokens == 0 else f"{rid}/continued-{uuid.uuid4().hex[:8]}"
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            # Workers know each attempt by its own id, so one attempt's cleanup never touches the next.
-            worker_rid = rid if attempt == 1 else f"{rid}/attempt-{attempt}"
+            worker_rid = base if attempt == 1 else f"{base}/attempt-{attempt}"
             resuming = output.completion_tokens > 0
             kept_as = progress.kv_kept_as if resuming else None
             try:

@@ -58,7 +58,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     outcome = "invalid"
                     record_error(admission, e)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
+                continued = list(request.continue_after_token_ids)
+                if continued:
+                    output.add(continued)  # what the client has: the text it got of them is held back here too
+                    if output.finished:
+                        outcome = "invalid"
+                        problem = ("continue_after_token_ids already ends the output "
+                                   f"({common_pb2.FinishReason.Name(output.finish_reason)}): nothing is left to generate")
+                        record_error(admission, problem)
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
                 admission.set_attributes({"prompt.tokens": len(ids), "sampling.max_tokens": params.max_tokens,
+                                          "continued.output_tokens": len(continued),
                                           "requests_in_flight": self.requests_in_flight})
                 if self.requests_in_flight >= self.max_requests_in_flight:
                     outcome = "rejected"
@@ -70,17 +81,20 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             remaining = context.time_remaining()
             timeout_s = min(remaining, self.request_timeout_s) if remaining is not None else self.request_timeout_s
             clock = TokenClock(received)
-            output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
             self.requests_in_flight += 1
             if self.journal:
                 self.journal.opened(rid, len(ids), params.max_tokens)
             try:
-                run = self.dispatcher.run(rid, ids, params, timeout_s, span, output, Progress())
+                progress = Progress()
+                if continued:  # the prompt's KV may still be in the kv_store, kept by the broken stream's attempt
+                    progress.kv_kept_as = await self.dispatcher.kept_copy(rid)
+                    self.dispatcher.continued(rid, span, len(continued), progress.kv_kept_as)
+                run = self.dispatcher.run(rid, ids, params, timeout_s, span, output, progress)
                 async with contextlib.aclosing(run):
                     async for response in run:
                         clock.tokens(len(response.token_ids))
                         if self.journal:
-                            self.journal.progress(rid, clock.count)
+                            self.journal.progress(rid, output.completion_tokens)
                         yield response
                         if response.finish_reason:
                             outcome = common_pb2.FinishReason.Name(response.finish_reason).removeprefix("FINISH_REASON_")
@@ -104,7 +118,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 self.requests_in_flight -= 1
                 span.set_attributes(clock.attributes())
                 if self.journal:
-                    self.journal.closed(rid, outcome, clock.count)
+                    self.journal.closed(rid, outcome, output.completion_tokens)
         finally:
             metrics.request_duration.record(time.perf_counter() - received, {"outcome": outcome})
             metrics.requests.add(1, {"outcome": outcome})

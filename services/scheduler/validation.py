@@ -66,6 +66,8 @@ def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo) -> tuple[
     except ValueError as e:
         raise InvalidRequest(str(e)) from e
     ids = prompt_token_ids(request, model)
+    if request.continue_after_token_ids:
+        check_continuation(request, model, params)
     limit = model.max_context_tokens
     if len(ids) + params.max_tokens > limit:
         raise InvalidRequest(
@@ -73,3 +75,13 @@ def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo) -> tuple[
             f"({len(ids)} prompt + {params.max_tokens} max_tokens); shorten the prompt or lower max_tokens"
         )
     return ids, params
+
+
+def check_continuation(request: scheduler_pb2.GenerateRequest, model: ModelInfo, params: SamplingParams) -> None:
+    continued = list(request.continue_after_token_ids)
+    if not request.request_id:
+        raise InvalidRequest("continue_after_token_ids needs the request_id of the stream it continues")
+    check_token_ids(continued, model, "continue_after_token_ids")
+    if len(continued) >= params.max_tokens:
+        raise InvalidRequest(f"continue_after_token_ids has {len(continued)} tokens, max_tokens is {params.max_tokens}: "
+                             "nothing is left to generate")

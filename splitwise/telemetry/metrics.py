@@ -42,7 +42,8 @@ requests = _meter.create_counter(
 recoveries = _meter.create_counter(
     "splitwise.request.recoveries", unit="{attempt}",
     description="Requests tried again after a worker failed: retry (nothing streamed yet, routed afresh), or resume "
-                "(on another token worker, from the kept KV or by recomputation), by kind and kv (kv_store, recompute)",
+                "(on another token worker, from the kept KV or by recomputation), or continue (a stream cut with its "
+                "scheduler replica, continued here), by kind and kv (kv_store, recompute)",
 )
 pool_transitions = _meter.create_counter(
     "splitwise.pool.transitions", unit="{transition}",
