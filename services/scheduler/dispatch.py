@@ -88,7 +88,6 @@ class Dispatcher:
         """Records a request that continues a broken stream (its scheduler replica died) after `output_tokens`."""
         kv = "kv_store" if kept_as else "recompute"
         span.add_event("continue", {"output.tokens": output_tokens, "kv": kv})
-        metrics.recoveries.add(1, {"kind": "continue", "kv": kv})
         log.info("request %s: continues a broken stream after %d tokens (%s)", rid, output_tokens, kv)
 
     async def run(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span,
@@ -108,7 +107,7 @@ class Dispatcher:
             try:
                 if resuming:
                     run = self._resume(rid, worker_rid, ids, params, deadline - loop.time(), span, unreachable,
-                                       output, kept_as)
+                                       output, kept_as, "continue" if attempt == 1 else "resume")
                 else:
                     run = self._attempt(rid, worker_rid, ids, params, deadline - loop.time(), span, unreachable,
                                         output, progress)
@@ -133,7 +132,8 @@ class Dispatcher:
                 kv = "kv_store" if kind == "resume" and progress.kv_kept_as else "recompute"
                 span.add_event(kind, {"worker": e.worker.worker_id, "error": str(e), "attempt": attempt,
                                       "output.tokens": output.completion_tokens, "kv": kv})
-                metrics.recoveries.add(1, {"kind": kind, "kv": kv})
+                if kind == "retry":  # (a resume is counted once the token worker says where its KV comes from)
+                    metrics.recoveries.add(1, {"kind": kind, "kv": kv})
                 log.warning("request %s: %s; %s", rid, e,
                             f"resuming after {output.completion_tokens} tokens ({kv})" if kind == "resume"
                             else "routing again")
@@ -211,10 +211,12 @@ class Dispatcher:
                 if call is not None:
                     await end_stream(call, cancel=call not in ending)
 
-    async def _relay_tokens(self, decode, token_w: WorkerInfo, output: OutputStream, span, ending: set):
-        """The client's messages from a token worker's stream, up to the finish."""
+    async def _relay_tokens(self, decode, token_w: WorkerInfo, output: OutputStream, span, ending: set,
+                            first: worker_pb2.Tokens | None = None):
+        """The client's messages from a token worker's stream (starting with `first`, already read), to the finish."""
         while not output.finished:
-            tokens = await expect(decode, token_w, "tokens")
+            tokens = first if first is not None else await expect(decode, token_w, "tokens")
+            first = None
             if output.completion_tokens == 0 and tokens.token_ids:
                 span.add_event("first_token")
             if tokens.finish_reason:
@@ -235,8 +237,9 @@ class Dispatcher:
                              "finish_reason": common_pb2.FinishReason.Name(output.finish_reason)})
 
     async def _resume(self, rid: str, worker_rid: str, ids: list[int], params: SamplingParams, timeout_s: float,
-                      span, unreachable: set[str], output: OutputStream, kept_as: str | None):
-        """Goes on with a request that has streamed some tokens already, on a token worker of its own."""
+                      span, unreachable: set[str], output: OutputStream, kept_as: str | None, recovery: str):
+        """Goes on with a request that has streamed some tokens already, on a token worker of its own: a resume
+        after a worker failed, or the continuation of a stream broken with its scheduler replica."""
         token_w = self.view.route_resume(len(ids), params.max_tokens, output.completion_tokens,
                                          "kv_store" if kept_as else "recompute", unreachable)
         if self.journal:
@@ -256,7 +259,13 @@ class Dispatcher:
         try:
             with self.view.loaded({token_w.worker_id: len(ids) + params.max_tokens}):
                 await expect(decode, token_w, "reserved")
-                async for response in self._relay_tokens(decode, token_w, output, span, ending):
+                first = await expect(decode, token_w, ("tokens", "kv_fallback"))
+                kv = "kv_store" if kept_as else "recompute"
+                if isinstance(first, worker_pb2.KVFallback):  # the kept KV was not to be had: recomputed there
+                    span.add_event("kv_fallback", {"worker": token_w.worker_id, "reason": first.reason})
+                    kv, first = "recompute", None
+                metrics.recoveries.add(1, {"kind": recovery, "kv": kv})
+                async for response in self._relay_tokens(decode, token_w, output, span, ending, first):
                     yield response
         finally:
             await end_stream(decode, cancel=decode not in ending)

@@ -26,16 +26,17 @@ class WorkerFailed(Exception):
         self.kv_transfer_failed = (details or "").startswith("KV transfer")
 
 
-async def expect(call, who: WorkerInfo, kind: str):
-    """Reads the next event of a worker stream, which must be of `kind`; returns its payload."""
+async def expect(call, who: WorkerInfo, kind: str | tuple[str, ...]):
+    """Reads the next event of a worker stream, which must be of `kind` (or one of them); returns its payload."""
+    kinds = (kind,) if isinstance(kind, str) else kind
     try:
         msg = await call.read()
     except grpc.aio.AioRpcError as e:
         raise WorkerFailed(who, e.code(), e.details()) from e
-    if msg is grpc.aio.EOF or msg.WhichOneof("kind") != kind:
+    if msg is grpc.aio.EOF or msg.WhichOneof("kind") not in kinds:
         got = "the end of the stream" if msg is grpc.aio.EOF else msg.WhichOneof("kind")
-        raise WorkerFailed(who, grpc.StatusCode.INTERNAL, f"expected {kind}, got {got}")
-    return getattr(msg, kind)
+        raise WorkerFailed(who, grpc.StatusCode.INTERNAL, f"expected {' or '.join(kinds)}, got {got}")
+    return getattr(msg, msg.WhichOneof("kind"))
 
 
 async def expect_unless(call, who: WorkerInfo, kind: str, other, other_worker: WorkerInfo,

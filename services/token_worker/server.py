@@ -28,9 +28,13 @@ from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span
 log = logging.getLogger(__name__)
 
 # How long a resumed request waits for its kept KV to start arriving from the kv_store (it was stored, or is
-# being stored, when its first token was sampled); after that it is recomputed.
+# being stored, when its first token was sampled); after that the token worker recomputes the prompt itself.
 RESUME_KV_WAIT_S = 5.0
 FINISH_REASONS = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
+
+
+class KeptKVUnavailable(Exception):
+    """A resumed request's prompt KV, kept in the kv_store, cannot be had (gone, expired, incomplete, corrupt)."""
 
 
 async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
@@ -120,12 +124,24 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                     wait_s = min(RESUME_KV_WAIT_S, self.kv_wait_timeout_s) if output else self.kv_wait_timeout_s
                     pull.append(asyncio.create_task(
                         self._pull_from_store(receiver, stored_as, request.kv_source.address, wait_s)))
-                first = await self._wait_for_kv(receiver, context)
-                receiver.close()  # the KV is in its blocks now: the staging buffer goes at once
-                if output:  # resumed: recompute the tokens streamed before, then go on
-                    self.engine.resume_decoding(handle, output)
+                try:
+                    # A resumed request's prompt KV is a kept copy: if it cannot be had, the prompt is recomputed.
+                    first = await self._wait_for_kv(receiver, context, fallible=bool(output))
+                except KeptKVUnavailable as e:
+                    for task in pull:
+                        task.cancel()
+                    await asyncio.gather(*pull, return_exceptions=True)  # nothing more is written into the blocks
+                    self._drop_receiver(handle)
+                    span.add_event("kv_fallback", {"reason": str(e)})
+                    log.warning("request %s: its kept KV cannot be had (%s); recomputing its prompt here", rid, e)
+                    self.engine.resume_decoding(handle, output, prompt_kv_arrived=False)
+                    yield worker_pb2.DecodeEvent(kv_fallback=worker_pb2.KVFallback(reason=str(e)))
                 else:
-                    self.engine.start_decoding(handle, first)
+                    receiver.close()  # the KV is in its blocks now: the staging buffer goes at once
+                    if output:  # resumed: recompute the tokens streamed before, then go on
+                        self.engine.resume_decoding(handle, output)
+                    else:
+                        self.engine.start_decoding(handle, first)
             async for event in self._stream(handle, context):
                 yield event
         except asyncio.CancelledError:
@@ -138,16 +154,22 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
         """Frees what this request holds here (and nothing of a later request with the same id)."""
         for task in pull:
             task.cancel()
+        self._drop_receiver(handle)
+        self.engine.abort(handle.seq.request_id, handle)
+
+    def _drop_receiver(self, handle: RequestHandle) -> None:
         rid = handle.seq.request_id
         receiver = self.receivers.get(rid)
         if receiver is not None and receiver.owner is handle:
             del self.receivers[rid]
             receiver.fail(KVTransferError("the request ended before its KV arrived"))
             receiver.close()
-        self.engine.abort(rid, handle)
 
-    async def _wait_for_kv(self, receiver: KVReceiver, context) -> SampledToken:
-        """The first token once the KV has arrived; deadlines count the wait for its start and pauses within it."""
+    async def _wait_for_kv(self, receiver: KVReceiver, context, fallible: bool = False) -> SampledToken:
+        """The first token once the KV has arrived; deadlines count the wait for its start and pauses within it.
+
+        A failed transfer ends the call with its status, or with `fallible` raises KeptKVUnavailable.
+        """
         loop = asyncio.get_running_loop()
         waiting_since = loop.time()
         with tracer().start_as_current_span("kv_transfer.receive") as span:
@@ -165,9 +187,15 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                     else:
                         continue
                     receiver.fail(KVTransferError(problem, grpc.StatusCode.DEADLINE_EXCEEDED))
+                    if fallible:
+                        span.set_attribute("kv.unavailable", problem)
+                        raise KeptKVUnavailable(problem)
                     record_error(span, problem)
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, problem)
                 except (KVIntegrityError, KVLayoutMismatch, KVTransferError) as e:
+                    if fallible:
+                        span.set_attribute("kv.unavailable", str(e))
+                        raise KeptKVUnavailable(str(e)) from e
                     record_error(span, e)
                     await context.abort(transfer_status(e), f"KV transfer failed: {e}")
             span.set_attributes({"kv.transport": receiver.transport, **receiver.stats.attributes()})

@@ -168,16 +168,20 @@ class Engine:
             else:
                 self._finish(seq, self._finish_reason(seq))
 
-    def resume_decoding(self, handle: RequestHandle, output_ids: list[int]) -> None:
+    def resume_decoding(self, handle: RequestHandle, output_ids: list[int], prompt_kv_arrived: bool = True) -> None:
         """A reserved request's prompt KV has arrived, and it had already sampled `output_ids` elsewhere: one
-        prefill step recomputes their KV on top of the prompt's and samples the next token; it decodes on."""
+        prefill step recomputes their KV on top of the prompt's and samples the next token; it decodes on.
+
+        With prompt_kv_arrived=False (the prompt's KV could not be had), the prompt is recomputed too, in the
+        blocks reserved for it.
+        """
         if not output_ids:
             raise ValueError("resuming needs the tokens already sampled")
         seq = handle.seq
         with self._cond:
             if seq.finished:
                 return
-            seq.num_cached = len(seq.prompt_ids)
+            seq.num_cached = len(seq.prompt_ids) if prompt_kv_arrived else 0
             seq.output = _recomputed(output_ids)
             self.scheduler.add(seq)
             self._cond.notify()

@@ -5,6 +5,8 @@ error, and each whole output equals the no-failure output. Two ways back: the pr
 plus recomputation of the tokens already streamed (the default), and, with SPLITWISE_KV_KEEP=false,
 recomputation of prompt and streamed tokens on the new worker.
 
+With the kv_store dead as well, the kept copies are lost and the streams resume by recomputation.
+
 A prompt worker dies mid-prefill: the request is tried again on the other prompt worker.
 """
 
@@ -82,8 +84,9 @@ async def run_streams(address: str, prompts: list[list[int]], kill=None) -> list
     return outputs
 
 
-@pytest.mark.parametrize("keep, kv", [(True, "kv_store"), (False, "recompute")])
-async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, cache_dir, keep, kv):
+@pytest.mark.parametrize("keep, kv_store_dies, kv", [(True, False, "kv_store"), (False, False, "recompute"),
+                                                     (True, True, "recompute")])
+async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, cache_dir, keep, kv_store_dies, kv):
     folder = resolve_model("tiny-llama", cache_dir)[1]
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randrange(8, 90))] for _ in range(STREAMS)]
@@ -91,6 +94,10 @@ async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, ca
     try:
         victim = next(c for c in cluster.children if c.name == "token_worker-0")
         scheduler = next(c for c in cluster.children if c.name == "scheduler")
+        if kv_store_dies:  # first: the prompt workers' copies fail (requests go on), and resumes recompute
+            kv_store = next(c for c in cluster.children if c.name == "kv_store")
+            kv_store.proc.send_signal(signal.SIGKILL)
+            assert kv_store.proc.wait(10) == -signal.SIGKILL
         # The no-failure output, itself checked against transformers up to its end-of-sequence token.
         references = await run_streams(scheduler.address, prompts)
         for prompt, reference in zip(prompts[:5], references):
@@ -101,7 +108,8 @@ async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, ca
         for i, (output, reference) in enumerate(zip(outputs, references)):
             assert output == reference, f"stream {i}"
         resumed = recoveries(scheduler.metrics_address)
-        # The dead worker held about half of the streams; each resumed once, by the expected way.
+        # The dead worker held about half of the streams; each resumed once, by the expected way (with the
+        # kv_store dead, the token worker finds the kept copy gone and recomputes: still one resume each).
         assert resumed.get(("resume", kv), 0) >= 3, resumed
         assert set(resumed) <= {("resume", kv)}, resumed
     finally:

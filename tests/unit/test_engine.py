@@ -202,6 +202,28 @@ async def test_a_request_resumed_by_recomputing_prompt_and_output_goes_on_identi
         engine.stop()
 
 
+async def test_a_reserved_request_whose_kept_kv_broke_off_recomputes_its_prompt_in_its_own_blocks(tiny):
+    """The kept prompt KV stopped arriving part-way (junk in some layers' blocks): resuming without it recomputes
+    prompt and streamed tokens over whatever was written, and the output is unchanged."""
+    loaded, tokenizer = tiny
+    ids = tokenizer.encode("a kept copy that never fully arrived", add_special_tokens=False)
+    engine = make_engine(loaded)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    heads, dim = loaded.config.num_kv_heads, loaded.config.head_dim
+    try:
+        whole, _ = await collect(engine.submit("whole", ids, params))
+        resumed = engine.reserve("resumed", ids, params)
+        junk = torch.full((len(ids), heads, dim), 1e4)
+        for layer in range(2):
+            engine.write_kv(resumed, layer, 0, junk, junk)
+        engine.resume_decoding(resumed, whole[:6], prompt_kv_arrived=False)
+        rest, reason = await collect(resumed)
+        assert whole[:6] + rest == whole and reason is FinishReason.LENGTH
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.stop()
+
+
 async def test_requests_that_can_never_fit_are_refused_up_front(tiny):
     loaded, _ = tiny
     engine = make_engine(loaded, kv_tokens=64)
