@@ -49,6 +49,12 @@ async def test_a_continued_stream_yields_what_the_unbroken_stream_would_have(clu
     tokens = [t for r in whole for t in r.token_ids]
     assert tokens == hf_greedy(tiny_folder, ids, MAX_TOKENS)
     text = "".join(r.text for r in whole)
+    # The prompt worker's copy of the prompt KV reaches the kv_store (and its index) just after the prefill.
+    dispatcher = cluster.scheduler.servicer.dispatcher
+    for _ in range(100):
+        if await dispatcher.kept_copy("continued-1") == "continued-1":
+            break
+        await asyncio.sleep(0.05)
     # Break the stream after each of its messages in turn: the continuation must yield the rest, tokens and text.
     received = list(itertools.accumulate(whole[:-1], lambda had, r: (had[0] + list(r.token_ids), had[1] + r.text),
                                          initial=([], "")))[1:]
