@@ -33,7 +33,7 @@ def load_engine(config, max_decode_batch: int = 256) -> LoadedEngine:
     engine = Engine(loaded, device, EngineConfig(
         kv_memory_bytes=config.kv_memory_bytes, block_size=config.block_size,
         max_batch_tokens=config.max_batch_tokens, max_decode_batch=max_decode_batch,
-        num_threads=config.num_threads,
+        max_queued_prompt_tokens=config.max_queued_prompt_tokens, num_threads=config.num_threads,
     ))
     engine.on_step = record_step
     log.info("loaded %s on %s (%s) in %.1fs; KV cache %d blocks of %d tokens", loaded.name, device, config.dtype,

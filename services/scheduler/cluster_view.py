@@ -77,10 +77,10 @@ class ClusterView:
         log.info("pools: %s moves from the %s pool to the %s pool (%s)", change.worker_id, change.from_pool,
                  change.to_pool, change.reason)
 
-    def route(self, prompt_tokens: int, max_tokens: int, unreachable: set[str]) -> Route:
+    def route(self, prompt_tokens: int, max_tokens: int, avoided: set[str]) -> Route:
         """A prompt and a token worker for a request, by the routing policy; recorded as a span."""
         with tracer().start_as_current_span("scheduler.route") as span:
-            candidates = [w for w in self.workers if w.worker_id not in unreachable]
+            candidates = [w for w in self.workers if w.worker_id not in avoided]
             span.set_attributes({f"route.pool.{pool}.workers": sum(w.role == pool for w in candidates) for pool in POOLS})
             self.routed += 1
             chosen = route(candidates, self.model, prompt_tokens + max_tokens, self.in_flight_tokens,
@@ -88,20 +88,20 @@ class ClusterView:
             span.set_attributes({**self._described("prompt_worker", chosen.prompt_worker),
                                  **self._described("token_worker", chosen.token_worker),
                                  "route.policy": self.routing_policy, "route.colocated": chosen.colocated,
-                                 "route.unreachable_workers": len(unreachable)})
+                                 "route.avoided_workers": len(avoided)})
             return chosen
 
     def route_resume(self, prompt_tokens: int, max_tokens: int, output_tokens: int, kv: str,
-                     unreachable: set[str]) -> WorkerInfo:
+                     avoided: set[str]) -> WorkerInfo:
         """A token worker to go on with a request that has streamed `output_tokens` already; recorded as a span."""
         with tracer().start_as_current_span("scheduler.route") as span:
-            candidates = [w for w in self.workers if w.worker_id not in unreachable]
+            candidates = [w for w in self.workers if w.worker_id not in avoided]
             self.routed += 1
             token_w = token_phase(candidates, self.model, prompt_tokens + max_tokens, self.in_flight_tokens,
                                   self.routing_policy, self.routed)
             span.set_attributes({"route.resume": True, "route.resume.output_tokens": output_tokens,
                                  "route.resume.kv": kv, **self._described("token_worker", token_w),
-                                 "route.policy": self.routing_policy, "route.unreachable_workers": len(unreachable)})
+                                 "route.policy": self.routing_policy, "route.avoided_workers": len(avoided)})
             return token_w
 
     def _described(self, name: str, worker: WorkerInfo) -> dict:

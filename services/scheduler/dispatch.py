@@ -1,6 +1,6 @@
 """Runs one request on workers: routes it, drives the prompt and token workers' streams, and recovers from failures.
 
-Before anything was streamed, a request whose worker is unreachable starts over on freshly routed workers. After,
+Before anything was streamed, a request whose worker is gone (or full) starts over on freshly routed workers. After,
 it resumes on another token worker: from the prompt's KV kept in kv_store when there is one, else recomputing the
 prompt there, and in both cases recomputing the tokens already streamed; the client's stream goes on.
 """
@@ -32,8 +32,12 @@ from splitwise.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
-# Attempts of a request whose worker is unreachable (or died after streaming, for a resume).
+# Attempts of a request whose worker is gone or full (or died after streaming, for a resume).
 MAX_ATTEMPTS = 3
+# A worker that answers so is avoided for the rest of the request: it is gone (UNAVAILABLE), or it cannot take the
+# request now (RESOURCE_EXHAUSTED: its prompt queue or KV memory is full). When no other worker is left, the client
+# gets that status (with a retry hint when the cluster is full).
+MOVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # How long the scheduler waits for a token worker's own end of a stream it already has every token of.
 WORKER_END_GRACE_S = 0.5
 # How long a continued request looks in Redis for the prompt KV its broken stream kept, before recomputing it.
@@ -92,10 +96,10 @@ class Dispatcher:
 
     async def run(self, rid: str, ids: list[int], params: SamplingParams, timeout_s: float, span,
                   output: OutputStream, progress: Progress):
-        """The request's responses, trying again on other workers when one becomes unreachable."""
+        """The request's responses, trying again on other workers when one is gone or full."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        unreachable: set[str] = set()
+        avoided: set[str] = set()
         last_failure: WorkerFailed | None = None
         # Workers know each attempt by its own id, so one attempt's cleanup never touches the next; a continued
         # stream's too (the broken stream's workers may not have let go of theirs yet).
@@ -106,28 +110,28 @@ class Dispatcher:
             kept_as = progress.kv_kept_as if resuming else None
             try:
                 if resuming:
-                    run = self._resume(rid, worker_rid, ids, params, deadline - loop.time(), span, unreachable,
+                    run = self._resume(rid, worker_rid, ids, params, deadline - loop.time(), span, avoided,
                                        output, kept_as, "continue" if attempt == 1 else "resume")
                 else:
-                    run = self._attempt(rid, worker_rid, ids, params, deadline - loop.time(), span, unreachable,
+                    run = self._attempt(rid, worker_rid, ids, params, deadline - loop.time(), span, avoided,
                                         output, progress)
                 async with contextlib.aclosing(run):
                     async for response in run:
                         yield response
                 return
             except NoWorkerAvailable:
-                if last_failure is not None:  # the workers left were all unreachable: say what happened
+                if last_failure is not None:  # every worker left was gone or full: say what happened
                     raise last_failure
                 raise
             except WorkerFailed as e:
                 kept_kv_missing = kept_as is not None and e.worker.role != "prompt" and e.kv_store_failed
-                if attempt == MAX_ATTEMPTS or not (e.code == grpc.StatusCode.UNAVAILABLE or kept_kv_missing):
+                if attempt == MAX_ATTEMPTS or not (e.code in MOVE_ON or kept_kv_missing):
                     raise
                 last_failure = e
                 if kept_kv_missing:  # the worker is fine, the kept KV is not: recompute the prompt instead
                     progress.kv_kept_as = None
-                else:
-                    unreachable.add(e.worker.worker_id)
+                else:  # gone, or full for now: this request goes elsewhere
+                    avoided.add(e.worker.worker_id)
                 kind = "resume" if output.completion_tokens else "retry"
                 kv = "kv_store" if kind == "resume" and progress.kv_kept_as else "recompute"
                 span.add_event(kind, {"worker": e.worker.worker_id, "error": str(e), "attempt": attempt,
@@ -150,8 +154,8 @@ class Dispatcher:
         return target, transport
 
     async def _attempt(self, rid: str, worker_rid: str, ids: list[int], params: SamplingParams, timeout_s: float,
-                       span, unreachable: set[str], output: OutputStream, progress: Progress):
-        chosen = self.view.route(len(ids), params.max_tokens, unreachable)
+                       span, avoided: set[str], output: OutputStream, progress: Progress):
+        chosen = self.view.route(len(ids), params.max_tokens, avoided)
         prompt_w, token_w = chosen.prompt_worker, chosen.token_worker
         colocated = chosen.colocated  # a mixed worker (or a token worker, for a short prompt) runs both phases
         if self.journal:
@@ -237,11 +241,11 @@ class Dispatcher:
                              "finish_reason": common_pb2.FinishReason.Name(output.finish_reason)})
 
     async def _resume(self, rid: str, worker_rid: str, ids: list[int], params: SamplingParams, timeout_s: float,
-                      span, unreachable: set[str], output: OutputStream, kept_as: str | None, recovery: str):
+                      span, avoided: set[str], output: OutputStream, kept_as: str | None, recovery: str):
         """Goes on with a request that has streamed some tokens already, on a token worker of its own: a resume
         after a worker failed, or the continuation of a stream broken with its scheduler replica."""
         token_w = self.view.route_resume(len(ids), params.max_tokens, output.completion_tokens,
-                                         "kv_store" if kept_as else "recompute", unreachable)
+                                         "kv_store" if kept_as else "recompute", avoided)
         if self.journal:
             self.journal.assigned(rid, worker_rid, "resumed", "", token_w.worker_id)
         source = None

@@ -68,7 +68,15 @@ class EngineConfig:
     max_batch_tokens: int = 2048
     max_decode_batch: int = 256
     decode_age_bound_s: float = 0.05
+    max_queued_prompt_tokens: int = 0  # prompt tokens waiting for (or in) a prefill beyond which submit refuses; 0: none
     num_threads: int = 0
+
+
+class QueueFull(KVCapacityError):
+    """Too many prompt tokens wait for a prefill here: the request does not fit now (try later or elsewhere)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, ever=False)
 
 
 class Engine:
@@ -124,6 +132,13 @@ class Engine:
         if seq.request_id in self._handles:
             raise ValueError(f"request {seq.request_id!r} is already here")
 
+    def _check_queue(self, seq: Sequence) -> None:
+        limit = self.config.max_queued_prompt_tokens
+        queued = sum(s.num_tokens - s.num_cached for s in self.scheduler.waiting)
+        if limit and queued and queued + seq.num_tokens > limit:  # (alone in the queue, any prompt is taken)
+            raise QueueFull(f"{queued} prompt tokens are waiting for or in a prefill here; {seq.num_tokens} more would pass "
+                            f"the limit of {limit} (SPLITWISE_MAX_QUEUED_PROMPT_TOKENS)")
+
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prefill_only: bool = False,
                on_layer_kv: SequenceKVCallback | None = None, output_ids: Iterable[int] = ()) -> RequestHandle:
         """Queues a prompt; prefill_only stops after the first token (the prompt worker's job).
@@ -135,6 +150,7 @@ class Engine:
         handle = RequestHandle(seq, asyncio.get_running_loop())
         with self._cond:
             self._check_fits(seq)
+            self._check_queue(seq)
             self._handles[request_id] = handle
             self.scheduler.add(seq)
             self._cond.notify()
