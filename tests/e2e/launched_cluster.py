@@ -9,9 +9,8 @@ from typing import Iterator
 import grpc
 import pytest
 
-from splitwise.launcher import Cluster, UpOptions
+from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
-from tests.conftest import free_port_ranges
 
 HEARTBEAT_S = 0.2
 

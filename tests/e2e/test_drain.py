@@ -8,9 +8,8 @@ import grpc
 import pytest
 
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions
+from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
-from tests.conftest import free_port_ranges
 
 pytestmark = pytest.mark.e2e
 

@@ -7,9 +7,8 @@ import os
 import pytest
 
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions
+from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
-from tests.conftest import free_port_ranges
 from tests.reference import hf_greedy
 from tests.traces import wait_for_whole_trace
 

@@ -13,8 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.client import SplitwiseClient
+from splitwise.launcher import free_port_ranges
 from splitwise.model.weights import load_tokenizer, resolve_model
-from tests.conftest import free_port_ranges
 from tests.reference import hf_greedy
 from tests.traces import SCHEDULER_GENERATE, tops, wait_for_whole_trace
 

@@ -20,9 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions
+from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
-from tests.conftest import free_port_ranges
 from tests.reference import hf_greedy
 
 pytestmark = pytest.mark.e2e
