@@ -131,10 +131,9 @@ async def measure(scenario: Scenario, prompts: list[list[int]], max_tokens: int)
             log(f"  again, SIGKILL {victim.name} once every stream has {KILL_AFTER_TOKENS} tokens")
             failed, killed_at = await run_streams(addresses, prompts, max_tokens,
                                                   kill=lambda: victim.proc.send_signal(signal.SIGKILL))
-            await asyncio.sleep(1.0)  # the last spans reach their files
-            recovered = recovered_request_ids(run_dir)
         finally:
-            cluster.stop()
+            cluster.stop()  # the services flush their last spans as they stop
+        recovered = recovered_request_ids(run_dir)
     hit = [s for s in failed if s.request_id in recovered]
     stalls = [s.stall_around(killed_at) for s in hit]
     stalls = [s for s in stalls if s is not None]

@@ -6,19 +6,20 @@ import asyncio
 
 import grpc
 
-from splitwise.server import CHANNEL_OPTIONS
+from splitwise.server import DEFAULT_KEEPALIVE_S, channel_options
 from splitwise.telemetry.tracing import client_interceptors
 
 
 class ChannelPool:
-    def __init__(self):
+    def __init__(self, keepalive_s: float = DEFAULT_KEEPALIVE_S):
+        self.options = channel_options(keepalive_s)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+                address, options=self.options, interceptors=client_interceptors())
         return channel
 
     async def close(self) -> None:

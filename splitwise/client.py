@@ -10,7 +10,7 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 import grpc
 
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from splitwise.server import CHANNEL_OPTIONS
+from splitwise.server import DEFAULT_KEEPALIVE_S, channel_options
 from splitwise.telemetry.tracing import client_interceptors
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,16 @@ class SplitwiseClient:
     with UNAVAILABLE (replica gone, connection refused, no worker there). A stream that breaks that way after
     yielding chunks is continued on the next replica, which is told the tokens received so far
     (`continue_after_token_ids`) and streams only what follows; with `continue_streams=False` its error is raised
-    instead. Each replica is tried at most once per call."""
+    instead. Each replica is tried at most once per call. A replica that stops answering keepalive pings for
+    `keepalive_s` (a host gone without closing its connections) counts as gone."""
 
-    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, continue_streams: bool = True):
+    def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, continue_streams: bool = True,
+                 keepalive_s: float = DEFAULT_KEEPALIVE_S):
         self.addresses = parse_addresses(address)
         self.continue_streams = continue_streams
         # With a tracer provider set up in the caller's process, each call is a CLIENT span, parent of the cluster's.
-        self.channels = [grpc.aio.insecure_channel(a, options=CHANNEL_OPTIONS, interceptors=client_interceptors())
+        options = channel_options(keepalive_s)
+        self.channels = [grpc.aio.insecure_channel(a, options=options, interceptors=client_interceptors())
                          for a in self.addresses]
         self.stubs = [scheduler_pb2_grpc.SchedulerStub(c) for c in self.channels]
         self.current = 0  # the replica calls go to first

@@ -20,10 +20,30 @@ from splitwise.telemetry.tracing import server_interceptors
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20
-CHANNEL_OPTIONS = [
+MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# Servers take keepalive pings as often as clients send them (by default they answer pings more often than every
+# 5 minutes without data with GOAWAY "too_many_pings").
+SERVER_OPTIONS = [
+    *MESSAGE_OPTIONS,
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+DEFAULT_KEEPALIVE_S = 5.0
+
+
+def channel_options(keepalive_s: float = DEFAULT_KEEPALIVE_S) -> list[tuple[str, int]]:
+    """A client channel's options. With keepalive_s > 0, while calls are open an HTTP/2 ping goes out every
+    keepalive_s, and a peer that does not answer one within keepalive_s (a hung process, a host gone without
+    closing its sockets) fails the calls on it with UNAVAILABLE, as a dead one does at once."""
+    if keepalive_s <= 0:
+        return list(MESSAGE_OPTIONS)
+    ms = max(1, round(keepalive_s * 1000))
+    return [*MESSAGE_OPTIONS, ("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
+            ("grpc.http2.ping_timeout_ms", ms),  # (gRPC core waits this long for a ping's ack, 60 s by default)
+            ("grpc.http2.max_pings_without_data", 0)]  # a stream waiting for its first message is watched too
 
 
 class GrpcService:
@@ -56,7 +76,7 @@ async def start_server(
 ) -> GrpcService:
     """Starts serving `servicers` ((add_to_server, servicer) pairs) on `listen`; port 0 picks a free one.
     Also serves Prometheus metrics on `metrics_listen`, where `gauges` reports this service's state."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=server_interceptors())
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors())
     for add_to_server, servicer in servicers:
         add_to_server(servicer, server)
     health = HealthServicer()

@@ -42,7 +42,7 @@ class PromptWorker:
 
 async def start(config: PromptWorkerConfig) -> PromptWorker:
     loaded = await asyncio.to_thread(load_engine, config)
-    channels = ChannelPool()
+    channels = ChannelPool(config.grpc_keepalive_s)
     servicer = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
                                     config.kv_progress_timeout_s)
     # The same engine can run the token phase: the scheduler routes decodes here only while it has borrowed

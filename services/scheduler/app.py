@@ -57,7 +57,7 @@ async def start(config: SchedulerConfig) -> Scheduler:
     model = await asyncio.to_thread(load_model_info, config)
     client = connect(config.redis_url)
     registry = WorkerRegistry(client)
-    channels = ChannelPool()
+    channels = ChannelPool(config.grpc_keepalive_s)
     replica = f"scheduler-{socket.gethostname()}-{os.getpid()}"
     journal = RequestJournal(client, replica, config.request_timeout_s + JOURNAL_SLACK_S)
     view = ClusterView(model.name, registry, config.routing_policy,

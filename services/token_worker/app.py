@@ -44,7 +44,7 @@ async def start(config: TokenWorkerConfig) -> TokenWorker:
     if config.role not in ("token", "mixed"):
         raise ValueError(f"token worker role must be 'token' or 'mixed', got {config.role!r}")
     loaded = await asyncio.to_thread(load_engine, config, config.max_decode_batch)
-    channels = ChannelPool()
+    channels = ChannelPool(config.grpc_keepalive_s)
     servicer = TokenWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_wait_timeout_s,
                                    config.kv_progress_timeout_s)
     servicers = [(worker_pb2_grpc.add_TokenWorkerServicer_to_server, servicer)]

@@ -7,6 +7,8 @@ recomputation of prompt and streamed tokens on the new worker.
 
 With the kv_store dead as well, the kept copies are lost and the streams resume by recomputation.
 
+A token worker hangs (SIGSTOP): keepalive finds it, and its streams resume the same way.
+
 A prompt worker dies mid-prefill: the request is tried again on the other prompt worker.
 """
 
@@ -112,6 +114,27 @@ async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, ca
         assert resumed.get(("resume", kv), 0) >= 3, resumed
         assert set(resumed) <= {("resume", kv)}, resumed
     finally:
+        cluster.stop()
+
+
+async def test_a_token_worker_that_hangs_mid_decode_is_found_by_keepalive_and_its_streams_resume(tmp_path, cache_dir):
+    """SIGSTOP: the worker's sockets stay open but nothing answers (a hung process, a host gone without closing its
+    connections). The scheduler's keepalive pings go unanswered, its calls there fail, and the streams resume."""
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 250) for _ in range(rng.randrange(8, 90))] for _ in range(8)]
+    cluster = start_cluster(tmp_path, cache_dir, SPLITWISE_GRPC_KEEPALIVE_S="1")
+    victim = next(c for c in cluster.children if c.name == "token_worker-0")
+    try:
+        scheduler = next(c for c in cluster.children if c.name == "scheduler")
+        references = await run_streams(scheduler.address, prompts)
+        outputs = await run_streams(scheduler.address, prompts, kill=lambda: victim.proc.send_signal(signal.SIGSTOP))
+        assert victim.proc.poll() is None  # hung, not dead
+        for i, (output, reference) in enumerate(zip(outputs, references)):
+            assert output == reference, f"stream {i}"
+        resumed = recoveries(scheduler.metrics_address)
+        assert resumed.get(("resume", "kv_store"), 0) >= 1 and set(resumed) == {("resume", "kv_store")}, resumed
+    finally:
+        victim.proc.send_signal(signal.SIGKILL)
         cluster.stop()
 
 
