@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
@@ -41,3 +43,9 @@ def launched_cluster(run_dir: Path, cache_dir: Path, env: dict | None = None, **
     finally:
         cluster.stop()
 
+
+def recoveries(metrics_address: str) -> dict[tuple[str, str], float]:
+    """A scheduler's splitwise_request_recoveries_total by (kind, kv), from its /metrics."""
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
+    return {(s.labels["kind"], s.labels["kv"]): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "splitwise_request_recoveries_total"}

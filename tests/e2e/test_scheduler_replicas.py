@@ -7,8 +7,7 @@ import time
 import pytest
 
 from splitwise.client import SplitwiseClient
-from tests.e2e.launched_cluster import launched_cluster
-from tests.e2e.test_worker_failures import recoveries
+from tests.e2e.launched_cluster import launched_cluster, recoveries
 
 pytestmark = pytest.mark.e2e
 

@@ -15,15 +15,14 @@ A prompt worker dies mid-prefill: the request is tried again on the other prompt
 import asyncio
 import random
 import signal
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.client import SplitwiseClient
 from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
+from tests.e2e.launched_cluster import recoveries
 from tests.reference import hf_greedy
 
 pytestmark = pytest.mark.e2e
@@ -51,12 +50,6 @@ def start_cluster(tmp_path, cache_dir, keep: bool = True, prompt_workers: int = 
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in (tmp_path / "logs").glob("*.log"))
         pytest.fail(f"the cluster did not start: {e}\n{logs}")
     return cluster
-
-
-def recoveries(metrics_address: str) -> dict[tuple[str, str], float]:
-    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
-    return {(s.labels["kind"], s.labels["kv"]): s.value for family in text_string_to_metric_families(text)
-            for s in family.samples if s.name == "splitwise_request_recoveries_total"}
 
 
 async def run_streams(address: str, prompts: list[list[int]], kill=None) -> list[list[int]]:
