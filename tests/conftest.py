@@ -1,9 +1,11 @@
-"""Shared fixtures: a real Redis server, and the tiny model's cache."""
+"""Shared fixtures (a real Redis server, the tiny model's cache), and the run's last lines: the tests skipped for
+what this machine lacks, by reason."""
 
 from __future__ import annotations
 
 import os
 import socket
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,16 @@ def meter_provider():
     from splitwise.telemetry.metrics import setup_metrics
 
     return setup_metrics("splitwise-tests")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Last, one line per reason tests were skipped, with the fix where the reason names one: a fresh machine that
+    lacks a system library sees which tests it did not run and the command that runs them."""
+    reasons = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):
+            reasons[report.longrepr[2].removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section("skipped, by reason")
+        for reason, count in reasons.most_common():
+            terminalreporter.write_line(f"{count} test{'s' if count > 1 else ''} skipped: {reason}")

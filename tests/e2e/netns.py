@@ -18,10 +18,10 @@ class NetnsError(Exception):
 def unavailable_reason() -> str | None:
     """Why network namespaces cannot be used here, or None when they can."""
     if os.geteuid() != 0:
-        return "network namespaces need root"
+        return "network namespaces need root (run the tests as root)"
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
     if missing:
-        return f"{' and '.join(missing)} (iproute2) not on PATH"
+        return f"{' and '.join(missing)} not on PATH (apt-get install iproute2)"
     return None
 
 

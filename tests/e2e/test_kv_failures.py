@@ -11,7 +11,6 @@ are read from the scheduler's ClusterStatus: the worker's own numbers as of a he
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import itertools
 import json
 import os
@@ -32,13 +31,13 @@ from splitwise.model.llama import LlamaConfig
 from splitwise.model.weights import read_hf_config, resolve_model
 from tests.e2e.netns import unavailable_reason
 from tests.e2e.netns_cluster import MODEL, PROMPT_TOKEN_IDS, NetnsCluster, Service, running_cluster, three_host_lan
+from tests.prerequisites import needs_mooncake
 from tests.reference import hf_greedy
 from tests.traces import SCHEDULER_GENERATE, request_trace
 
 pytestmark = pytest.mark.e2e
 
-MOONCAKE = pytest.param("mooncake", marks=pytest.mark.skipif(
-    not importlib.util.find_spec("mooncake"), reason="mooncake-transfer-engine is not installed"))
+MOONCAKE = pytest.param("mooncake", marks=needs_mooncake())
 # Namespaces share /dev/shm, which would let the KV bypass the link: shm is never offered.
 KV_TRANSPORTS = {"grpc": "grpc", "mooncake": "mooncake,grpc"}
 MAX_TOKENS = 16

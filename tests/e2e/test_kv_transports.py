@@ -1,7 +1,6 @@
 """Each KV transport moves a real KV cache from a prompt worker process to a token worker process, layer-wise
 and serialized, and generation continues exactly as transformers generates."""
 
-import importlib.util
 import os
 
 import pytest
@@ -9,13 +8,13 @@ import pytest
 from splitwise.client import SplitwiseClient
 from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
+from tests.prerequisites import needs_mooncake
 from tests.reference import hf_greedy
 from tests.traces import wait_for_whole_trace
 
 pytestmark = pytest.mark.e2e
 
-TRANSPORTS = ["grpc", "shm", pytest.param("mooncake", marks=pytest.mark.skipif(
-    not importlib.util.find_spec("mooncake"), reason="mooncake-transfer-engine is not installed"))]
+TRANSPORTS = ["grpc", "shm", pytest.param("mooncake", marks=needs_mooncake())]
 LAYERWISE_MIN_TOKENS = 100
 PROMPTS = {"serialized": [7 + i % 90 for i in range(60)], "layerwise": [11 + (i * 7) % 200 for i in range(400)]}
 MAX_TOKENS = 12

@@ -1,7 +1,6 @@
 """Whatever the transport, a corrupt chunk fails the transfer with DATA_LOSS and frees the KV on both sides."""
 
 import dataclasses
-import importlib.util
 
 import grpc
 import pytest
@@ -9,10 +8,10 @@ import pytest
 from splitwise.client import SplitwiseClient
 from splitwise.kv.transfer import KVSender, KVTransferError
 from tests.integration.cluster import assert_no_kv_held, local_cluster
+from tests.prerequisites import needs_mooncake
 from tests.traces import wait_for_whole_trace
 
-TRANSPORTS = ["grpc", "shm", pytest.param("mooncake", marks=pytest.mark.skipif(
-    not importlib.util.find_spec("mooncake"), reason="mooncake-transfer-engine is not installed"))]
+TRANSPORTS = ["grpc", "shm", pytest.param("mooncake", marks=needs_mooncake())]
 
 
 @pytest.fixture(scope="module", params=TRANSPORTS)
