@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
+from bench.replay import trace_path
 from splitwise.engine.llm_engine import Engine, EngineConfig, Finished
 from splitwise.engine.sampling import SamplingParams
 from splitwise.model.weights import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CONV_TRACE = ROOT.parent / "shared" / "data" / "azure-llm-2023" / "conv.csv"
 RESULTS = ROOT / "docs" / "benchmarks.md"
 
 
@@ -109,7 +109,7 @@ def engine_prefill_s(engine: Engine, ids: list[int]) -> float:
 
 
 def conv_requests(n: int, scale: int) -> tuple[list[int], list[int]]:
-    with CONV_TRACE.open() as f:
+    with trace_path("conv").open() as f:
         rows = list(csv.DictReader(f))[:n]
     return ([max(1, int(r["ContextTokens"]) // scale) for r in rows],
             [max(1, int(r["GeneratedTokens"]) // scale) for r in rows])

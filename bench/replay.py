@@ -27,8 +27,8 @@ import grpc
 from bench.slo import IdleBaseline, RequestResult, format_report, slo_attainment, summarize, write_csv
 from splitwise.client import SplitwiseClient
 
-ROOT = Path(__file__).resolve().parents[1]
-TRACE_DIR = ROOT.parent / "shared" / "data" / "azure-llm-2023"
+# Shipped with the package (package-data), so that an installed `splitwise bench replay` finds them.
+TRACE_DIR = Path(__file__).resolve().parent / "data" / "azure-llm-2023"
 # Token ids of synthetic prompts start above the ids tokenizers reserve for special tokens.
 FIRST_PROMPT_TOKEN_ID = 3
 
@@ -42,7 +42,7 @@ class TraceRequest:
 
 
 def trace_path(trace: str) -> Path:
-    """`conv` / `code` (the Azure 2023 traces in ../shared/data), or a CSV path."""
+    """`conv` / `code` (the Azure 2023 traces shipped in bench/data), or a CSV path."""
     path = Path(trace)
     if path.suffix == ".csv" or path.exists():
         return path
