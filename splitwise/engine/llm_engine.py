@@ -14,7 +14,7 @@ import torch
 
 from splitwise.engine.block_manager import BlockManager, KVCapacityError
 from splitwise.engine.model_runner import ModelRunner
-from splitwise.engine.sampling import SampledToken, SamplingParams
+from splitwise.engine.sampling import NonFiniteLogits, SampledToken, SamplingParams
 from splitwise.engine.scheduler import BatchScheduler, ScheduledBatch
 from splitwise.engine.sequence import FinishReason, Sequence, SequenceKVCallback, Status
 from splitwise.model.weights import LoadedModel
@@ -32,8 +32,24 @@ class Finished:
     reason: FinishReason
 
 
+class RequestFailed(Exception):
+    """The engine could not go on with this request; the message says why in plain words. `corrupt`: the
+    request's own state was bad (its logits not finite, from corrupt KV); otherwise the engine failed."""
+
+    def __init__(self, message: str, corrupt: bool = False):
+        super().__init__(message)
+        self.corrupt = corrupt
+
+
+def _failure_of(error: Exception) -> RequestFailed:
+    """What a request is told of the exception that ended it (the log has the details)."""
+    if isinstance(error, NonFiniteLogits):
+        return RequestFailed(str(error), corrupt=True)
+    return RequestFailed("the engine failed while computing this request (the worker's log has the details)")
+
+
 class RequestHandle:
-    """The asyncio side of one request: tokens as they are sampled, then Finished (or an exception)."""
+    """The asyncio side of one request: tokens as they are sampled, then Finished (or RequestFailed)."""
 
     def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop):
         self.seq = seq
@@ -241,6 +257,16 @@ class Engine:
         if handle is not None:
             handle._deliver(Finished(reason))
 
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """Ends one request with its failure and frees its blocks; caller holds the lock."""
+        self.scheduler.remove(seq)
+        self._abort_requested.discard(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, FinishReason.ABORTED
+        handle = self._handles.get(seq.request_id)
+        if handle is not None and handle.seq is seq:
+            del self._handles[seq.request_id]
+            handle._deliver(_failure_of(error))
+
     def _loop(self) -> None:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
@@ -267,11 +293,7 @@ class Engine:
                 log.exception("engine step failed")
                 with self._cond:
                     for seq in batch.seqs:
-                        handle = self._handles.pop(seq.request_id, None)
-                        self.scheduler.remove(seq)
-                        seq.status = Status.FINISHED
-                        if handle is not None:
-                            handle._deliver(RuntimeError(f"engine step failed: {e}"))
+                        self._fail(seq, e)
                     self._in_flight = set()
                 continue
             if self.on_step is not None:
@@ -281,13 +303,19 @@ class Engine:
                 self._postprocess(batch, results)
                 self._in_flight = set()
 
-    def _postprocess(self, batch: ScheduledBatch, results: list[SampledToken | None]) -> None:
+    def _postprocess(self, batch: ScheduledBatch, results: list[SampledToken | Exception | None]) -> None:
         for seq, (_, end), token in zip(batch.seqs, batch.spans, results, strict=True):
             if seq in self._abort_requested:
                 self._abort_requested.discard(seq)
                 self._finish(seq, FinishReason.ABORTED)
                 continue
             if seq.status is not Status.WAITING and seq.status is not Status.RUNNING:
+                continue
+            if isinstance(token, Exception):  # this sequence alone fails; the rest of the batch goes on
+                corrupt = isinstance(token, NonFiniteLogits)
+                log.log(logging.WARNING if corrupt else logging.ERROR, "request %s failed: %s", seq.request_id, token,
+                        exc_info=None if corrupt else token)
+                self._fail(seq, token)
                 continue
             seq.num_cached = end
             if token is None:

@@ -40,7 +40,9 @@ class ModelRunner:
         self.cache_keys[layer].index_copy_(1, slots, keys.to(self.device, self.dtype).transpose(0, 1))
         self.cache_values[layer].index_copy_(1, slots, values.to(self.device, self.dtype).transpose(0, 1))
 
-    def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
+    def run(self, batch: ScheduledBatch) -> list[SampledToken | Exception | None]:
+        """Per sequence: its sampled token, None when it does not sample this step, or the exception that
+        sampling it raised (its logits were not finite, say), which fails that sequence only."""
         token_ids, segments = [], []
         for seq, (start, end) in zip(batch.seqs, batch.spans, strict=True):
             token_ids.extend(seq.tokens[start:end])
@@ -56,11 +58,14 @@ class ModelRunner:
 
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         logits = self.model(ids, layout, self.cache_keys, self.cache_values, export if exporters else None)
-        results: list[SampledToken | None] = []
+        results: list[SampledToken | Exception | None] = []
         row = 0
         for seq, wants in zip(batch.seqs, batch.samples, strict=True):
             if wants:
-                results.append(sample(logits[row], seq.params, step=len(seq.output)))
+                try:
+                    results.append(sample(logits[row], seq.params, step=len(seq.output)))
+                except Exception as e:  # one sequence's failure is its own
+                    results.append(e)
                 row += 1
             else:
                 results.append(None)

@@ -8,6 +8,12 @@ import torch
 
 DEFAULT_MAX_TOKENS = 16
 MAX_TOKENS_LIMIT = 1 << 20
+# Below this temperature sampling is greedy (as in vLLM): dividing by it would overflow the logits.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+class NonFiniteLogits(ValueError):
+    """The model's logits for a request hold NaN or infinity: nothing can be sampled from them."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
 
 @dataclass(frozen=True)
@@ -48,23 +54,31 @@ class SampledToken:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> SampledToken:
-    """Picks the token after float32 `logits` [vocab]; `step` is the output position (0 = first token).
+    """Picks the token after `logits` [vocab]; `step` is the output position (0 = first token).
+
+    Raises NonFiniteLogits when the logits are not all finite. Any parameters that validate give a finite
+    distribution: the logits are shifted so that their maximum is 0 before the temperature divides them, so the
+    best token keeps weight 1 whatever the temperature, and the top-k and top-p masks always keep it.
 
     A seeded request draws from a generator seeded by (seed, step), so the result does not depend on
     which worker samples which step.
     """
+    logits = logits.float()
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogits("the model produced non-finite logits for this request (corrupt KV?)")
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.greedy:
         token = int(torch.argmax(logits))
         return SampledToken(token, float(logprobs[token]))
-    scaled = logits / params.temperature
+    shifted = (logits - logits.max()).clamp_(min=torch.finfo(torch.float32).min)  # finite, even over a range of 6e38
+    scaled = shifted / params.temperature
     if params.top_k > 0 and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p  # never the first
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     generator = None

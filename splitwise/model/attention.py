@@ -115,6 +115,8 @@ def _decode_attention(q: torch.Tensor, cache_keys: torch.Tensor, cache_values: t
     rows = (kv_heads, -1, batch.block_size * d)
     keys = cache_keys.view(rows).index_select(1, blocks).view(kv_heads, s, -1, d)  # [kv_heads, S, context, D]
     values = cache_values.view(rows).index_select(1, blocks).view(kv_heads, s, -1, d)
+    # Padding gets weight 0, but 0 * NaN is NaN: whatever another request left there (corrupt KV) must not leak in.
+    values.masked_fill_(batch.decode_padding.view(1, s, -1, 1), 0.0)
     grouped = (q * d**-0.5).view(s, kv_heads, heads // kv_heads, d).transpose(0, 1)  # [kv_heads, S, group, D]
     scores = torch.matmul(grouped, keys.transpose(-1, -2))  # [kv_heads, S, group, context]
     scores.masked_fill_(batch.decode_padding, float("-inf"))

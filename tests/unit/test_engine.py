@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitwise.engine.block_manager import KVCapacityError
-from splitwise.engine.llm_engine import Engine, EngineConfig, Finished, RequestHandle
+from splitwise.engine.llm_engine import Engine, EngineConfig, Finished, RequestFailed, RequestHandle
 from splitwise.engine.model_runner import ModelRunner
 from splitwise.engine.sampling import SampledToken, SamplingParams
 from splitwise.engine.sequence import FinishReason
@@ -220,6 +220,65 @@ async def test_a_reserved_request_whose_kept_kv_broke_off_recomputes_its_prompt_
         rest, reason = await collect(resumed)
         assert whole[:6] + rest == whole and reason is FinishReason.LENGTH
         assert engine.blocks.num_free == engine.blocks.num_blocks
+    finally:
+        engine.stop()
+
+
+async def test_a_request_whose_kv_is_nan_fails_alone_and_the_batch_decoding_beside_it_goes_on_exactly(tiny):
+    """A peer pushed KV holding NaN for one request. It fails with a plain reason; the requests decoding in the
+    same batch (whose contexts are padded with its first block) and the requests given its blocks afterwards
+    produce exactly what they produce without it."""
+    loaded, tokenizer = tiny
+    heads, dim = loaded.config.num_kv_heads, loaded.config.head_dim
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = [tokenizer.encode(f"ordinary request {i} says", add_special_tokens=False) for i in range(4)]
+    long_prompt = [3 + i % 250 for i in range(190)]  # with its output, 14 of the 16 blocks below
+    clean = make_engine(loaded)
+    try:
+        reference = [(await collect(clean.submit(f"r{i}", ids, params)))[0] for i, ids in enumerate(prompts)]
+        long_reference, _ = await collect(clean.submit("long", long_prompt, params))
+    finally:
+        clean.stop()
+    engine = make_engine(loaded, kv_tokens=16 * 16)  # small: later requests reuse the poisoned blocks
+    try:
+        poisoned_ids = list(range(10, 90))  # longer than the others, and first: it holds block 0
+        poisoned = engine.reserve("poisoned", poisoned_ids, params)
+        nan = torch.full((len(poisoned_ids), heads, dim), float("nan"))
+        for layer in range(loaded.config.num_layers):
+            engine.write_kv(poisoned, layer, 0, nan, nan)
+        handles = [engine.submit(f"r{i}", ids, params) for i, ids in enumerate(prompts)]
+        firsts = [(await handle.next_event()).token_id for handle in handles]  # all of them decoding now
+        engine.start_decoding(poisoned, SampledToken(5, 0.0))
+        with pytest.raises(RequestFailed, match="non-finite logits for this request") as failed:
+            await collect(poisoned)
+        assert failed.value.corrupt
+        for first, handle, expected in zip(firsts, handles, reference):
+            rest, reason = await collect(handle)
+            assert [first, *rest] == expected and reason is FinishReason.LENGTH
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        after = [engine.submit("long", long_prompt, params), engine.submit("short", prompts[0], params)]
+        assert [(await collect(h))[0] for h in after] == [long_reference, reference[0]]
+        assert engine.blocks.num_free == engine.blocks.num_blocks and engine.num_requests == 0
+    finally:
+        engine.stop()
+
+
+async def test_an_engine_step_that_fails_ends_its_requests_with_a_plain_reason_and_the_engine_goes_on(tiny,
+                                                                                                      monkeypatch):
+    loaded, _ = tiny
+    engine = make_engine(loaded)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    try:
+        run = engine.runner.run
+        monkeypatch.setattr(engine.runner, "run", lambda batch: 1 / 0)
+        with pytest.raises(RequestFailed) as failed:
+            await collect(engine.submit("doomed", [5, 6, 7], params))
+        assert not failed.value.corrupt
+        assert "ZeroDivisionError" not in str(failed.value) and "the engine failed" in str(failed.value)
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        monkeypatch.setattr(engine.runner, "run", run)
+        out, reason = await collect(engine.submit("next", [5, 6, 7], params))
+        assert len(out) == 4 and reason is FinishReason.LENGTH
     finally:
         engine.stop()
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from splitwise.engine.sampling import SamplingParams, sample
+from splitwise.engine.sampling import NonFiniteLogits, SamplingParams, sample
 
 
 @pytest.mark.parametrize(
@@ -42,3 +42,49 @@ def test_top_k_and_top_p_restrict_the_candidates():
     for step in range(50):
         assert sample(logits, SamplingParams(temperature=2.0, top_k=2, seed=1), step).token_id in (0, 1)
         assert sample(logits, SamplingParams(temperature=1.0, top_p=0.3, seed=1), step).token_id == 0
+
+
+FLOAT32_SMALLEST = float(torch.finfo(torch.float32).smallest_normal)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, FLOAT32_SMALLEST, 1e-6])
+def test_a_temperature_too_small_to_divide_by_samples_greedily(temperature):
+    logits = torch.randn(1000) * 10
+    for step in range(5):
+        token = sample(logits, SamplingParams(temperature=temperature, seed=3), step)
+        assert token.token_id == int(torch.argmax(logits))
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=1e-5),
+    SamplingParams(temperature=1e-4, top_p=1e-30),
+    SamplingParams(temperature=1e-4, top_k=2),
+    SamplingParams(temperature=1.0, top_k=2**31 - 1),
+    SamplingParams(temperature=1.0, top_p=float(torch.finfo(torch.float32).tiny)),
+    SamplingParams(temperature=3.4e38),
+    SamplingParams(temperature=float("inf"), top_k=3),
+    SamplingParams(temperature=0.7, top_p=0.9, top_k=50, seed=-(2**63)),
+], ids=repr)
+def test_every_valid_parameter_gives_a_finite_distribution_even_for_huge_logits(params):
+    params.validate()
+    huge = torch.tensor([3e38, -3e38, 1e35, 0.0, 2e38])
+    for logits in (huge, torch.randn(1000) * 1e30, torch.randn(1000)):
+        for step in range(5):
+            token = sample(logits, params, step)
+            assert 0 <= token.token_id < logits.shape[0]
+            assert token.logprob <= 0  # finite, or -inf for a token with no chance under greedy log-softmax
+
+
+def test_a_tiny_top_p_keeps_the_most_likely_token_only():
+    logits = torch.tensor([1.0, 5.0, 4.9, 0.0])
+    for step in range(20):
+        assert sample(logits, SamplingParams(temperature=1.0, top_p=1e-30, seed=step), step).token_id == 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, seed=1)], ids=["greedy", "sampled"])
+def test_non_finite_logits_are_refused_with_a_plain_reason(bad, params):
+    logits = torch.randn(100)
+    logits[17] = bad
+    with pytest.raises(NonFiniteLogits, match="non-finite logits for this request"):
+        sample(logits, params, step=0)
