@@ -1,6 +1,6 @@
 import pytest
 
-from splitwise.engine.detokenizer import Detokenizer
+from splitwise.engine.detokenizer import MAX_PENDING_TOKENS, Detokenizer, StopMatcher
 from splitwise.model.tiny import build_tokenizer
 
 
@@ -32,3 +32,51 @@ def test_stop_string_spanning_tokens_ends_the_text_before_it(tokenizer):
 
 def test_text_that_only_starts_like_a_stop_string_is_released(tokenizer):
     assert stream(tokenizer, "ST STO STOP!", stop=("STOP!!",)) == ("ST STO STOP!", False)
+
+
+class CountingDecodes:
+    """The real tokenizer, counting the token ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.decoded_tokens = 0
+
+    def decode(self, ids, **kwargs):
+        self.decoded_tokens += len(ids)
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def test_the_earliest_stop_string_in_a_delta_ends_the_text_whichever_is_listed_first(tokenizer):
+    detok = Detokenizer(tokenizer, ("three", "two"))
+    delta = detok.add(tokenizer.encode("one two three four", add_special_tokens=False))
+    assert (delta.text, delta.stopped) == ("one ", True)
+
+
+def test_each_token_is_decoded_a_bounded_number_of_times_however_long_the_output(tokenizer):
+    ids = tokenizer.encode("a long output, ünïcödé included. " * 100, add_special_tokens=False)
+    counting = CountingDecodes(tokenizer)
+    detok = Detokenizer(counting)
+    text = "".join(detok.add([token], final=i == len(ids) - 1).text for i, token in enumerate(ids))
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert counting.decoded_tokens <= 4 * len(ids)  # decoding the whole output at every token: len(ids)**2 / 2
+
+
+def test_a_run_of_tokens_that_decode_to_nothing_is_not_decoded_again_and_again(tokenizer):
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    counting = CountingDecodes(tokenizer)
+    detok = Detokenizer(counting)
+    for _ in range(2000):
+        assert detok.add([eos]).text == ""
+    assert detok.add(tokenizer.encode("done", add_special_tokens=False), final=True).text == "done"
+    assert counting.decoded_tokens <= 3 * (MAX_PENDING_TOKENS + 1) * 2010  # the whole output at every token: 2010**2 / 2
+
+
+def test_stop_matching_looks_at_each_new_character_and_the_tail_before_it_only():
+    stop = ("never-there", "not-here-either")
+    matcher = StopMatcher(stop)
+    text = ""
+    for _ in range(3000):
+        text += "x"
+        assert matcher.find(text) is None
+    assert matcher.scanned_chars <= len(stop) * 3000 * (1 + matcher.hold_chars)  # not the whole text each time
+    assert matcher.find(text + "not-here-either") == 3000
