@@ -6,20 +6,25 @@ import asyncio
 
 import grpc
 
+from splitwise.security.tls import ClusterTLS, secure_channel
 from splitwise.server import DEFAULT_KEEPALIVE_S, channel_options
 from splitwise.telemetry.tracing import client_interceptors
 
 
 class ChannelPool:
-    def __init__(self, keepalive_s: float = DEFAULT_KEEPALIVE_S):
+    """Channels to cluster peers: mTLS with this service's cluster identity (plaintext only when tls is None,
+    the --insecure mode)."""
+
+    def __init__(self, keepalive_s: float = DEFAULT_KEEPALIVE_S, tls: ClusterTLS | None = None):
         self.options = channel_options(keepalive_s)
+        self.tls = tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=self.options, interceptors=client_interceptors())
+            channel = self._channels[address] = secure_channel(
+                address, self.tls, options=self.options, interceptors=client_interceptors())
         return channel
 
     async def close(self) -> None:

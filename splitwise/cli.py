@@ -13,6 +13,7 @@ import grpc
 
 from splitwise.client import DEFAULT_ADDRESS, SplitwiseClient
 from splitwise.model import DEFAULT_MODEL
+from splitwise.security.tls import ROLES
 
 
 def _address(args) -> str:
@@ -106,14 +107,28 @@ def _up(args) -> int:
         metrics_port=args.metrics_port, redis_url=args.redis_url, schedulers=args.schedulers,
         prompt_workers=args.prompt_workers, token_workers=args.token_workers,
         kv_transfer=args.kv_transfer, run_dir=Path(args.run_dir), device=args.device,
-        pin_workers=args.pin_workers,
+        pin_workers=args.pin_workers, insecure=args.insecure,
     ))
 
 
 def _health(args) -> int:
     from splitwise.launcher import serving
+    from splitwise.security.tls import ClusterTLS
 
-    return 0 if serving(args.address) else 1
+    tls = ClusterTLS.load(args.tls_dir, "admin") if args.tls_dir else None
+    return 0 if serving(args.address, tls) else 1
+
+
+def _certs(args) -> int:
+    from splitwise.security.tls import default_hosts, make_cluster_certs
+
+    hosts = default_hosts() + [h for h in args.host or () if h not in default_hosts()]
+    if not make_cluster_certs(Path(args.dir), hosts, force=args.force):
+        print(f"{args.dir} already holds a cluster CA and certificates (--force makes new ones)")
+        return 0
+    print(f"wrote a cluster CA, certificates for {', '.join(ROLES)}, and the cluster key to {args.dir} "
+          f"(the scheduler's certificate is valid for {', '.join(hosts)}); give every service --tls-dir {args.dir}")
+    return 0
 
 
 def _prepare(args) -> int:
@@ -169,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--run-dir", default=".splitwise", help="logs and trace files go here")
     up.add_argument("--pin-workers", action="store_true",
                     help="give each worker process its own share of this machine's cores (as separate machines)")
+    up.add_argument("--insecure", action="store_true",
+                    help="no mTLS between services, no API or admin key, no Redis password (debugging only)")
     up.set_defaults(run=_up)
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
@@ -195,7 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(run=lambda a: asyncio.run(_status(a)))
     health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (gRPC health)")
     health.add_argument("address")
+    health.add_argument("--tls-dir", default=os.environ.get("SPLITWISE_TLS_DIR", ""),
+                        help="check an internal service over mTLS, as the cluster's admin identity [SPLITWISE_TLS_DIR]")
     health.set_defaults(run=_health)
+
+    certs = sub.add_parser("certs", help="make a cluster CA, a certificate per service role, and the cluster key",
+                           description="Writes ca.pem, ROLE.pem and ROLE-key.pem for each role, and cluster.key, "
+                                       "into DIR: the files every service's --tls-dir (SPLITWISE_TLS_DIR) reads.")
+    certs.add_argument("--dir", required=True)
+    certs.add_argument("--host", action="append", help="another name or IP clients use to reach the scheduler "
+                       "over public TLS (repeatable; localhost, loopback and this host's name are always in)")
+    certs.add_argument("--force", action="store_true", help="replace what DIR holds")
+    certs.set_defaults(run=_certs)
 
     prepare = sub.add_parser("prepare", help="convert and cache the model now (done on first start otherwise)")
     prepare.add_argument("--model", default=os.environ.get("SPLITWISE_MODEL", DEFAULT_MODEL))

@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitwise.cluster.redis_server import start_redis
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
+from splitwise.security.local import LocalCredentials, local_credentials
+from splitwise.security.tls import ClusterTLS, sync_channel
 
 PR_SET_PDEATHSIG = 1
 PARENT_PID_ENV = "SPLITWISE_LAUNCHER_PID"
@@ -99,6 +101,8 @@ class UpOptions:
     # Each worker process on its own share of the machine's cores (as separate machines would be); the other
     # services are not pinned.
     pin_workers: bool = False
+    # No TLS between services, no API or admin key, no Redis password: anyone who reaches a port is trusted.
+    insecure: bool = False
 
 
 def worker_cores(index: int, workers: int, cores: list[int]) -> set[int]:
@@ -122,6 +126,7 @@ class Cluster:
         self.o = options
         self.children: list[Child] = []
         self.redis: subprocess.Popen | None = None
+        self.credentials: LocalCredentials | None = None  # made by start() unless insecure
 
     def _metrics_address(self) -> str:
         if self.o.metrics_port == 0:
@@ -157,7 +162,8 @@ class Cluster:
 
     def start_redis(self) -> None:
         """Starts the cluster's own Redis on redis_port: at start, or again (empty) after kill_redis."""
-        self.redis = start_redis(self.o.redis_port, self.o.host)
+        password = self.credentials.redis_password if self.credentials else ""
+        self.redis = start_redis(self.o.redis_port, self.o.host, password=password)
 
     def kill_redis(self) -> None:
         """SIGKILL to the cluster's own Redis, as a crash would; everything it held is gone."""
@@ -170,15 +176,19 @@ class Cluster:
         o = self.o
         if o.schedulers < 1:
             raise ValueError(f"schedulers must be at least 1, got {o.schedulers}")
+        if not o.insecure:
+            self.credentials = local_credentials(o.run_dir, o.host)
         redis_url = o.redis_url
         if not redis_url:
             self.start_redis()
-            redis_url = f"redis://{o.host}:{o.redis_port}/0"
+            auth = f":{self.credentials.redis_password}@" if self.credentials else ""
+            redis_url = f"redis://{auth}{o.host}:{o.redis_port}/0"
         traces = (o.run_dir / "traces").resolve()
-        common = {"SPLITWISE_MODEL": o.model, "SPLITWISE_REDIS_URL": redis_url, "SPLITWISE_DEVICE": o.device}
+        common = {"SPLITWISE_MODEL": o.model, "SPLITWISE_REDIS_URL": redis_url, "SPLITWISE_DEVICE": o.device,
+                  **self.security_env()}
         kv_store = f"{o.host}:{o.kv_store_port}"
         self._spawn("kv_store", "services.kv_store", {
-            "SPLITWISE_KV_STORE_LISTEN": kv_store, "SPLITWISE_REDIS_URL": redis_url,
+            **self.security_env(), "SPLITWISE_KV_STORE_LISTEN": kv_store, "SPLITWISE_REDIS_URL": redis_url,
             "SPLITWISE_TRACE_FILE": str(traces / "kv_store.jsonl")}, kv_store)
         cores = sorted(os.sched_getaffinity(0))
         workers = o.prompt_workers + o.token_workers
@@ -195,9 +205,26 @@ class Cluster:
             scheduler = f"{o.host}:{o.scheduler_port + i}"
             name = "scheduler" if o.schedulers == 1 else f"scheduler-{i}"
             self._spawn(name, "services.scheduler", {
-                **common, "SPLITWISE_SCHEDULER_LISTEN": scheduler, "SPLITWISE_KV_TRANSFER": o.kv_transfer,
+                **common, **self.scheduler_keys_env(), "SPLITWISE_SCHEDULER_LISTEN": scheduler,
+                "SPLITWISE_KV_TRANSFER": o.kv_transfer,
                 "SPLITWISE_KV_STORE_ADDRESS": kv_store, "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")},
                 scheduler)
+
+    def security_env(self) -> dict[str, str]:
+        """What every service is told of the cluster's credentials (the scheduler also gets the public keys)."""
+        if self.credentials is None:
+            return {"SPLITWISE_INSECURE": "1", "SPLITWISE_TLS_DIR": ""}
+        return {"SPLITWISE_TLS_DIR": str(self.credentials.tls_dir), "SPLITWISE_INSECURE": "0"}
+
+    def scheduler_keys_env(self) -> dict[str, str]:
+        if self.credentials is None:
+            return {"SPLITWISE_API_KEY": "", "SPLITWISE_ADMIN_KEY": ""}
+        return {"SPLITWISE_API_KEY": self.credentials.api_key, "SPLITWISE_ADMIN_KEY": self.credentials.admin_key}
+
+    @property
+    def operator_identity(self) -> ClusterTLS | None:
+        """The launcher's own cluster identity (health checks of internal services)."""
+        return self.credentials.admin_identity() if self.credentials else None
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
@@ -214,13 +241,15 @@ class Cluster:
         pending = [c for c in self.children if c.address]
         while pending:
             self._check_alive(deadline)
-            pending = [c for c in pending if not serving(c.address)]
+            pending = [c for c in pending
+                       if not serving(c.address, None if c in self.schedulers else self.operator_identity)]
             time.sleep(0.2)
         expected = self.o.prompt_workers + self.o.token_workers
         pending = [c.address for c in self.schedulers]
         while pending:
             self._check_alive(deadline)
-            pending = [address for address in pending if num_workers_seen(address, deadline) < expected]
+            admin_key = self.credentials.admin_key if self.credentials else ""
+            pending = [address for address in pending if num_workers_seen(address, deadline, admin_key) < expected]
             time.sleep(0.2)
 
     def _check_alive(self, deadline: float) -> None:
@@ -251,12 +280,13 @@ class Cluster:
                 self.redis.kill()
 
 
-def num_workers_seen(scheduler: str, deadline: float) -> int:
+def num_workers_seen(scheduler: str, deadline: float, admin_key: str = "") -> int:
     """How many workers the scheduler at this address lists; 0 while it does not answer, until the deadline."""
+    metadata = (("authorization", f"Bearer {admin_key}"),) if admin_key else ()
     try:
         with grpc.insecure_channel(scheduler) as channel:
             status = scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(
-                scheduler_pb2.ClusterStatusRequest(), timeout=5)
+                scheduler_pb2.ClusterStatusRequest(), timeout=5, metadata=metadata)
         return len(status.workers)
     except grpc.RpcError as e:  # a busy machine: ask again until the deadline
         if time.monotonic() > deadline:
@@ -264,10 +294,11 @@ def num_workers_seen(scheduler: str, deadline: float) -> int:
         return 0
 
 
-def serving(address: str) -> bool:
-    """True when the gRPC server at address answers the standard health check with SERVING."""
+def serving(address: str, tls: ClusterTLS | None = None) -> bool:
+    """True when the gRPC server at address answers the standard health check with SERVING (as the cluster
+    identity tls, for an internal service)."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with sync_channel(address, tls) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
         return reply.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
@@ -304,6 +335,12 @@ def up(options: UpOptions) -> int:
                 print(f"  {child.name:<16} {child.address or '':<22} pid {child.proc.pid:<8} metrics http://{child.metrics_address}/metrics"
                       + (f"  cores {','.join(map(str, sorted(child.cores)))}" if child.cores else ""))
             print(f"  logs and traces in {options.run_dir.resolve()}")
+            if cluster.credentials:
+                print(f"  mTLS between services (cluster CA and certificates in {cluster.credentials.tls_dir}); "
+                      f"API and admin keys in {options.run_dir}/api-key and admin-key (SPLITWISE_API_KEY, "
+                      "SPLITWISE_ADMIN_KEY); Redis takes a password")
+            else:
+                print("  INSECURE: no TLS, no API key, no Redis password: anyone who reaches a port is trusted")
             print(f"try: splitwise generate --address {cluster.address} \"What is the capital of France?\"")
             print("Ctrl-C stops everything.", flush=True)
         reported: set[str] = set()

@@ -73,10 +73,14 @@ async def start_server(
     service_names: Iterable[str],
     metrics_listen: str = "off",
     gauges: GaugeSource | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
 ) -> GrpcService:
     """Starts serving `servicers` ((add_to_server, servicer) pairs) on `listen`; port 0 picks a free one.
-    Also serves Prometheus metrics on `metrics_listen`, where `gauges` reports this service's state."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors())
+    Also serves Prometheus metrics on `metrics_listen`, where `gauges` reports this service's state.
+    With `credentials` the port serves TLS; `interceptors` (authentication) run before the tracing one, so a
+    refused call makes no span."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[*interceptors, *server_interceptors()])
     for add_to_server, servicer in servicers:
         add_to_server(servicer, server)
     health = HealthServicer()
@@ -84,7 +88,7 @@ async def start_server(
     names = list(service_names)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection([*names, health_name, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, credentials) if credentials else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()

@@ -62,3 +62,18 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("skipped, by reason")
         for reason, count in reasons.most_common():
             terminalreporter.write_line(f"{count} test{'s' if count > 1 else ''} skipped: {reason}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def api_keys():
+    """Every client in the tests (SplitwiseClient reads these) and every launched cluster use the session's keys."""
+    from tests import security
+
+    saved = {k: os.environ.get(k) for k in ("SPLITWISE_API_KEY", "SPLITWISE_ADMIN_KEY")}
+    os.environ["SPLITWISE_API_KEY"], os.environ["SPLITWISE_ADMIN_KEY"] = security.API_KEY, security.ADMIN_KEY
+    yield security
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

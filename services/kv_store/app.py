@@ -11,6 +11,7 @@ from services.kv_store.server import KVStoreServicer
 from splitwise.cluster.kv_index import KVIndex
 from splitwise.config import KVStoreConfig, parse_config
 from splitwise.rpc.v1 import kv_store_pb2, kv_store_pb2_grpc
+from splitwise.security.tls import cluster_tls, internal_server_security
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.metrics import setup_metrics
@@ -37,6 +38,7 @@ class KVStore:
 
 
 async def start(config: KVStoreConfig) -> KVStore:
+    tls = cluster_tls(config.tls_dir, config.insecure, "kv_store")
     client = redis.Redis.from_url(config.redis_url, socket_timeout=INDEX_TIMEOUT_S,
                                   socket_connect_timeout=INDEX_TIMEOUT_S)
     servicer = KVStoreServicer(config.ttl_s, config.max_bytes, config.get_wait_s, KVIndex(client))
@@ -44,7 +46,7 @@ async def start(config: KVStoreConfig) -> KVStore:
         config.listen,
         [(kv_store_pb2_grpc.add_KVStoreServicer_to_server, servicer)],
         [kv_store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name],
-        config.metrics_listen, servicer.gauges,
+        config.metrics_listen, servicer.gauges, **internal_server_security(tls),
     )
     servicer.address = config.advertise or bound_address(config.listen, service.port)
     expiry = asyncio.create_task(servicer.expire_forever())

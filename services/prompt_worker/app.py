@@ -11,6 +11,7 @@ from splitwise.channels import ChannelPool
 from splitwise.cluster.registry import Heartbeat
 from splitwise.config import PromptWorkerConfig, parse_config
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
+from splitwise.security.tls import cluster_tls, internal_server_security
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.metrics import setup_metrics
@@ -42,7 +43,8 @@ class PromptWorker:
 
 async def start(config: PromptWorkerConfig) -> PromptWorker:
     loaded = await asyncio.to_thread(load_engine, config)
-    channels = ChannelPool(config.grpc_keepalive_s)
+    tls = cluster_tls(config.tls_dir, config.insecure, "prompt_worker")
+    channels = ChannelPool(config.grpc_keepalive_s, tls)
     servicer = PromptWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_chunk_bytes,
                                     config.kv_progress_timeout_s)
     # The same engine can run the token phase: the scheduler routes decodes here only while it has borrowed
@@ -55,7 +57,7 @@ async def start(config: PromptWorkerConfig) -> PromptWorker:
         [(worker_pb2_grpc.add_PromptWorkerServicer_to_server, servicer),
          (worker_pb2_grpc.add_TokenWorkerServicer_to_server, token_servicer)],
         [worker_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("PromptWorker", "TokenWorker")],
-        config.metrics_listen, engine_gauges(loaded.engine, worker_id, "prompt"),
+        config.metrics_listen, engine_gauges(loaded.engine, worker_id, "prompt"), **internal_server_security(tls),
     )
     address = config.advertise or bound_address(config.listen, service.port)
     transports = await asyncio.to_thread(start_kv_transports, config, address)

@@ -11,6 +11,7 @@ from splitwise.channels import ChannelPool
 from splitwise.cluster.registry import Heartbeat
 from splitwise.config import TokenWorkerConfig, parse_config
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
+from splitwise.security.tls import cluster_tls, internal_server_security
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.metrics import setup_metrics
@@ -44,7 +45,8 @@ async def start(config: TokenWorkerConfig) -> TokenWorker:
     if config.role not in ("token", "mixed"):
         raise ValueError(f"token worker role must be 'token' or 'mixed', got {config.role!r}")
     loaded = await asyncio.to_thread(load_engine, config, config.max_decode_batch)
-    channels = ChannelPool(config.grpc_keepalive_s)
+    tls = cluster_tls(config.tls_dir, config.insecure, "token_worker")
+    channels = ChannelPool(config.grpc_keepalive_s, tls)
     servicer = TokenWorkerServicer(loaded.engine, loaded.layout, channels, config.kv_wait_timeout_s,
                                    config.kv_progress_timeout_s)
     servicers = [(worker_pb2_grpc.add_TokenWorkerServicer_to_server, servicer)]
@@ -57,7 +59,7 @@ async def start(config: TokenWorkerConfig) -> TokenWorker:
     names.append(worker_pb2.DESCRIPTOR.services_by_name["PromptWorker"].full_name)
     worker_id = worker_id_of(config, config.role)
     service = await start_server(config.listen, servicers, names, config.metrics_listen,
-                                 engine_gauges(loaded.engine, worker_id, config.role))
+                                 engine_gauges(loaded.engine, worker_id, config.role), **internal_server_security(tls))
     address = config.advertise or bound_address(config.listen, service.port)
     transports = await asyncio.to_thread(start_kv_transports, config, address)
     for _, kv_servicer in servicers:

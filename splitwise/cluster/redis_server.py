@@ -24,20 +24,22 @@ def find_redis_server() -> str:
     return str(bundled)
 
 
-def start_redis(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> subprocess.Popen:
-    """Starts an in-memory redis-server (no persistence) and waits until it answers PING."""
+def start_redis(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0, password: str = "") -> subprocess.Popen:
+    """Starts an in-memory redis-server (no persistence) and waits until it answers PING. With a password, every
+    client must AUTH first; it goes to the server on its standard input (a config file), not on its command line."""
     proc = subprocess.Popen(
-        [find_redis_server(), "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [find_redis_server(), "-", "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    client = redis.Redis(host=host, port=port, socket_timeout=1)
+    proc.stdin.write(f"requirepass {password}\n".encode() if password else b"")
+    proc.stdin.close()
+    client = redis.Redis(host=host, port=port, socket_timeout=1, password=password or None)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             client.ping()
             return proc
-        except redis.ConnectionError:
+        except (redis.ConnectionError, redis.BusyLoadingError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError(f"redis-server did not start on {host}:{port} (port in use? choose another)")

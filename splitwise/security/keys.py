@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from pathlib import Path
 
@@ -43,3 +44,26 @@ def sign(key: bytes, *parts) -> str:
 
 def verify(key: bytes, signature: str, *parts) -> bool:
     return isinstance(signature, str) and hmac.compare_digest(signature, sign(key, *parts))
+
+
+# Where `splitwise up` keeps the public API's keys (RUN_DIR, .splitwise by default), one secret per file.
+API_KEY_FILE = "api-key"
+ADMIN_KEY_FILE = "admin-key"
+DEFAULT_RUN_DIR = ".splitwise"
+
+
+def configured_key(env: str, file_name: str, run_dir: str = DEFAULT_RUN_DIR) -> str:
+    """A client's key: the environment variable, else the file a local `splitwise up` wrote, else none."""
+    value = os.environ.get(env, "").strip()
+    if value:
+        return value
+    try:
+        return (Path(run_dir) / file_name).read_text().strip()
+    except OSError:
+        return ""
+
+
+def write_key(path: Path, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")

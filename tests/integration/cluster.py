@@ -13,6 +13,7 @@ from services.scheduler import app as scheduler_app
 from services.token_worker import app as token_app
 from splitwise.client import SplitwiseClient
 from splitwise.config import KVStoreConfig, PromptWorkerConfig, SchedulerConfig, TokenWorkerConfig
+from tests import security
 
 
 METRICS_LISTEN = "127.0.0.1:0"  # every service serves /metrics on a free port
@@ -39,14 +40,17 @@ async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer
                         prompt_overrides: dict | None = None, kv_store_overrides: dict | None = None,
                         **token_overrides):
     """prompt_worker=False with role="mixed" in token_overrides: one mixed worker runs both phases."""
-    common = dict(model=model, cache_dir=str(cache_dir), redis_url=redis_url, metrics_listen=METRICS_LISTEN)
+    tls = str(security.tls_dir())
+    common = dict(model=model, cache_dir=str(cache_dir), redis_url=redis_url, metrics_listen=METRICS_LISTEN,
+                  tls_dir=tls)
     # Every service shares the test's process and event loop: on a loaded machine a heartbeat can be seconds late,
     # and a worker dropped from the registry fails requests that have nothing to do with it.
     steady = {"registry_ttl_s": STEADY_REGISTRY_TTL_S}
     prompt_overrides = {**steady, **(prompt_overrides or {})}
     token_overrides = {**steady, **token_overrides}
     kv_store = await kv_store_app.start(KVStoreConfig(**{"listen": "127.0.0.1:0", "metrics_listen": METRICS_LISTEN,
-                                                         "redis_url": redis_url, **(kv_store_overrides or {})}))
+                                                         "redis_url": redis_url, "tls_dir": tls,
+                                                         **(kv_store_overrides or {})}))
     prompt = None
     if prompt_worker:
         prompt = await prompt_app.start(PromptWorkerConfig(listen="127.0.0.1:0", device="cpu", **common,
@@ -54,7 +58,7 @@ async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer
     token = await token_app.start(TokenWorkerConfig(listen="127.0.0.1:0", device="cpu", **common, **token_overrides))
     scheduler = await scheduler_app.start(
         SchedulerConfig(listen="127.0.0.1:0", kv_transfer=kv_transfer, kv_store_address=kv_store.address, **common,
-                        **(scheduler_overrides or {}))
+                        **{"api_key": security.API_KEY, "admin_key": security.ADMIN_KEY, **(scheduler_overrides or {})})
     )
     try:
         yield LocalCluster(scheduler, prompt, token, kv_store)

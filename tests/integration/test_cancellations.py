@@ -26,6 +26,7 @@ from splitwise.cluster.kv_index import KVIndex
 from splitwise.kv.staging import SHM_DIR
 from splitwise.model.weights import resolve_model
 from splitwise.rpc.v1 import scheduler_pb2_grpc
+from tests.security import public_channel
 from tests.integration.cluster import local_cluster, wait_for_workers
 from tests.integration.test_contract import scrape
 from tests.reference import hf_greedy
@@ -126,7 +127,7 @@ async def run_all(address: str, plans: list[Plan]) -> list[Ended]:
         async with slots:
             return await run_and_end(stub, plan)
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with public_channel(address) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         return await asyncio.gather(*(one(stub, plan) for plan in plans))
 

@@ -11,6 +11,7 @@ import pytest
 from splitwise.client import build_request
 from splitwise.model.weights import load_tokenizer, resolve_model
 from splitwise.rpc.v1 import scheduler_pb2_grpc
+from tests.security import public_channel
 from tests.integration.cluster import assert_no_kv_held, local_cluster, wait_for_workers
 from tests.reference import hf_greedy
 from tests.traces import SCHEDULER_GENERATE, request_trace
@@ -32,7 +33,7 @@ async def cluster(redis_url, cache_dir, trace_file):
 
 
 async def stream(address: str, request) -> list:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with public_channel(address) as channel:
         return [r async for r in scheduler_pb2_grpc.SchedulerStub(channel).Generate(request, timeout=60)]
 
 

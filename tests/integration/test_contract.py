@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.client import SplitwiseClient
 from splitwise.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.security import peer_channel
 from tests.integration.cluster import assert_all_blocks_free, assert_no_kv_held, local_cluster
 from tests.traces import wait_for_whole_trace
 
@@ -27,7 +28,8 @@ def services(cluster):
 
 async def test_every_service_reports_serving_and_lists_itself_by_reflection(cluster):
     for service in services(cluster):
-        async with grpc.aio.insecure_channel(service.address) as channel:
+        public = service is cluster.scheduler
+        async with (grpc.aio.insecure_channel(service.address) if public else peer_channel(service.address, "admin")) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             for name in ["", *service.service.service_names]:
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
@@ -108,7 +110,7 @@ async def test_every_service_serves_prometheus_metrics_and_the_ttft_histogram_co
 
 
 async def test_token_worker_refuses_a_request_it_could_never_hold(cluster):
-    async with grpc.aio.insecure_channel(cluster.token_worker.address) as channel:
+    async with peer_channel(cluster.token_worker.address) as channel:
         call = worker_pb2_grpc.TokenWorkerStub(channel).Decode(worker_pb2.DecodeRequest(
             request_id="too-big", num_prompt_tokens=100_000, prompt_token_ids=[5] * 100_000,
                 sampling=common_pb2.SamplingParams(max_tokens=10)))
@@ -120,7 +122,7 @@ async def test_token_worker_refuses_a_request_it_could_never_hold(cluster):
 
 
 async def test_kv_pushed_for_an_unknown_request_is_not_found(cluster):
-    async with grpc.aio.insecure_channel(cluster.token_worker.address) as channel:
+    async with peer_channel(cluster.token_worker.address) as channel:
         header = common_pb2.KVTransferMessage(header=common_pb2.KVHeader(request_id="nobody", num_tokens=3))
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await worker_pb2_grpc.TokenWorkerStub(channel).PushKV(iter([header]), timeout=5)
@@ -129,7 +131,7 @@ async def test_kv_pushed_for_an_unknown_request_is_not_found(cluster):
 
 async def test_kv_from_another_model_is_refused_and_the_reservation_freed(cluster):
     servicer = cluster.token_worker.servicer
-    async with grpc.aio.insecure_channel(cluster.token_worker.address) as channel:
+    async with peer_channel(cluster.token_worker.address) as channel:
         stub = worker_pb2_grpc.TokenWorkerStub(channel)
         decode = stub.Decode(worker_pb2.DecodeRequest(request_id="mismatch", num_prompt_tokens=3,
                                                       prompt_token_ids=[5, 6, 7],

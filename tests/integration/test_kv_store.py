@@ -16,6 +16,7 @@ from splitwise.cluster.kv_index import KVIndex
 from splitwise.config import KVStoreConfig
 from splitwise.model.weights import load_tokenizer, resolve_model
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
+from tests.security import peer_channel, tls_dir
 from tests.conftest import free_port
 from tests.integration.cluster import local_cluster, wait_for_workers
 from tests.reference import hf_greedy
@@ -42,14 +43,14 @@ async def kv_index(redis_url):
 
 @pytest.fixture
 async def kv_store(redis_url):
-    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=redis_url))
+    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=redis_url, tls_dir=str(tls_dir())))
     yield store
     await store.stop(grace_s=1.0)
 
 
 @pytest.fixture
 async def kv_store_stub(kv_store):
-    async with grpc.aio.insecure_channel(kv_store.address) as channel:
+    async with peer_channel(kv_store.address, "prompt_worker") as channel:
         yield kv_store_pb2_grpc.KVStoreStub(channel)
 
 
@@ -132,8 +133,8 @@ async def test_delete_drops_the_kv_and_its_index_entry(kv_store, kv_store_stub, 
 
 
 async def test_stopping_kv_store_removes_its_index_entries(redis_url, kv_index):
-    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=redis_url))
-    async with grpc.aio.insecure_channel(store.address) as channel:
+    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=redis_url, tls_dir=str(tls_dir())))
+    async with peer_channel(store.address, "prompt_worker") as channel:
         await kv_store_pb2_grpc.KVStoreStub(channel).Put(_stream(transfer("held-until-stop")))
     assert (await kv_index.lookup("held-until-stop")).holder == store.address
     await store.stop(grace_s=1.0)
@@ -199,11 +200,11 @@ async def test_after_redis_restarts_empty_the_kv_store_indexes_what_it_holds_aga
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     redis_proc = start_redis(port)
-    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=url,
+    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=url, tls_dir=str(tls_dir()),
                                                    ttl_s=60))
     index = KVIndex(redis.Redis.from_url(url))
     try:
-        async with grpc.aio.insecure_channel(store.address) as channel:
+        async with peer_channel(store.address, "prompt_worker") as channel:
             await kv_store_pb2_grpc.KVStoreStub(channel).Put(_stream(transfer("kept-across-restart")))
         assert (await index.lookup("kept-across-restart")).holder == store.address
         await asyncio.sleep(2 * store.servicer.expiry_interval_s)  # the kv_store has seen this Redis's run id

@@ -11,6 +11,7 @@ from splitwise.cli import print_status
 from splitwise.client import SplitwiseClient
 from splitwise.config import TokenWorkerConfig
 from splitwise.model.weights import resolve_model
+from tests.security import tls_dir
 from tests.integration.cluster import METRICS_LISTEN, assert_no_kv_held, local_cluster
 from tests.reference import hf_greedy
 from tests.traces import wait_for_whole_trace
@@ -28,7 +29,7 @@ async def cluster(redis_url, cache_dir, trace_file):
                              worker_id="token-a", **FAST) as c:
         second = await token_app.start(TokenWorkerConfig(
             listen="127.0.0.1:0", device="cpu", model="tiny-llama", cache_dir=str(cache_dir), redis_url=isolated,
-            metrics_listen=METRICS_LISTEN, worker_id="token-b", **FAST))
+            metrics_listen=METRICS_LISTEN, worker_id="token-b", tls_dir=str(tls_dir()), **FAST))
         try:
             async with SplitwiseClient(c.address) as client:
                 for _ in range(100):

@@ -12,6 +12,7 @@ from services.prompt_worker import app as prompt_app
 from splitwise.client import SplitwiseClient
 from splitwise.config import PromptWorkerConfig
 from splitwise.model.weights import resolve_model
+from tests.security import tls_dir
 from tests.integration.cluster import METRICS_LISTEN, assert_no_kv_held, local_cluster
 from tests.reference import hf_greedy
 from tests.traces import SCHEDULER_GENERATE, request_trace
@@ -98,7 +99,7 @@ async def test_a_prompt_refused_by_a_full_worker_is_prefilled_by_another(cluster
             admitted = await fill_queue(client, gate)  # both on prompt-a: the only prompt worker yet
             other = await prompt_app.start(PromptWorkerConfig(
                 listen="127.0.0.1:0", device="cpu", model="tiny-llama", cache_dir=str(cache_dir), redis_url=redis_url,
-                metrics_listen=METRICS_LISTEN, worker_id="prompt-b", **QUEUE))
+                metrics_listen=METRICS_LISTEN, worker_id="prompt-b", tls_dir=str(tls_dir()), **QUEUE))
             for _ in range(100):
                 if len((await client.cluster_status()).workers) == 3:
                     break

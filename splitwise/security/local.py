@@ -1,0 +1,50 @@
+"""The credentials of a local cluster (`splitwise up`): made once in its run dir and kept there for later runs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitwise.security.keys import ADMIN_KEY_FILE, API_KEY_FILE, new_secret, write_key
+from splitwise.security.tls import ClusterTLS, default_hosts, make_cluster_certs
+
+REDIS_PASSWORD_FILE = "redis-password"
+TLS_SUBDIR = "tls"
+
+
+@dataclass(frozen=True)
+class LocalCredentials:
+    tls_dir: Path
+    api_key: str
+    admin_key: str
+    redis_password: str
+
+    def admin_identity(self) -> ClusterTLS:
+        return ClusterTLS.load(self.tls_dir, "admin")
+
+
+def _kept_secret(path: Path, env: str = "") -> str:
+    """The value of env when set, else the secret kept in path, else a new one written there (mode 0600)."""
+    given = os.environ.get(env, "").strip() if env else ""
+    if given:
+        return given
+    try:
+        kept = path.read_text().strip()
+        if kept:
+            return kept
+    except OSError:
+        pass
+    value = new_secret()
+    write_key(path, value)
+    return value
+
+
+def local_credentials(run_dir: Path, host: str) -> LocalCredentials:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tls_dir = run_dir / TLS_SUBDIR
+    hosts = default_hosts()
+    make_cluster_certs(tls_dir, hosts + ([host] if host not in hosts else []))
+    return LocalCredentials(tls_dir.resolve(), _kept_secret(run_dir / API_KEY_FILE, "SPLITWISE_API_KEY"),
+                            _kept_secret(run_dir / ADMIN_KEY_FILE, "SPLITWISE_ADMIN_KEY"),
+                            _kept_secret(run_dir / REDIS_PASSWORD_FILE))

@@ -1,0 +1,57 @@
+"""The test session's cluster credentials: one CA and its certificates, and the public API's keys."""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import tempfile
+from pathlib import Path
+
+import grpc
+
+from splitwise.security.tls import ClusterTLS, make_cluster_certs, secure_channel
+
+API_KEY = "test-api-" + secrets.token_hex(8)
+ADMIN_KEY = "test-admin-" + secrets.token_hex(8)
+
+
+@functools.cache
+def tls_dir() -> Path:
+    directory = Path(tempfile.mkdtemp(prefix="splitwise-test-tls-"))
+    make_cluster_certs(directory)
+    return directory
+
+
+def identity(role: str = "scheduler") -> ClusterTLS:
+    return ClusterTLS.load(tls_dir(), role)
+
+
+def peer_channel(address: str, role: str = "scheduler", **kwargs) -> grpc.aio.Channel:
+    """A channel to an internal service as a cluster peer of this role would open it (mTLS)."""
+    return secure_channel(address, identity(role), **kwargs)
+
+
+def bearer(key: str = API_KEY) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+class _WithKey(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Adds 'authorization: Bearer KEY' to every call, as any gRPC client of the public API would."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def _details(self, details):
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), ("authorization", f"Bearer {self.key}"))
+        return details._replace(metadata=metadata)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+def public_channel(address: str, key: str = ADMIN_KEY) -> grpc.aio.Channel:
+    """A plain channel to the scheduler's public port whose calls carry a key (the admin key works for every call)."""
+    return grpc.aio.insecure_channel(address, interceptors=[_WithKey(key)])
