@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from splitwise.engine.block_manager import KVCapacityError
+from splitwise.engine.llm_engine import RequestFailed
 from splitwise.kv.chunks import KVIntegrityError
 from splitwise.kv.layout import KVLayoutMismatch
 
@@ -20,3 +21,8 @@ def transfer_status(error: Exception) -> grpc.StatusCode:
     if isinstance(error, KVIntegrityError):
         return grpc.StatusCode.DATA_LOSS
     return getattr(error, "code", grpc.StatusCode.UNAVAILABLE)  # a KVTransferError says how it failed
+
+
+def engine_status(error: RequestFailed) -> grpc.StatusCode:
+    """The request's own state was corrupt (its KV): DATA_LOSS. The engine failed: INTERNAL."""
+    return grpc.StatusCode.DATA_LOSS if error.corrupt else grpc.StatusCode.INTERNAL
