@@ -83,7 +83,7 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         if target.kind != worker_pb2.KVTarget.KIND_KV_STORE and target.HasField("offer"):
             writer = self.transports.writer(convert.offer_from_pb(target.offer),
                                             StagedLayout(self.layout, len(ids)).total_bytes)
-        sender = KVSender(self.channels.get(target.address), target.kind, rid, self.layout, len(ids),
+        sender = KVSender(self.channels.get(target.address), target.kind, rid, self.layout, ids,
                           self.kv_chunk_bytes, self.kv_progress_timeout_s, writer,
                           layerwise=target.layerwise or not target.HasField("layout"))
         keeper = None
@@ -91,7 +91,7 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         if request.HasField("kv_keep") and request.kv_keep.address:
             # Serialized: the layers are only copied during the prefill and encoded after it, off its path.
             keeper = KVSender(self.channels.get(request.kv_keep.address), worker_pb2.KVTarget.KIND_KV_STORE, rid,
-                              self.layout, len(ids), self.kv_chunk_bytes, self.kv_progress_timeout_s, layerwise=False,
+                              self.layout, ids, self.kv_chunk_bytes, self.kv_progress_timeout_s, layerwise=False,
                               span_name="kv_transfer.keep")
             on_layer_kv = _both(sender.on_layer_kv, keeper.on_layer_kv)
         submitted_ns = time.time_ns()

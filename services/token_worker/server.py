@@ -113,7 +113,7 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                     staging = self.transports.staging(request.kv_transport, StagedLayout(self.layout, len(ids)).total_bytes)
                 receiver = self.receivers[rid] = KVReceiver(
                     lambda layer, start, k, v: self.engine.write_kv(handle, layer, start, k, v),
-                    self.layout, len(ids), owner=handle, staging=staging)
+                    self.layout, ids, owner=handle, staging=staging)
                 offer = convert.offer_to_pb(self.transports.offer(staging))
             yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
                 layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids), offer=offer))
@@ -236,7 +236,9 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
     async def _pull_from_store(self, receiver: KVReceiver, rid: str, address: str, wait_s: float) -> None:
         stub = kv_store_pb2_grpc.KVStoreStub(self.channels.get(address))
         # The kv_store judges a stall by progress after the start: the call's own deadline is generous.
-        call = stub.Get(kv_store_pb2.GetRequest(request_id=rid, wait_s=wait_s), timeout=self.kv_wait_timeout_s)
+        # Only KV of exactly this request's prompt (its kv_hash): the kv_store never serves another's under this id.
+        call = stub.Get(kv_store_pb2.GetRequest(request_id=rid, wait_s=wait_s, kv_hash=receiver.kv_hash),
+                        timeout=self.kv_wait_timeout_s)
 
         async def messages():
             try:

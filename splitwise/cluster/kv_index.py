@@ -1,4 +1,4 @@
-"""The KV index in Redis: which kv_store holds a request's prompt KV, how many bytes, and until when."""
+"""The KV index in Redis: which kv_store holds a request's prompt KV, what it is of, how many bytes, and until when."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ return 0
 class KVIndexEntry:
     key: str  # a request id
     holder: str  # address of the kv_store that holds the KV
+    kv_hash: str  # what the KV is of (splitwise.kv.binding.kv_hash): model, layout and exact prompt tokens
     num_bytes: int
     expires_at: float  # unix seconds
 
@@ -33,9 +34,9 @@ def _text(value: bytes | str) -> str:
 
 
 class KVIndex:
-    """One Redis hash per key (holder, num_bytes, expires_at) whose Redis TTL is the KV's, so Redis itself drops
-    expired entries. Keys are request ids; prompt-prefix keys (a hash of the prompt's token ids) would join them
-    once the KV header carries that hash, so that an identical prefix could reuse stored KV."""
+    """One Redis hash per key (holder, kv_hash, num_bytes, expires_at) whose Redis TTL is the KV's, so Redis itself
+    drops expired entries. Keys are request ids; whoever reuses the KV checks its kv_hash, since a request id says
+    only whose KV it was meant to be."""
 
     def __init__(self, client: redis.Redis, prefix: str = KEY_PREFIX):
         self.client = client
@@ -43,9 +44,9 @@ class KVIndex:
         self._remove_if_holder = client.register_script(REMOVE_IF_HOLDER)
 
     @keeps_cancellation
-    async def put(self, key: str, holder: str, num_bytes: int, ttl_s: float) -> None:
+    async def put(self, key: str, holder: str, kv_hash: str, num_bytes: int, ttl_s: float) -> None:
         name = self.prefix + key
-        fields = {"holder": holder, "num_bytes": num_bytes, "expires_at": time.time() + ttl_s}
+        fields = {"holder": holder, "kv_hash": kv_hash, "num_bytes": num_bytes, "expires_at": time.time() + ttl_s}
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(name)
             pipe.hset(name, mapping=fields)
@@ -83,4 +84,6 @@ class KVIndex:
         if not fields:  # absent, or expired since the scan
             return None
         fields = {_text(k): _text(v) for k, v in fields.items()}
-        return KVIndexEntry(key, fields["holder"], int(fields["num_bytes"]), float(fields["expires_at"]))
+        # An entry without a kv_hash (an older writer's) matches no KV.
+        return KVIndexEntry(key, fields["holder"], fields.get("kv_hash", ""), int(fields["num_bytes"]),
+                            float(fields["expires_at"]))

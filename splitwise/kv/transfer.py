@@ -18,6 +18,7 @@ import grpc
 import torch
 
 from splitwise.engine.sampling import SampledToken
+from splitwise.kv.binding import KVBindingMismatch, kv_hash
 from splitwise.kv.chunks import KVChunk, KVIntegrityError, check_chunk_bounds, decode_chunk, split_layer
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.kv.staging import StagedLayout, byte_view, region_checksum, stage_layer
@@ -108,7 +109,7 @@ class KVSender:
     """
 
     def __init__(self, channel: grpc.aio.Channel, target_kind: int, request_id: str, layout: KVLayout,
-                 num_tokens: int, max_chunk_bytes: int, progress_timeout_s: float,
+                 token_ids: list[int], max_chunk_bytes: int, progress_timeout_s: float,
                  writer: StagedWriter | None = None, layerwise: bool = True, span_name: str = "kv_transfer.send"):
         self.target = "kv_store" if target_kind == worker_pb2.KVTarget.KIND_KV_STORE else "token_worker"
         if target_kind == worker_pb2.KVTarget.KIND_KV_STORE:
@@ -117,12 +118,13 @@ class KVSender:
             self._call = worker_pb2_grpc.TokenWorkerStub(channel).PushKV
         self.request_id = request_id
         self.layout = layout
-        self.num_tokens = num_tokens
+        self.num_tokens = len(token_ids)
+        self.kv_hash = kv_hash(layout, token_ids)  # what the KV is of, for whoever reuses it
         self.max_chunk_bytes = max_chunk_bytes
         self.progress_timeout_s = progress_timeout_s
         self.writer = writer
         self.transport = writer.transport if writer else GRPC
-        self.staged = StagedLayout(layout, num_tokens)
+        self.staged = StagedLayout(layout, self.num_tokens)
         self.layerwise = layerwise
         self.span_name = span_name
         self.state = TransferState.WAITING
@@ -213,7 +215,7 @@ class KVSender:
     async def _messages(self, span) -> AsyncIterator[common_pb2.KVTransferMessage]:
         yield common_pb2.KVTransferMessage(header=common_pb2.KVHeader(
             request_id=self.request_id, layout=convert.layout_to_pb(self.layout), num_tokens=self.num_tokens,
-            transport=self.transport,
+            transport=self.transport, kv_hash=self.kv_hash,
         ))
         held: list[_Raw] = []
         while True:
@@ -306,16 +308,18 @@ KVSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 class KVReceiver:
-    """Writes one reserved request's incoming transfer through `sink` and resolves with the commit."""
+    """Writes one reserved request's incoming transfer through `sink` and resolves with the commit. Only KV of
+    exactly `token_ids` (its header's kv_hash) is taken: any other is refused before a byte is written."""
 
-    def __init__(self, sink: KVSink, layout: KVLayout, num_tokens: int, owner: object = None,
+    def __init__(self, sink: KVSink, layout: KVLayout, token_ids: list[int], owner: object = None,
                  staging: Staging | None = None):
         self.sink = sink
         self.owner = owner  # what the receiver belongs to, so cleanup can tell requests with one id apart
         self.layout = layout
-        self.num_tokens = num_tokens
+        self.num_tokens = len(token_ids)
+        self.kv_hash = kv_hash(layout, token_ids)
         self.staging = staging
-        self.staged = StagedLayout(layout, num_tokens)
+        self.staged = StagedLayout(layout, self.num_tokens)
         self.transport = GRPC
         self.state = TransferState.WAITING
         self.stats = TransferStats()
@@ -353,6 +357,8 @@ class KVReceiver:
                     self._check_header(msg.header)
                     self.state = TransferState.TRANSFERRING
                 elif kind == "chunk":
+                    if self.state is TransferState.WAITING:  # the header says what the KV is of: it comes first
+                        raise KVIntegrityError("a KV chunk before the transfer's header")
                     start = start or time.perf_counter()
                     chunk = convert.chunk_from_pb(msg.chunk)
                     keys, values = self._chunk_tensors(chunk)
@@ -425,6 +431,10 @@ class KVReceiver:
             raise KVLayoutMismatch(problem)
         if header.num_tokens != self.num_tokens:
             raise KVIntegrityError(f"sender has {header.num_tokens} prompt tokens, receiver expects {self.num_tokens}")
+        if header.kv_hash != self.kv_hash:
+            raise KVBindingMismatch(f"the KV offered for request {header.request_id!r} was computed from other tokens "
+                                    f"than this request's prompt (kv_hash {header.kv_hash[:12] or 'none'}, "
+                                    f"expected {self.kv_hash[:12]})")
         transport = header.transport or GRPC
         if transport != GRPC and (self.staging is None or self.staging.transport != transport):
             raise KVTransferError(f"the sender chose transport {transport!r}, which this reservation did not offer",

@@ -60,9 +60,14 @@ async def generate_relayed(cluster, token_ids: list[int], max_tokens: int = 8) -
         return (await c.generate(token_ids=token_ids, max_tokens=max_tokens, timeout=60)).token_ids
 
 
-def transfer(rid: str, num_chunks: int = 2, chunk_bytes: int = 64) -> list[common_pb2.KVTransferMessage]:
+KV_HASH = "kv-hash-of-the-test-prompt"
+
+
+def transfer(rid: str, num_chunks: int = 2, chunk_bytes: int = 64, kv_hash: str = KV_HASH,
+             fingerprint: str = "") -> list[common_pb2.KVTransferMessage]:
     """A whole KV transfer as a prompt worker sends it: header, chunks of K and V, commit."""
-    header = common_pb2.KVHeader(request_id=rid, num_tokens=1, transport="grpc")
+    header = common_pb2.KVHeader(request_id=rid, num_tokens=1, transport="grpc", kv_hash=kv_hash,
+                                 layout=common_pb2.KVLayout(model_fingerprint=fingerprint))
     chunks = [common_pb2.KVChunk(layer=i, token_count=1, key=b"k" * chunk_bytes, value=b"v" * chunk_bytes)
               for i in range(num_chunks)]
     commit = common_pb2.KVCommit(num_chunks=num_chunks, num_bytes=2 * chunk_bytes * num_chunks)
@@ -102,10 +107,10 @@ async def test_expired_kv_leaves_the_store_and_the_index_within_a_second_of_its_
 
 
 async def test_get_of_kv_indexed_on_another_kv_store_is_not_found_naming_that_holder(kv_store_stub, kv_index):
-    await kv_index.put("held-elsewhere", "10.1.2.3:50081", 4096, ttl_s=30)
+    await kv_index.put("held-elsewhere", "10.1.2.3:50081", KV_HASH, 4096, ttl_s=30)
     started = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for _ in kv_store_stub.Get(kv_store_pb2.GetRequest(request_id="held-elsewhere", wait_s=5)):
+        async for _ in kv_store_stub.Get(kv_store_pb2.GetRequest(request_id="held-elsewhere", wait_s=5, kv_hash=KV_HASH)):
             pass
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert "10.1.2.3:50081" in caught.value.details()
@@ -115,7 +120,7 @@ async def test_get_of_kv_indexed_on_another_kv_store_is_not_found_naming_that_ho
 async def test_get_waits_for_kv_that_has_not_arrived_yet(kv_store_stub):
     messages = transfer("arrives-later")
     received = asyncio.create_task(_collect(kv_store_stub.Get(kv_store_pb2.GetRequest(request_id="arrives-later",
-                                                                                      wait_s=10))))
+                                                                                      wait_s=10, kv_hash=KV_HASH))))
     await asyncio.sleep(0.3)
     assert not received.done()
     await kv_store_stub.Put(_stream(messages))
@@ -142,8 +147,8 @@ async def test_stopping_kv_store_removes_its_index_entries(redis_url, kv_index):
 
 
 async def test_kv_index_remove_spares_an_entry_another_holder_took_over(kv_index):
-    await kv_index.put("moved", "10.0.0.1:50081", 10, ttl_s=30)
-    await kv_index.put("moved", "10.0.0.2:50081", 20, ttl_s=30)
+    await kv_index.put("moved", "10.0.0.1:50081", KV_HASH, 10, ttl_s=30)
+    await kv_index.put("moved", "10.0.0.2:50081", KV_HASH, 20, ttl_s=30)
     assert not await kv_index.remove("moved", "10.0.0.1:50081")
     assert (await kv_index.lookup("moved")).holder == "10.0.0.2:50081"
     assert await kv_index.remove("moved", "10.0.0.2:50081")
@@ -231,3 +236,113 @@ async def test_after_redis_restarts_empty_the_kv_store_indexes_what_it_holds_aga
         await store.stop(grace_s=1.0)
         redis_proc.terminate()
         redis_proc.wait(10)
+
+
+def get(stub, rid: str, kv_hash: str = KV_HASH, wait_s: float = 5.0):
+    return _collect(stub.Get(kv_store_pb2.GetRequest(request_id=rid, wait_s=wait_s, kv_hash=kv_hash)))
+
+
+async def test_get_is_never_served_kv_of_other_tokens_stored_under_its_request_id(kv_store_stub):
+    await kv_store_stub.Put(_stream(transfer("one-id", kv_hash="kv-of-prompt-a")))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await get(kv_store_stub, "one-id", kv_hash="kv-of-prompt-b", wait_s=0.5)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "other tokens" in caught.value.details()
+    assert await get(kv_store_stub, "one-id", kv_hash="kv-of-prompt-a") == transfer("one-id", kv_hash="kv-of-prompt-a")
+
+
+async def test_a_put_of_other_tokens_under_a_used_request_id_replaces_the_earlier_kv(kv_store, kv_store_stub, kv_index):
+    await kv_store_stub.Put(_stream(transfer("used-again", kv_hash="kv-of-prompt-a")))
+    await kv_store_stub.Put(_stream(transfer("used-again", kv_hash="kv-of-prompt-b", chunk_bytes=32)))
+    assert await get(kv_store_stub, "used-again", kv_hash="kv-of-prompt-b") == transfer(
+        "used-again", kv_hash="kv-of-prompt-b", chunk_bytes=32)
+    assert (await kv_index.lookup("used-again")).kv_hash == "kv-of-prompt-b"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await get(kv_store_stub, "used-again", kv_hash="kv-of-prompt-a", wait_s=0.3)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert kv_store.servicer.bytes_held == sum(m.ByteSize() for m in transfer("used-again", kv_hash="kv-of-prompt-b",
+                                                                              chunk_bytes=32))
+
+
+async def test_a_get_without_a_kv_hash_is_invalid_argument(kv_store_stub):
+    await kv_store_stub.Put(_stream(transfer("hashless-get")))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await get(kv_store_stub, "hashless-get", kv_hash="")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_an_8_mib_header_is_refused_before_it_is_stored(kv_store, kv_store_stub):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await kv_store_stub.Put(_stream(transfer("huge-header", fingerprint="f" * (8 << 20))))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "KV header of" in caught.value.details()
+    assert "huge-header" not in kv_store.servicer.transfers and kv_store.servicer.bytes_held == 0
+
+
+async def test_headers_count_against_max_bytes(redis_url):
+    header_heavy = transfer("first", chunk_bytes=1, fingerprint="f" * 6000)
+    size = sum(m.ByteSize() for m in header_heavy)
+    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=redis_url,
+                                                   tls_dir=str(tls_dir()), max_bytes=size + 1000))
+    try:
+        async with peer_channel(store.address, "prompt_worker") as channel:
+            stub = kv_store_pb2_grpc.KVStoreStub(channel)
+            await stub.Put(_stream(header_heavy))
+            assert store.servicer.bytes_held == size
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Put(_stream(transfer("second", chunk_bytes=1, fingerprint="f" * 6000)))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "second" not in store.servicer.transfers or store.servicer.transfers["second"].failed
+            assert store.servicer.bytes_held <= size + len("second")
+    finally:
+        await store.stop(grace_s=1.0)
+
+
+async def _stalling(messages, stop: asyncio.Event, every_s: float = 0.0):
+    """The messages (every_s apart), then nothing until stop is set: a prompt worker hung mid-transfer."""
+    for message in messages:
+        yield message
+        await asyncio.sleep(every_s)
+    await stop.wait()
+
+
+async def test_a_stalled_put_is_dropped_its_bytes_released_and_its_waiting_get_fails(kv_store, kv_store_stub):
+    servicer = kv_store.servicer
+    servicer.progress_timeout_s = 0.5
+    stop = asyncio.Event()
+    put = asyncio.ensure_future(kv_store_stub.Put(_stalling(transfer("stalls", num_chunks=4)[:3], stop)))
+    while "stalls" not in servicer.transfers or servicer.transfers["stalls"].num_chunks < 2:
+        await asyncio.sleep(0.02)
+    assert servicer.bytes_held > 128
+    waiting_get = asyncio.ensure_future(get(kv_store_stub, "stalls", wait_s=30))
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as put_error:
+            await asyncio.wait_for(put, 10)
+        assert put_error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "stalled" in put_error.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as get_error:
+            await asyncio.wait_for(waiting_get, 10)
+        assert get_error.value.code() == grpc.StatusCode.UNAVAILABLE and "stalled" in get_error.value.details()
+        # Only its id is left, until the TTL, so that a later Get learns of the failure at once.
+        assert servicer.transfers["stalls"].messages == [] and servicer.bytes_held == len("stalls")
+    finally:
+        stop.set()
+        waiting_get.cancel()
+
+
+async def test_a_put_that_does_not_commit_within_the_ttl_is_dropped(redis_url):
+    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=redis_url,
+                                                   tls_dir=str(tls_dir()), ttl_s=1.0))
+    stop = asyncio.Event()
+    try:
+        async with peer_channel(store.address, "prompt_worker") as channel:
+            slow = _stalling(transfer("never-commits", num_chunks=40)[:-1], stop, every_s=0.1)
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await asyncio.wait_for(kv_store_pb2_grpc.KVStoreStub(channel).Put(slow), 10)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "TTL" in caught.value.details()
+            assert time.monotonic() - started < 2.5
+            assert store.servicer.bytes_held <= len("never-commits")
+    finally:
+        stop.set()
+        await store.stop(grace_s=1.0)

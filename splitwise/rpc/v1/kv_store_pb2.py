@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from splitwise.rpc.v1 import common_pb2 as splitwise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitwise/v1/kv_store.proto\x12\x0csplitwise.v1\x1a\x19splitwise/v1/common.proto\"E\n\x08PutReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05\"0\n\nGetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\"#\n\rDeleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xd1\x01\n\x07KVStore\x12@\n\x03Put\x12\x1f.splitwise.v1.KVTransferMessage\x1a\x16.splitwise.v1.PutReply(\x01\x12\x42\n\x03Get\x12\x18.splitwise.v1.GetRequest\x1a\x1f.splitwise.v1.KVTransferMessage0\x01\x12@\n\x06\x44\x65lete\x12\x1b.splitwise.v1.DeleteRequest\x1a\x19.splitwise.v1.DeleteReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitwise/v1/kv_store.proto\x12\x0csplitwise.v1\x1a\x19splitwise/v1/common.proto\"E\n\x08PutReply\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05\"A\n\nGetRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\x12\x0f\n\x07kv_hash\x18\x03 \x01(\t\"#\n\rDeleteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xd1\x01\n\x07KVStore\x12@\n\x03Put\x12\x1f.splitwise.v1.KVTransferMessage\x1a\x16.splitwise.v1.PutReply(\x01\x12\x42\n\x03Get\x12\x18.splitwise.v1.GetRequest\x1a\x1f.splitwise.v1.KVTransferMessage0\x01\x12@\n\x06\x44\x65lete\x12\x1b.splitwise.v1.DeleteRequest\x1a\x19.splitwise.v1.DeleteReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTREPLY']._serialized_start=72
   _globals['_PUTREPLY']._serialized_end=141
   _globals['_GETREQUEST']._serialized_start=143
-  _globals['_GETREQUEST']._serialized_end=191
-  _globals['_DELETEREQUEST']._serialized_start=193
-  _globals['_DELETEREQUEST']._serialized_end=228
-  _globals['_DELETEREPLY']._serialized_start=230
-  _globals['_DELETEREPLY']._serialized_end=260
-  _globals['_KVSTORE']._serialized_start=263
-  _globals['_KVSTORE']._serialized_end=472
+  _globals['_GETREQUEST']._serialized_end=208
+  _globals['_DELETEREQUEST']._serialized_start=210
+  _globals['_DELETEREQUEST']._serialized_end=245
+  _globals['_DELETEREPLY']._serialized_start=247
+  _globals['_DELETEREPLY']._serialized_end=277
+  _globals['_KVSTORE']._serialized_start=280
+  _globals['_KVSTORE']._serialized_end=489
 # @@protoc_insertion_point(module_scope)

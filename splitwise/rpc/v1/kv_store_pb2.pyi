@@ -17,12 +17,14 @@ class PutReply(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_bytes: _Optional[int] = ..., num_chunks: _Optional[int] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("request_id", "wait_s")
+    __slots__ = ("request_id", "wait_s", "kv_hash")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    KV_HASH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     wait_s: float
-    def __init__(self, request_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    kv_hash: str
+    def __init__(self, request_id: _Optional[str] = ..., wait_s: _Optional[float] = ..., kv_hash: _Optional[str] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -57,7 +57,8 @@ class KVStoreServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Put(self, request_iterator, context):
-        """Stores a transfer (header, chunks, commit) under its request id for `ttl`.
+        """Stores a transfer (header, chunks, commit) under its request id and kv_hash for `ttl`. Every byte held
+        counts against the store's limit; a transfer that stalls or does not finish within the ttl is dropped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
