@@ -55,18 +55,28 @@ async def _generate(args) -> int:
 
 
 async def _status(args) -> int:
-    async with SplitwiseClient(_address(args)) as client:
+    from splitwise.security.keys import ADMIN_KEY_FILE, configured_key
+    from splitwise.supervision import format_state, read_state
+
+    run_dir = Path(args.run_dir)
+    admin_key = configured_key("SPLITWISE_ADMIN_KEY", ADMIN_KEY_FILE, str(run_dir))
+    async with SplitwiseClient(_address(args), admin_key=admin_key or None) as client:
         while True:
             try:
                 status = await client.cluster_status()
             except grpc.aio.AioRpcError as e:
                 print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-                return 1
+                status = None
             if args.watch:
                 print("\033[H\033[J", end="")  # clear the terminal: one screen, refreshed
-            print_status(status)
+            if status is not None:
+                print_status(status)
+            # What the local launcher did (restarts), also while the scheduler does not answer.
+            supervision = read_state(run_dir)
+            if supervision:
+                print("\n".join(format_state(supervision)))
             if not args.watch:
-                return 0
+                return 0 if status is not None else 1
             await asyncio.sleep(args.watch)
 
 
@@ -103,9 +113,10 @@ def _up(args) -> int:
 
     return up(UpOptions(
         model=args.model, host=args.host, scheduler_port=args.port, prompt_port=args.prompt_port,
-        token_port=args.token_port, kv_store_port=args.kv_store_port, redis_port=args.redis_port,
-        metrics_port=args.metrics_port, redis_url=args.redis_url, schedulers=args.schedulers,
-        prompt_workers=args.prompt_workers, token_workers=args.token_workers,
+        token_port=args.token_port, kv_store_port=args.kv_store_port, mixed_port=args.mixed_port,
+        redis_port=args.redis_port, metrics_port=args.metrics_port, redis_url=args.redis_url,
+        schedulers=args.schedulers, prompt_workers=args.prompt_workers, token_workers=args.token_workers,
+        mixed_workers=args.mixed_workers,
         kv_transfer=args.kv_transfer, run_dir=Path(args.run_dir), device=args.device,
         pin_workers=args.pin_workers, insecure=args.insecure,
     ))
@@ -171,14 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prompt-port", type=int, default=50061, help="first prompt worker's port (then +1, +2, ...)")
     up.add_argument("--token-port", type=int, default=50071, help="first token worker's port (then +1, +2, ...)")
     up.add_argument("--kv-store-port", type=int, default=50081)
+    up.add_argument("--mixed-port", type=int, default=50091, help="first mixed worker's port (then +1, +2, ...)")
     up.add_argument("--redis-port", type=int, default=6379)
     up.add_argument("--metrics-port", type=int, default=9451,
-                    help="first Prometheus /metrics port (one per service, consecutive); 0 picks free ports")
+                    help="Prometheus /metrics ports: schedulers from this one, prompt workers from +10, token workers "
+                         "from +20, the kv_store on +30, mixed workers from +40; 0 picks free ports")
     up.add_argument("--redis-url", default="", help="use this Redis instead of starting one")
     up.add_argument("--schedulers", type=int, default=1,
                     help="scheduler replicas, sharing Redis; clients take them all: --address HOST:PORT,HOST:PORT+1")
     up.add_argument("--prompt-workers", type=int, default=1)
     up.add_argument("--token-workers", type=int, default=1)
+    up.add_argument("--mixed-workers", type=int, default=0,
+                    help="workers that run both phases, colocated (the baseline: --prompt-workers 0 --token-workers 0 "
+                         "--mixed-workers 2)")
     up.add_argument("--kv-transfer", choices=["direct", "relay"], default="direct")
     up.add_argument("--device", default=os.environ.get("SPLITWISE_DEVICE", "auto"))
     up.add_argument("--run-dir", default=".splitwise", help="logs and trace files go here")
@@ -209,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address", default="", help="as generate's")
     status.add_argument("--watch", type=float, default=0, metavar="SECONDS",
                         help="refresh every SECONDS until interrupted (pools and transitions live)")
+    status.add_argument("--run-dir", default=".splitwise",
+                        help="a local `splitwise up`'s run dir: its admin key, and its services' restarts")
     status.set_defaults(run=lambda a: asyncio.run(_status(a)))
     health = sub.add_parser("health", help="exit 0 when the service at ADDRESS reports SERVING (gRPC health)")
     health.add_argument("address")

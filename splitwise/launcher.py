@@ -1,5 +1,5 @@
 """`splitwise up`: runs Redis and the four services (the scheduler in one or more replicas) as subprocesses, waits
-until healthy, and stops them all."""
+until healthy, keeps them running (a dead one is restarted: splitwise/supervision.py), and stops them all."""
 
 from __future__ import annotations
 
@@ -21,9 +21,13 @@ from splitwise.cluster.redis_server import start_redis
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
 from splitwise.security.local import LocalCredentials, local_credentials
 from splitwise.security.tls import ClusterTLS, sync_channel
+from splitwise.supervision import RestartPolicy, Supervised, Supervisor
 
 PR_SET_PDEATHSIG = 1
 PARENT_PID_ENV = "SPLITWISE_LAUNCHER_PID"
+# Each kind's first Prometheus port, from --metrics-port: with the default 9451, the services' own defaults (9451
+# scheduler, 9461 prompt worker, 9471 token worker, 9481 kv_store), as the gRPC ports go 50051, 50061, ...
+METRICS_OFFSETS = {"scheduler": 0, "prompt_worker": 10, "token_worker": 20, "kv_store": 30, "mixed_worker": 40}
 
 
 def die_with_launcher() -> None:
@@ -87,12 +91,14 @@ class UpOptions:
     prompt_port: int = 50061
     token_port: int = 50071
     kv_store_port: int = 50081
+    mixed_port: int = 50091
     redis_port: int = 6379
-    metrics_port: int = 9451  # Prometheus endpoints on consecutive ports, one per service as it starts; 0: free ports
+    metrics_port: int = 9451  # each kind's Prometheus endpoints from here + METRICS_OFFSETS[kind] (+ i); 0: free ports
     redis_url: str = ""  # use this Redis instead of starting one
     schedulers: int = 1  # replicas, all reading the same Redis and all serving clients
     prompt_workers: int = 1
     token_workers: int = 1
+    mixed_workers: int = 0  # token workers of role mixed: both phases, colocated (the paper's baseline)
     kv_transfer: str = "direct"
     run_dir: Path = Path(".splitwise")
     device: str = "auto"
@@ -101,6 +107,7 @@ class UpOptions:
     # Each worker process on its own share of the machine's cores (as separate machines would be); the other
     # services are not pinned.
     pin_workers: bool = False
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)  # how `up` restarts a dead service
     # No TLS between services, no API or admin key, no Redis password: anyone who reaches a port is trusted.
     insecure: bool = False
 
@@ -119,6 +126,8 @@ class Child:
     proc: subprocess.Popen
     metrics_address: str = ""
     cores: set[int] | None = None  # pinned to these
+    module: str = ""
+    env: dict = field(default_factory=dict)  # the service's own on top of the launcher's: a restart reuses it
 
 
 class Cluster:
@@ -128,28 +137,53 @@ class Cluster:
         self.redis: subprocess.Popen | None = None
         self.credentials: LocalCredentials | None = None  # made by start() unless insecure
 
-    def _metrics_address(self) -> str:
-        if self.o.metrics_port == 0:
+    def first_ports(self) -> dict[str, tuple[int, int]]:
+        """Each kind of service: (its first gRPC port, how many); instance i listens on the first + i."""
+        o = self.o
+        return {"scheduler": (o.scheduler_port, o.schedulers), "prompt_worker": (o.prompt_port, o.prompt_workers),
+                "token_worker": (o.token_port, o.token_workers), "kv_store": (o.kv_store_port, 1),
+                "mixed_worker": (o.mixed_port, o.mixed_workers)}
+
+    def listen_address(self, kind: str, index: int = 0) -> str:
+        return f"{self.o.host}:{self.first_ports()[kind][0] + index}"
+
+    def metrics_address(self, kind: str, index: int = 0) -> str:
+        """Where instance `index` of `kind` serves /metrics: a free port with metrics_port 0 (or for another kind)."""
+        if self.o.metrics_port == 0 or kind not in METRICS_OFFSETS:
             with socket.socket() as s:
                 s.bind((self.o.host, 0))
                 return f"{self.o.host}:{s.getsockname()[1]}"
-        return f"{self.o.host}:{self.o.metrics_port + len(self.children)}"
+        return f"{self.o.host}:{self.o.metrics_port + METRICS_OFFSETS[kind] + index}"
 
     def _spawn(self, name: str, module: str, env: dict, address: str | None, cores: set[int] | None = None) -> None:
-        metrics = self._metrics_address()
-        env = {**env, "SPLITWISE_METRICS_LISTEN": metrics, "OTEL_SERVICE_NAME": name.split("-")[0]}
+        """Starts service `name` (KIND or KIND-INDEX) as `python -m module` with env on top of the launcher's."""
+        kind, _, index = name.partition("-")
+        metrics = self.metrics_address(kind, int(index or 0))
+        env = {**env, "SPLITWISE_METRICS_LISTEN": metrics, "OTEL_SERVICE_NAME": kind}
+        child = Child(name, address, None, metrics, cores, module, env)
+        child.proc = self._launch(child)
+        self.children.append(child)
+
+    def _launch(self, child: Child) -> subprocess.Popen:
         log_dir = self.o.run_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module],
-            env={**os.environ, **self.o.extra_env, **env, PARENT_PID_ENV: str(os.getpid())},
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            # Before exec, so every thread the service starts inherits the cores.
-            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
-        )
-        log.close()
-        self.children.append(Child(name, address, proc, metrics, cores))
+        cores = child.cores
+        with open(log_dir / f"{child.name}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", child.module],
+                env={**os.environ, **self.o.extra_env, **child.env, PARENT_PID_ENV: str(os.getpid())},
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                # Before exec, so every thread the service starts inherits the cores.
+                preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+            )
+
+    def restart(self, child: Child) -> None:
+        """Starts a dead child again as it was: same address, worker id, metrics endpoint, log and trace files."""
+        if child.proc.poll() is None:
+            raise RuntimeError(f"{child.name} is still running (pid {child.proc.pid})")
+        with open(self.o.run_dir / "logs" / f"{child.name}.log", "ab") as log:
+            log.write(f"--- exited with code {child.proc.returncode}; restarted by splitwise up\n".encode())
+        child.proc = self._launch(child)
 
     @property
     def schedulers(self) -> list[Child]:
@@ -172,10 +206,28 @@ class Cluster:
         self.redis.kill()
         self.redis.wait()
 
-    def start(self) -> None:
+    def _check_options(self) -> None:
         o = self.o
         if o.schedulers < 1:
             raise ValueError(f"schedulers must be at least 1, got {o.schedulers}")
+        if min(o.prompt_workers, o.token_workers, o.mixed_workers) < 0:
+            raise ValueError("worker counts cannot be negative")
+        if o.prompt_workers + o.mixed_workers < 1 or o.token_workers + o.mixed_workers < 1:
+            raise ValueError("each phase needs a worker: a prompt and a token worker, or a mixed one")
+        owners: dict[int, str] = {} if o.redis_url else {o.redis_port: "redis"}
+        for kind, (port, count) in self.first_ports().items():
+            ports = [port + i for i in range(count)]
+            if o.metrics_port:
+                ports += [o.metrics_port + METRICS_OFFSETS[kind] + i for i in range(count)]
+            for p in ports:
+                if p in owners:
+                    raise ValueError(f"port {p} would be both {owners[p]}'s and {kind}'s: choose other first ports "
+                                     "(--port, --prompt-port, --token-port, ...; --metrics-port 0 picks free ones)")
+                owners[p] = kind
+
+    def start(self) -> None:
+        o = self.o
+        self._check_options()
         if not o.insecure:
             self.credentials = local_credentials(o.run_dir, o.host)
         redis_url = o.redis_url
@@ -186,23 +238,26 @@ class Cluster:
         traces = (o.run_dir / "traces").resolve()
         common = {"SPLITWISE_MODEL": o.model, "SPLITWISE_REDIS_URL": redis_url, "SPLITWISE_DEVICE": o.device,
                   **self.security_env()}
-        kv_store = f"{o.host}:{o.kv_store_port}"
+        kv_store = self.listen_address("kv_store")
         self._spawn("kv_store", "services.kv_store", {
-            **self.security_env(), "SPLITWISE_KV_STORE_LISTEN": kv_store, "SPLITWISE_REDIS_URL": redis_url,
+            **common, "SPLITWISE_KV_STORE_LISTEN": kv_store,
             "SPLITWISE_TRACE_FILE": str(traces / "kv_store.jsonl")}, kv_store)
         cores = sorted(os.sched_getaffinity(0))
-        workers = o.prompt_workers + o.token_workers
-        for role, count, port, first in (("prompt_worker", o.prompt_workers, o.prompt_port, 0),
-                                         ("token_worker", o.token_workers, o.token_port, o.prompt_workers)):
+        workers = o.prompt_workers + o.token_workers + o.mixed_workers
+        first = 0
+        for kind, service, role in (("prompt_worker", "prompt_worker", {}), ("token_worker", "token_worker", {}),
+                                    ("mixed_worker", "token_worker", {"SPLITWISE_TOKEN_WORKER_ROLE": "mixed"})):
+            count = self.first_ports()[kind][1]
             for i in range(count):
-                address = f"{o.host}:{port + i}"
-                name = f"{role}-{i}"
-                self._spawn(name, f"services.{role}", {
-                    **common, f"SPLITWISE_{role.upper()}_LISTEN": address, "SPLITWISE_WORKER_ID": name,
+                address = self.listen_address(kind, i)
+                name = f"{kind}-{i}"
+                self._spawn(name, f"services.{service}", {
+                    **common, **role, f"SPLITWISE_{service.upper()}_LISTEN": address, "SPLITWISE_WORKER_ID": name,
                     "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")}, address,
                     worker_cores(first + i, workers, cores) if o.pin_workers else None)
+            first += count
         for i in range(o.schedulers):
-            scheduler = f"{o.host}:{o.scheduler_port + i}"
+            scheduler = self.listen_address("scheduler", i)
             name = "scheduler" if o.schedulers == 1 else f"scheduler-{i}"
             self._spawn(name, "services.scheduler", {
                 **common, **self.scheduler_keys_env(), "SPLITWISE_SCHEDULER_LISTEN": scheduler,
@@ -226,6 +281,30 @@ class Cluster:
         """The launcher's own cluster identity (health checks of internal services)."""
         return self.credentials.admin_identity() if self.credentials else None
 
+    def supervisor(self) -> Supervisor:
+        """What `up` keeps running: every child, and the cluster's own Redis."""
+        services = [Supervised(c.name, c.address or "", lambda c=c: c.proc, lambda c=c: self.restart(c))
+                    for c in self.children]
+        if self.redis is not None:
+            services.insert(0, Supervised("redis", f"{self.o.host}:{self.o.redis_port}", lambda: self.redis,
+                                          self.start_redis))
+        return Supervisor(services, self.o.restart_policy, self.o.run_dir, self._why_nothing_serves)
+
+    def _why_nothing_serves(self, given_up: set[str]) -> str | None:
+        """Why the cluster cannot serve without the services given up on, or None while it can."""
+        def left(*kinds: str) -> list[Child]:
+            return [c for c in self.children if c.name.split("-")[0] in kinds and c.name not in given_up]
+
+        reason = ("its Redis is gone" if "redis" in given_up else
+                  "no scheduler replica is left" if not left("scheduler") else
+                  "no worker is left for the prompt phase" if not left("prompt_worker", "mixed_worker") else
+                  "no worker is left for the token phase" if not left("token_worker", "mixed_worker") else
+                  "relay mode needs the kv_store" if "kv_store" in given_up and self.o.kv_transfer == "relay" else
+                  None)
+        if reason is None:
+            return None
+        return f"{', '.join(sorted(given_up))} kept exiting (see {self.o.run_dir}/logs): {reason}"
+
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
 
@@ -235,26 +314,28 @@ class Cluster:
         return next((c for c in self.children if c.proc.poll() is not None
                      and (c not in self.schedulers or not live_schedulers)), None)
 
-    def wait_healthy(self) -> None:
-        """Waits for every service's gRPC health check, then for every scheduler replica to see all workers."""
+    def wait_healthy(self, supervisor: Supervisor | None = None) -> None:
+        """Waits for every service's gRPC health check, then for every scheduler replica to see all workers; fails
+        when a service dies, or with a supervisor, when it gives up on a service the cluster needs."""
         deadline = time.monotonic() + self.o.startup_timeout_s
         pending = [c for c in self.children if c.address]
         while pending:
-            self._check_alive(deadline)
+            self._check_alive(deadline, supervisor)
             pending = [c for c in pending
                        if not serving(c.address, None if c in self.schedulers else self.operator_identity)]
             time.sleep(0.2)
-        expected = self.o.prompt_workers + self.o.token_workers
+        expected = self.o.prompt_workers + self.o.token_workers + self.o.mixed_workers
         pending = [c.address for c in self.schedulers]
         while pending:
-            self._check_alive(deadline)
+            self._check_alive(deadline, supervisor)
             admin_key = self.credentials.admin_key if self.credentials else ""
             pending = [address for address in pending if num_workers_seen(address, deadline, admin_key) < expected]
             time.sleep(0.2)
 
-    def _check_alive(self, deadline: float) -> None:
-        dead = self.dead_child()
-        if dead:
+    def _check_alive(self, deadline: float, supervisor: Supervisor | None = None) -> None:
+        if supervisor is not None:
+            supervisor.check()
+        elif dead := self.dead_child():
             raise RuntimeError(f"{dead.name} exited with code {dead.proc.returncode}; see {self.o.run_dir}/logs/{dead.name}.log")
         if time.monotonic() > deadline:
             raise TimeoutError(f"services not healthy within {self.o.startup_timeout_s}s; see {self.o.run_dir}/logs")
@@ -306,8 +387,8 @@ def serving(address: str, tls: ClusterTLS | None = None) -> bool:
 
 
 def up(options: UpOptions) -> int:
-    """Runs the cluster in the foreground until Ctrl-C / SIGTERM or until a service is lost (a scheduler replica
-    may die while another one serves)."""
+    """Runs the cluster in the foreground until Ctrl-C / SIGTERM, restarting a service that dies; stops when one
+    the cluster needs keeps exiting (splitwise/supervision.py)."""
     from splitwise.model.weights import resolve_model
 
     print(f"preparing model {options.model} (the first run converts the GGUF, ~30 s)...", flush=True)
@@ -319,11 +400,12 @@ def up(options: UpOptions) -> int:
     code = 0
     try:
         cluster.start()
+        supervisor = cluster.supervisor()
         started = time.monotonic()
         print("starting redis, kv_store, workers and scheduler...", flush=True)
         while not stop_requested:
             try:
-                cluster.wait_healthy()
+                cluster.wait_healthy(supervisor)
                 break
             except grpc.RpcError:
                 time.sleep(0.2)
@@ -334,7 +416,8 @@ def up(options: UpOptions) -> int:
             for child in cluster.children:
                 print(f"  {child.name:<16} {child.address or '':<22} pid {child.proc.pid:<8} metrics http://{child.metrics_address}/metrics"
                       + (f"  cores {','.join(map(str, sorted(child.cores)))}" if child.cores else ""))
-            print(f"  logs and traces in {options.run_dir.resolve()}")
+            print(f"  logs and traces in {options.run_dir.resolve()}; a service that exits is restarted "
+                  f"(splitwise status --run-dir {options.run_dir} shows restarts)")
             if cluster.credentials:
                 print(f"  mTLS between services (cluster CA and certificates in {cluster.credentials.tls_dir}); "
                       f"API and admin keys in {options.run_dir}/api-key and admin-key (SPLITWISE_API_KEY, "
@@ -343,20 +426,10 @@ def up(options: UpOptions) -> int:
                 print("  INSECURE: no TLS, no API key, no Redis password: anyone who reaches a port is trusted")
             print(f"try: splitwise generate --address {cluster.address} \"What is the capital of France?\"")
             print("Ctrl-C stops everything.", flush=True)
-        reported: set[str] = set()
         while not stop_requested:
-            lost = cluster.lost_service()
-            if lost:
-                print(f"{lost.name} exited with code {lost.proc.returncode}; stopping the cluster", file=sys.stderr)
-                code = 1
-                break
-            for replica in cluster.schedulers:
-                if replica.proc.poll() is not None and replica.name not in reported:
-                    reported.add(replica.name)
-                    print(f"{replica.name} exited with code {replica.proc.returncode}; the other scheduler replicas "
-                          "go on serving", file=sys.stderr)
+            supervisor.check()
             time.sleep(0.2)
-    except (RuntimeError, TimeoutError) as e:
+    except (RuntimeError, TimeoutError, ValueError) as e:  # ServiceLost is a RuntimeError
         print(f"error: {e}", file=sys.stderr)
         code = 1
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from splitwise.client import SplitwiseClient
 from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
 
@@ -49,3 +51,30 @@ def recoveries(metrics_address: str) -> dict[tuple[str, str], float]:
     text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
     return {(s.labels["kind"], s.labels["kv"]): s.value for family in text_string_to_metric_families(text)
             for s in family.samples if s.name == "splitwise_request_recoveries_total"}
+
+
+async def run_streams(address: str, prompts: list[list[int]], max_tokens: int, kill=None,
+                      **client_options) -> list[list[int]]:
+    """Streams every prompt at once (greedy, ignoring EOS); with `kill`, calls it once every prompt phase is over
+    (each stream has its first token). No stream may fail: each must end at max_tokens."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished: list[str | None] = [None] * len(prompts)
+    all_started = asyncio.Event()
+
+    async def run(i: int, client: SplitwiseClient) -> None:
+        async for chunk in client.stream(token_ids=prompts[i], max_tokens=max_tokens, ignore_eos=True, timeout=120):
+            outputs[i] += chunk.token_ids
+            finished[i] = chunk.finish_reason
+            if all(outputs):
+                all_started.set()
+
+    async with SplitwiseClient(address, **client_options) as client:
+        streams = asyncio.gather(*(run(i, client) for i in range(len(prompts))))
+        if kill is not None:
+            await asyncio.wait_for(all_started.wait(), 60)
+            # On a loaded machine the first streams may be far along: most must still be running.
+            assert sum(f is None for f in finished) >= len(prompts) * 3 // 4, "the streams ended before the kill"
+            kill()
+        await asyncio.wait_for(streams, 120)  # no stream raises: a failure never reaches the client
+    assert finished == ["length"] * len(prompts)
+    return outputs

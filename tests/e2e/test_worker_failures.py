@@ -22,7 +22,7 @@ import pytest
 from splitwise.client import SplitwiseClient
 from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
-from tests.e2e.launched_cluster import recoveries
+from tests.e2e.launched_cluster import recoveries, run_streams
 from tests.reference import hf_greedy
 
 pytestmark = pytest.mark.e2e
@@ -52,32 +52,6 @@ def start_cluster(tmp_path, cache_dir, keep: bool = True, prompt_workers: int = 
     return cluster
 
 
-async def run_streams(address: str, prompts: list[list[int]], kill=None) -> list[list[int]]:
-    """Streams every prompt at once (greedy, ignoring EOS); with `kill`, calls it once every prompt phase is over
-    (each stream has its first token)."""
-    outputs: list[list[int]] = [[] for _ in prompts]
-    finished: list[str | None] = [None] * len(prompts)
-    all_started = asyncio.Event()
-
-    async def run(i: int, client: SplitwiseClient) -> None:
-        async for chunk in client.stream(token_ids=prompts[i], max_tokens=MAX_TOKENS, ignore_eos=True, timeout=120):
-            outputs[i] += chunk.token_ids
-            finished[i] = chunk.finish_reason
-            if all(outputs):
-                all_started.set()
-
-    async with SplitwiseClient(address) as client:
-        streams = asyncio.gather(*(run(i, client) for i in range(len(prompts))))
-        if kill is not None:
-            await asyncio.wait_for(all_started.wait(), 60)
-            # On a loaded machine the first streams may be far along: most must still be running.
-            assert sum(f is None for f in finished) >= len(prompts) * 3 // 4, "the streams ended before the kill"
-            kill()
-        await asyncio.wait_for(streams, 120)  # no stream raises: a failure never reaches the client
-    assert finished == ["length"] * len(prompts)
-    return outputs
-
-
 @pytest.mark.parametrize("keep, kv_store_dies, kv", [(True, False, "kv_store"), (False, False, "recompute"),
                                                      (True, True, "recompute")])
 async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, cache_dir, keep, kv_store_dies, kv):
@@ -93,11 +67,11 @@ async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, ca
             kv_store.proc.send_signal(signal.SIGKILL)
             assert kv_store.proc.wait(10) == -signal.SIGKILL
         # The no-failure output, itself checked against transformers up to its end-of-sequence token.
-        references = await run_streams(scheduler.address, prompts)
+        references = await run_streams(scheduler.address, prompts, MAX_TOKENS)
         for prompt, reference in zip(prompts[:5], references):
             expected = hf_greedy(folder, prompt, MAX_TOKENS)
             assert reference[: len(expected)] == expected
-        outputs = await run_streams(scheduler.address, prompts, kill=lambda: victim.proc.send_signal(signal.SIGKILL))
+        outputs = await run_streams(scheduler.address, prompts, MAX_TOKENS, kill=lambda: victim.proc.send_signal(signal.SIGKILL))
         assert victim.proc.wait(10) == -signal.SIGKILL
         for i, (output, reference) in enumerate(zip(outputs, references)):
             assert output == reference, f"stream {i}"
@@ -119,8 +93,8 @@ async def test_a_token_worker_that_hangs_mid_decode_is_found_by_keepalive_and_it
     victim = next(c for c in cluster.children if c.name == "token_worker-0")
     try:
         scheduler = next(c for c in cluster.children if c.name == "scheduler")
-        references = await run_streams(scheduler.address, prompts)
-        outputs = await run_streams(scheduler.address, prompts, kill=lambda: victim.proc.send_signal(signal.SIGSTOP))
+        references = await run_streams(scheduler.address, prompts, MAX_TOKENS)
+        outputs = await run_streams(scheduler.address, prompts, MAX_TOKENS, kill=lambda: victim.proc.send_signal(signal.SIGSTOP))
         assert victim.proc.poll() is None  # hung, not dead
         for i, (output, reference) in enumerate(zip(outputs, references)):
             assert output == reference, f"stream {i}"

@@ -1,10 +1,12 @@
-"""Worker pinning: each worker process gets its own share of the cores, set before the service starts."""
+"""The launcher of `splitwise up`: worker pinning (each worker process its own share of the cores, set before the
+service starts), the ports of each kind of service, and restarting a service as it was."""
 
 import os
+import subprocess
 
 import pytest
 
-from splitwise.launcher import Cluster, UpOptions, worker_cores
+from splitwise.launcher import Child, Cluster, UpOptions, worker_cores
 
 
 def test_workers_get_disjoint_equal_shares_while_there_are_enough_cores():
@@ -28,3 +30,62 @@ def test_a_pinned_service_runs_on_its_cores_only(tmp_path):
     logs = {c.name: (tmp_path / "logs" / f"{c.name}.log").read_text().strip().splitlines()[-1] for c in cluster.children}
     assert logs["probe-0"] == str([core])
     assert logs["probe-1"] == str(sorted(os.sched_getaffinity(0)))
+
+
+def test_up_serves_each_kind_on_the_ports_its_service_defaults_to():
+    """What the README's configuration table says of each service alone holds for `splitwise up` too."""
+    from splitwise.config import KVStoreConfig, PromptWorkerConfig, SchedulerConfig, TokenWorkerConfig
+
+    cluster = Cluster(UpOptions(model="tiny-llama"))
+    for kind, config in (("scheduler", SchedulerConfig()), ("prompt_worker", PromptWorkerConfig()),
+                         ("token_worker", TokenWorkerConfig()), ("kv_store", KVStoreConfig())):
+        assert (cluster.listen_address(kind), cluster.metrics_address(kind)) == (config.listen, config.metrics_listen)
+
+
+def test_replicas_and_workers_of_a_kind_take_consecutive_ports_from_its_first():
+    cluster = Cluster(UpOptions(model="tiny-llama", schedulers=2, token_workers=3, mixed_workers=2))
+    assert [cluster.listen_address("token_worker", i) for i in range(3)] == [
+        "127.0.0.1:50071", "127.0.0.1:50072", "127.0.0.1:50073"]
+    assert [cluster.metrics_address("token_worker", i) for i in range(3)] == [
+        "127.0.0.1:9471", "127.0.0.1:9472", "127.0.0.1:9473"]
+    assert cluster.metrics_address("scheduler", 1) == "127.0.0.1:9452"
+    assert [cluster.listen_address("mixed_worker", i) for i in range(2)] == ["127.0.0.1:50091", "127.0.0.1:50092"]
+    assert cluster.metrics_address("mixed_worker", 1) == "127.0.0.1:9492"
+
+
+def test_ports_that_two_services_would_share_are_refused_before_anything_starts(tmp_path):
+    cluster = Cluster(UpOptions(model="tiny-llama", run_dir=tmp_path, token_workers=11))
+    with pytest.raises(ValueError, match="port 50081 would be both token_worker's and kv_store's"):
+        cluster.start()
+    assert cluster.children == [] and cluster.redis is None
+
+
+@pytest.mark.parametrize("workers", [dict(prompt_workers=0), dict(token_workers=0),
+                                     dict(prompt_workers=0, token_workers=0)])
+def test_a_cluster_without_a_worker_for_each_phase_is_refused(tmp_path, workers):
+    with pytest.raises(ValueError, match="each phase needs a worker"):
+        Cluster(UpOptions(model="tiny-llama", run_dir=tmp_path, **workers)).start()
+
+
+def test_a_restarted_service_comes_back_with_its_address_environment_metrics_and_log(tmp_path):
+    cluster = Cluster(UpOptions(model="tiny-llama", run_dir=tmp_path, metrics_port=0))
+    cluster._spawn("probe-0", "tests.affinity_probe", {"SPLITWISE_WORKER_ID": "probe-0"}, "127.0.0.1:1")
+    probe = cluster.children[0]
+    first, metrics, env = probe.proc, probe.metrics_address, dict(probe.env)
+    assert first.wait(30) == 0
+    cluster.restart(probe)
+    assert probe.proc is not first and probe.proc.wait(30) == 0
+    assert (probe.address, probe.metrics_address, probe.env) == ("127.0.0.1:1", metrics, env)
+    log = (tmp_path / "logs" / "probe-0.log").read_text().splitlines()
+    assert log[1:] == ["--- exited with code 0; restarted by splitwise up", log[0]]
+
+
+def test_a_running_service_is_not_restarted(tmp_path):
+    cluster = Cluster(UpOptions(model="tiny-llama", run_dir=tmp_path, metrics_port=0))
+    sleeper = Child("sleeper", None, subprocess.Popen(["sleep", "60"]), module="tests.affinity_probe")
+    try:
+        with pytest.raises(RuntimeError, match="still running"):
+            cluster.restart(sleeper)
+    finally:
+        sleeper.proc.kill()
+        sleeper.proc.wait()
