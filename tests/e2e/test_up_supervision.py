@@ -2,7 +2,9 @@
 
 A token worker is SIGKILLed under 20 greedy streams: every stream completes, identical to the run without the failure;
 the launcher restarts the worker on its address and worker id, it registers again, and `splitwise status` shows the
-restart. And `up --mixed-workers` runs colocated workers, every service on the metrics endpoint the listing prints.
+restart. Redis and the scheduler are restarted too, and the workers register in the new Redis. A worker that cannot
+start is given up on after a few tries, and with no worker left for its phase `up` stops with an error. And
+`up --mixed-workers` runs colocated workers, every service on the metrics endpoint the listing prints.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import grpc
 import pytest
 
 from splitwise.client import SplitwiseClient
@@ -99,9 +102,8 @@ class Up:
         return next(s for s in state["services"] if s["name"] == name)
 
 
-@contextmanager
-def splitwise_up(run_dir: Path, cache_dir: Path, *flags: str, metrics_port: int = 0) -> Iterator[Up]:
-    """`splitwise up` on free ports, healthy on entry; stopped with SIGTERM on exit, which it must obey."""
+def start_up(run_dir: Path, cache_dir: Path, *flags: str, metrics_port: int = 0, **env: str) -> Up:
+    """Runs `splitwise up` (tiny model, CPU) on free ports, with env on top of this process's."""
     resolve_model("tiny-llama", cache_dir)
     scheduler, prompt, token, kv_store, mixed, redis = free_port_ranges(1, 2, 2, 1, 2, 1)
     argv = [str(SPLITWISE), "up", "--model", "tiny-llama", "--device", "cpu", "--run-dir", str(run_dir),
@@ -109,10 +111,17 @@ def splitwise_up(run_dir: Path, cache_dir: Path, *flags: str, metrics_port: int 
             "--kv-store-port", str(kv_store), "--mixed-port", str(mixed), "--redis-port", str(redis),
             "--metrics-port", str(metrics_port), *flags]
     env = {**os.environ, "SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
-           "SPLITWISE_HEARTBEAT_S": str(HEARTBEAT_S)}
+           "SPLITWISE_HEARTBEAT_S": str(HEARTBEAT_S), **env}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL)
-    up = Up(proc, run_dir)
+    return Up(proc, run_dir)
+
+
+@contextmanager
+def splitwise_up(run_dir: Path, cache_dir: Path, *flags: str, metrics_port: int = 0) -> Iterator[Up]:
+    """`splitwise up` healthy on entry; stopped with SIGTERM on exit, which it must obey."""
+    up = start_up(run_dir, cache_dir, *flags, metrics_port=metrics_port)
+    proc = up.proc
     try:
         up.wait_for_line(r"Ctrl-C stops everything", STARTUP_S)
         yield up
@@ -131,6 +140,15 @@ async def workers_listed(up: Up) -> dict[str, str]:
     async with up.client() as client:
         status = await client.cluster_status()
     return {w.worker_id: w.address for w in status.workers}
+
+
+async def restarted(up: Up, name: str, restarts: int, timeout_s: float = 60.0) -> dict:
+    """The supervision state of `name` once its launcher has restarted it `restarts` times and it runs."""
+    deadline = time.monotonic() + timeout_s
+    while (state := up.supervised(name))["restarts"] < restarts or state["state"] != "running":
+        assert time.monotonic() < deadline, f"{name} was not restarted: {state}\n{up.output}\n{up.logs()}"
+        await asyncio.sleep(0.2)
+    return state
 
 
 async def test_sigkill_of_a_token_worker_loses_no_stream_and_up_brings_the_worker_back(tmp_path, cache_dir):
@@ -189,3 +207,45 @@ async def test_mixed_workers_run_both_phases_and_every_service_serves_metrics_wh
         for name, service in listing.items():
             with urllib.request.urlopen(service["metrics"], timeout=10) as reply:
                 assert reply.status == 200 and b"# TYPE" in reply.read(), name
+
+
+async def test_up_restarts_its_redis_and_its_scheduler_and_the_workers_register_in_the_new_redis(tmp_path, cache_dir):
+    prompt = [9 + i % 100 for i in range(30)]
+    with splitwise_up(tmp_path, cache_dir) as up:
+        options = up.client_options()
+        async with up.client() as client:
+            before = await client.generate(token_ids=prompt, max_tokens=12, ignore_eos=True, timeout=60)
+        os.kill(up.supervised("redis")["pid"], signal.SIGKILL)
+        redis = await restarted(up, "redis", 1)
+        assert redis["last_exit_code"] == -signal.SIGKILL
+        # A restarted scheduler knows only what the new (empty) Redis holds: the workers it lists registered there.
+        os.kill(up.supervised("scheduler")["pid"], signal.SIGKILL)
+        await restarted(up, "scheduler", 1)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                workers = await workers_listed(up)
+            except grpc.aio.AioRpcError:  # the new scheduler is not serving yet
+                workers = {}
+            if set(workers) == {"prompt_worker-0", "token_worker-0"}:
+                break
+            assert time.monotonic() < deadline, f"workers listed: {workers}\n{up.output}\n{up.logs()}"
+            await asyncio.sleep(0.2)
+        outputs = await run_streams(up.address, [prompt], 12, **options)
+        assert outputs == [before.token_ids]
+        assert up.proc.poll() is None
+
+
+async def test_up_gives_up_on_a_worker_that_cannot_start_and_stops_when_its_phase_has_no_worker(tmp_path, cache_dir):
+    up = start_up(tmp_path, cache_dir, SPLITWISE_KV_MEMORY_BYTES="lots")  # the token worker exits at start
+    try:
+        code = up.proc.wait(STARTUP_S)
+    except subprocess.TimeoutExpired:
+        up.proc.kill()
+        pytest.fail(f"`splitwise up` went on without a token worker:\n{up.output}")
+    up._reader.join(10)
+    assert code == 1, up.output
+    assert up.output.count("token_worker-0 exited with code 1") == 5, up.output
+    assert "token_worker-0 kept exiting" in up.output and "no worker is left for the token phase" in up.output
+    assert "restarting it in 0.5 s" in up.output and "restarting it in 4.0 s" in up.output
+    assert "cluster healthy" not in up.output
