@@ -4,6 +4,7 @@ what this machine lacks, by reason."""
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from collections import Counter
 from pathlib import Path
@@ -21,9 +22,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def redis_url():
+    """With a password, as `splitwise up` runs it."""
     port = free_port()
-    proc = start_redis(port)
-    yield f"redis://127.0.0.1:{port}/0"
+    password = secrets.token_hex(8)
+    proc = start_redis(port, password=password)
+    yield f"redis://:{password}@127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
 

@@ -38,7 +38,7 @@ async def poll(check, what: str, timeout_s: float = 15.0):
 
 
 async def test_redis_restart_mid_stream_loses_no_token_and_the_workers_register_again(cluster):
-    redis_url = f"redis://{cluster.o.host}:{cluster.o.redis_port}/0"
+    redis_url = f"redis://:{cluster.credentials.redis_password}@{cluster.o.host}:{cluster.o.redis_port}/0"
     async with SplitwiseClient(cluster.address) as client, redis.Redis.from_url(redis_url) as store:
         async def generate() -> list[int]:
             out = await client.generate(token_ids=PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, timeout=30)
