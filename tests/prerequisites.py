@@ -36,13 +36,13 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def skip_unless(reason: str) -> pytest.MarkDecorator:
+def skip_for(reason: str) -> pytest.MarkDecorator:
     """A skip with `reason` where `reason` is not empty, except under CI."""
     return pytest.mark.skipif(bool(reason) and not in_ci(), reason=reason or "available")
 
 
 def needs_mooncake() -> pytest.MarkDecorator:
-    return skip_unless(mooncake_missing())
+    return skip_for(mooncake_missing())
 
 
 def mooncake_loads() -> bool:
