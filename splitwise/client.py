@@ -98,9 +98,10 @@ class SplitwiseClient:
     """Talks to one scheduler replica at a time, in the order given, and moves to the next one when a call fails
     with UNAVAILABLE (replica gone, connection refused, no worker there). A stream that breaks that way after
     yielding chunks is continued on the next replica, which is told the tokens received so far
-    (`continue_after_token_ids`) and streams only what follows; with `continue_streams=False` its error is raised
-    instead. Each replica is tried at most once per call. A replica that stops answering keepalive pings for
-    `keepalive_s` (a host gone without closing its connections) counts as gone."""
+    (`continue_after_token_ids`, with the resume token of the stream's first chunk) and streams only what follows;
+    with `continue_streams=False` its error is raised instead. Each replica is tried at most once per call. A
+    replica that stops answering keepalive pings for `keepalive_s` (a host gone without closing its connections)
+    counts as gone."""
 
     def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, continue_streams: bool = True,
                  keepalive_s: float = DEFAULT_KEEPALIVE_S):
@@ -153,6 +154,8 @@ class SplitwiseClient:
                 async for r in call:
                     received += r.token_ids
                     request.request_id = r.request_id  # the scheduler's, when the caller gave none
+                    if r.resume_token:  # the first chunk's: it proves a continuation of this stream is ours
+                        request.resume_token = r.resume_token
                     yield Chunk(r.request_id, list(r.token_ids), r.text, _finish_reason_name(r.finish_reason),
                                 r.usage.prompt_tokens, r.usage.completion_tokens, list(r.logprobs))
                 return

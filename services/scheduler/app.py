@@ -20,6 +20,7 @@ from splitwise.cluster.routing import ConditionalDisaggregation
 from splitwise.config import SchedulerConfig, cache_dir_of, parse_config
 from splitwise.model.weights import eos_token_ids, load_tokenizer, read_hf_config, resolve_model
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
+from splitwise.security.keys import load_cluster_key
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.metrics import setup_metrics
@@ -68,7 +69,7 @@ async def start(config: SchedulerConfig) -> Scheduler:
     kv = KVSettings(config.kv_transfer, config.kv_store_address, config.kv_keep, config.kv_layerwise_min_tokens)
     dispatcher = Dispatcher(view, channels, kv, journal, KVIndex(client))
     servicer = SchedulerServicer(model, view, dispatcher, config.request_timeout_s, config.max_requests_in_flight,
-                                 journal)
+                                 journal, cluster_key=load_cluster_key(config.tls_dir))
     await view.refresh()
     refresher = asyncio.create_task(view.refresh_forever(config.registry_refresh_s))
     service = await start_server(

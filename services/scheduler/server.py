@@ -22,6 +22,7 @@ from splitwise.cluster.pools import pool_of
 from splitwise.cluster.routing import NoWorkerAvailable
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from splitwise.security.resume import resume_token, valid_resume_token
 from splitwise.telemetry import metrics
 from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span, tracer
 
@@ -34,8 +35,9 @@ PUSHBACK = (("grpc-retry-pushback-ms", str(RETRY_PUSHBACK_MS)),)
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, model: ModelInfo, view: ClusterView, dispatcher: Dispatcher, request_timeout_s: float,
-                 max_requests_in_flight: int = 1024, journal: RequestJournal | None = None):
+                 max_requests_in_flight: int = 1024, journal: RequestJournal | None = None, *, cluster_key: bytes):
         self.model = model
+        self.cluster_key = cluster_key  # signs resume tokens; every replica has it, so any can check another's
         self.view = view
         self.dispatcher = dispatcher
         self.request_timeout_s = request_timeout_s
@@ -60,6 +62,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                 output = OutputStream(rid, self.model.tokenizer, params, len(ids), self.model.eos_token_ids)
                 continued = list(request.continue_after_token_ids)
+                token = resume_token(self.cluster_key, rid, ids)
+                # PERMISSION_DENIED, not INVALID_ARGUMENT: the request is well formed, but its caller has not shown
+                # that the stream (and the KV its prompt left) is its own. Only the first response's token does.
+                if continued and not valid_resume_token(self.cluster_key, request.resume_token, rid, ids):
+                    outcome = "invalid"
+                    problem = ("continue_after_token_ids needs the resume_token of the stream it continues (its first "
+                               "response's), issued for this request_id and exactly this prompt")
+                    record_error(admission, problem)
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
                 if continued:
                     output.add(continued)  # what the client has: the text it got of them is held back here too
                     if output.finished:
@@ -92,6 +103,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 run = self.dispatcher.run(rid, ids, params, timeout_s, span, output, progress)
                 async with contextlib.aclosing(run):
                     async for response in run:
+                        if token:  # the first response: what the client sends to continue the stream
+                            response.resume_token, token = token, ""
                         clock.tokens(len(response.token_ids))
                         if self.journal:
                             self.journal.progress(rid, output.completion_tokens)

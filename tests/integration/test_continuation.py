@@ -1,6 +1,6 @@
 """A stream continued after a break (`continue_after_token_ids`: what a client failing over between scheduler
-replicas sends) streams exactly what the unbroken stream would have, text included, and bad continuations are
-refused with INVALID_ARGUMENT."""
+replicas sends, with the resume token of the stream's first response) streams exactly what the unbroken stream
+would have, text included, and bad continuations are refused with INVALID_ARGUMENT."""
 
 import asyncio
 import itertools
@@ -11,7 +11,8 @@ import pytest
 from splitwise.client import build_request
 from splitwise.model.weights import load_tokenizer, resolve_model
 from splitwise.rpc.v1 import scheduler_pb2_grpc
-from tests.security import public_channel
+from splitwise.security.resume import resume_token
+from tests.security import bearer
 from tests.integration.cluster import assert_no_kv_held, local_cluster, wait_for_workers
 from tests.reference import hf_greedy
 from tests.traces import SCHEDULER_GENERATE, request_trace
@@ -33,8 +34,9 @@ async def cluster(redis_url, cache_dir, trace_file):
 
 
 async def stream(address: str, request) -> list:
-    async with public_channel(address) as channel:
-        return [r async for r in scheduler_pb2_grpc.SchedulerStub(channel).Generate(request, timeout=60)]
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = scheduler_pb2_grpc.SchedulerStub(channel).Generate(request, timeout=60, metadata=bearer())
+        return [r async for r in call]
 
 
 def continue_events(trace_file, request_id: str) -> list[dict]:
@@ -59,6 +61,7 @@ async def test_a_continued_stream_yields_what_the_unbroken_stream_would_have(clu
     # Break the stream after each of its messages in turn: the continuation must yield the rest, tokens and text.
     received = list(itertools.accumulate(whole[:-1], lambda had, r: (had[0] + list(r.token_ids), had[1] + r.text),
                                          initial=([], "")))[1:]
+    request.resume_token = whole[0].resume_token
     for had_tokens, had_text in received:
         request.continue_after_token_ids[:] = had_tokens
         rest = await stream(cluster.address, request)
@@ -78,6 +81,8 @@ async def test_a_continuation_without_a_kept_copy_recomputes_the_prompt(cluster,
     reference = hf_greedy(tiny_folder, ids, MAX_TOKENS)
     request = build_request(token_ids=ids, max_tokens=MAX_TOKENS, ignore_eos=True, request_id="never-streamed-here")
     request.continue_after_token_ids[:] = reference[:10]
+    # As its stream (on a replica with no kept copy) would have been given.
+    request.resume_token = resume_token(cluster.scheduler.servicer.cluster_key, "never-streamed-here", ids)
     rest = [t for r in await stream(cluster.address, request) for t in r.token_ids]
     assert rest == reference[10:]
     await asyncio.sleep(0.2)
@@ -104,6 +109,7 @@ async def test_a_continuation_that_already_ended_is_invalid_argument(cluster, ti
     eos = sorted(cluster.scheduler.servicer.model.eos_token_ids)[0]
     request = build_request(token_ids=[5, 6, 7], max_tokens=8, request_id="ended")
     request.continue_after_token_ids[:] = [11, eos]
+    request.resume_token = resume_token(cluster.scheduler.servicer.cluster_key, "ended", [5, 6, 7])
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stream(cluster.address, request)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
