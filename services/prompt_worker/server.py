@@ -10,14 +10,14 @@ import grpc
 
 from splitwise.channels import ChannelPool
 from splitwise.engine.block_manager import KVCapacityError
-from splitwise.engine.llm_engine import Engine, Finished, RequestHandle
+from splitwise.engine.llm_engine import Engine, Finished, RequestFailed, RequestHandle
 from splitwise.engine.sequence import Sequence
 from splitwise.kv.staging import StagedLayout
 from splitwise.kv.transfer import KVSender, KVTransferError
 from splitwise.kv.transport import WorkerTransports
 from splitwise.kv.layout import KVLayout
 from splitwise.rpc import convert
-from splitwise.rpc.errors import capacity_status
+from splitwise.rpc.errors import capacity_status, engine_status
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
 from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span, tracer
 
@@ -111,7 +111,11 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         send_task.add_done_callback(
             lambda t: t.cancelled() or t.exception() is None or self.engine.abort(rid, handle))
         try:
-            event = await handle.next_event()
+            try:
+                event = await handle.next_event()
+            except RequestFailed as e:
+                record_error(span, e)
+                await context.abort(engine_status(e), str(e))
             if isinstance(event, Finished):  # aborted before its first token
                 failed = send_task.done() and not send_task.cancelled() and send_task.exception()
                 record_error(span, failed or "aborted")

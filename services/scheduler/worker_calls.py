@@ -17,6 +17,8 @@ class WorkerFailed(Exception):
     """A worker call failed; `code` is the status the client gets."""
 
     def __init__(self, worker: WorkerInfo, code: grpc.StatusCode, details: str):
+        if code == grpc.StatusCode.UNKNOWN:  # an exception the worker did not map: grpcio's text names its class
+            code, details = grpc.StatusCode.INTERNAL, "failed unexpectedly (its log has the details)"
         super().__init__(f"{worker.role} worker {worker.worker_id}: {details}")
         self.worker = worker
         self.code = code

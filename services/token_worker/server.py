@@ -12,7 +12,7 @@ import grpc
 
 from splitwise.channels import ChannelPool, end_stream
 from splitwise.engine.block_manager import KVCapacityError
-from splitwise.engine.llm_engine import Engine, Finished, RequestHandle
+from splitwise.engine.llm_engine import Engine, Finished, RequestFailed, RequestHandle
 from splitwise.engine.sampling import SampledToken
 from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import KVIntegrityError
@@ -21,7 +21,7 @@ from splitwise.kv.transfer import KVReceiver, KVTransferError
 from splitwise.kv.transport import TransferState, WorkerTransports
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.rpc import convert
-from splitwise.rpc.errors import capacity_status, transfer_status
+from splitwise.rpc.errors import capacity_status, engine_status, transfer_status
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
 from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span, tracer
 
@@ -209,7 +209,11 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
             gaps: list[float] = []
             try:
                 while True:
-                    event = await handle.next_event()
+                    try:
+                        event = await handle.next_event()
+                    except RequestFailed as e:
+                        record_error(span, e)
+                        await context.abort(engine_status(e), str(e))
                     if isinstance(event, Finished):
                         break
                     produced += 1
