@@ -1,8 +1,10 @@
 """KV transfer benchmark: each transport's bandwidth on real KV between two worker processes, against a plain
 memcpy and a plain socket; and TTFT / second-token latency split (layer-wise and serialized, each transport)
-against colocated on the same cores. SmolLM2-135M, fp32, one compute thread per worker.
+against colocated on the same cores; and what mTLS costs the gRPC transport (the same transfers with --insecure).
+SmolLM2-135M, fp32, one compute thread per worker.
 
-Run: .venv/bin/python -m bench.kv_transfer [--quick] [--no-write]   (writes docs/benchmarks.md's KV section)
+Run: .venv/bin/python -m bench.kv_transfer [--quick] [--tls-only] [--no-write]   (writes docs/benchmarks.md's KV
+section; --tls-only measures only gRPC with and without mTLS)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from splitwise.telemetry.jsonl_exporter import read_spans
 MODEL = "smollm2-135m-instruct"
 MB = 1 << 20
 SERIALIZED = str(10**9)  # layer-wise from this many prompt tokens on: never
+PLAINTEXT = "plaintext"
 
 
 def free_port() -> int:
@@ -106,6 +109,7 @@ class Setup:
     transport: str = ""
     layerwise: bool = True
     env: dict = field(default_factory=dict)
+    insecure: bool = False  # no mTLS between the services (and no keys)
 
     @property
     def colocated(self) -> bool:
@@ -122,7 +126,7 @@ def start_cluster(setup: Setup, run_dir: Path) -> Cluster:
     options = UpOptions(model=MODEL, device="cpu", run_dir=run_dir, scheduler_port=free_port(),
                         prompt_port=free_port(), token_port=free_port(), kv_store_port=free_port(),
                         redis_port=free_port(), metrics_port=0, prompt_workers=0 if setup.colocated else 1,
-                        extra_env=env)
+                        extra_env=env, insecure=setup.insecure)
     cluster = Cluster(options)
     cluster.start()
     cluster.wait_healthy()
@@ -137,8 +141,8 @@ class Latency:
     request_id: str
 
 
-async def stream_once(address: str, ids: list[int], max_tokens: int) -> Latency:
-    async with SplitwiseClient(address) as client:
+async def stream_once(address: str, ids: list[int], max_tokens: int, api_key: str = "") -> Latency:
+    async with SplitwiseClient(address, api_key=api_key) as client:
         start = time.perf_counter()
         times, rid = [], ""
         async for chunk in client.stream(token_ids=ids, max_tokens=max_tokens, ignore_eos=True, timeout=600):
@@ -164,6 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes and one repeat, to check the program")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument("--tls-only", action="store_true", help="only the gRPC transport, with mTLS and without")
     args = parser.parse_args()
     repeats = 1 if args.quick else 3
     sizes_mb = [1, 8] if args.quick else [1, 8, 64]
@@ -187,36 +192,60 @@ def main() -> None:
     transfer: dict[tuple[str, int], list[dict]] = {}
     setups = [Setup("colocated")] + [Setup(f"{t} {mode}", t, mode == "layer-wise")
                                      for t in transports for mode in ("layer-wise", "serialized")]
+    setups.append(Setup(f"grpc serialized {PLAINTEXT}", "grpc", False, insecure=True))
+    if args.tls_only:
+        setups = [s for s in setups if s.transport == "grpc" and not s.layerwise]
     with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp:
         for setup in setups:
             run_dir = Path(tmp) / setup.name.replace(" ", "-")
             log(f"{setup.name}: starting a cluster...")
             cluster = start_cluster(setup, run_dir)
             address = cluster.children[-1].address
+            key = cluster.credentials.api_key if cluster.credentials else ""
+            transport = setup.transport + (f" {PLAINTEXT}" if setup.insecure else "")
             try:
-                asyncio.run(stream_once(address, prompt(64, vocab, 0), 2))  # warm-up
+                asyncio.run(stream_once(address, prompt(64, vocab, 0), 2, key))  # warm-up
                 if setup.transport and not setup.layerwise:  # the transport alone: after the prefill
                     for size in sizes_mb:
                         tokens = max(1, round(size * MB / kv_bytes_per_token))
                         for r in range(repeats):
-                            out = asyncio.run(stream_once(address, prompt(tokens, vocab, 1000 + r), 2))
+                            out = asyncio.run(stream_once(address, prompt(tokens, vocab, 1000 + r), 2, key))
                             attrs = transfer_spans(run_dir, out.request_id)
-                            transfer.setdefault((setup.transport, size), []).append(attrs)
-                        best = max(a["kv.bytes"] / a["kv.seconds"] for a in transfer[(setup.transport, size)])
+                            transfer.setdefault((transport, size), []).append(attrs)
+                        best = max(a["kv.bytes"] / a["kv.seconds"] for a in transfer[(transport, size)])
                         log(f"  {size} MB ({tokens} tokens): {best / 1e9:.2f} GB/s")
-                for length in prompt_lengths:
+                for length in prompt_lengths if not (args.tls_only or setup.insecure) else ():
                     for r in range(repeats):
-                        out = asyncio.run(stream_once(address, prompt(length, vocab, r), output_tokens))
+                        out = asyncio.run(stream_once(address, prompt(length, vocab, r), output_tokens, key))
                         latency.setdefault((setup.name, length), []).append(out)
                     med = statistics.median(x.ttft_s for x in latency[(setup.name, length)])
                     log(f"  {length} tokens: TTFT {med * 1e3:.0f} ms")
             finally:
                 cluster.stop()
 
+    if args.tls_only:
+        print(render_tls(transfer, sizes_mb))
+        return
     text = render(rows_bw, transfer, latency, transports, sizes_mb, prompt_lengths, output_tokens)
+    text += "\n" + render_tls(transfer, sizes_mb)
     print(text)
     if not args.no_write:
         write_section("KV transfer", text)
+
+
+def best_gbps(transfer, transport: str, size: int) -> float:
+    runs = transfer.get((transport, size), [])
+    return max(a["kv.bytes"] / a["kv.seconds"] for a in runs) / 1e9 if runs else float("nan")
+
+
+def render_tls(transfer, sizes_mb) -> str:
+    lines = ["What mTLS costs the gRPC KV transport: the same serialized transfers between the same two processes, "
+             f"with the cluster's mTLS (the default) and with `splitwise up --insecure` ({PLAINTEXT}); GB/s, best of "
+             "the repeats.", "", "| KV size | grpc mTLS | grpc plaintext | mTLS / plaintext |", "|---|---|---|---|"]
+    for size in sizes_mb:
+        tls, plain = best_gbps(transfer, "grpc", size), best_gbps(transfer, f"grpc {PLAINTEXT}", size)
+        lines.append(f"| {size} MB | {tls:.2f} | {plain:.2f} | {tls / plain:.0%} |")
+    return "\n".join(lines) + "\n"
 
 
 def render(rows_bw, transfer, latency, transports, sizes_mb, prompt_lengths, output_tokens) -> str:

@@ -79,6 +79,8 @@ class WorkerTransports:
         if MOONCAKE in transports:
             try:
                 mooncake = MooncakeEngine(advertise_host, mooncake_protocol)
+                log.warning("KV transport mooncake: its transfer engine listens on every interface and authenticates "
+                            "no peer, whatever --listen says (README: Security); offer it only on a trusted network")
             except MooncakeUnavailable as e:
                 log.warning("KV transport mooncake left out: %s", e)
                 transports.remove(MOONCAKE)
