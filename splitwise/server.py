@@ -19,18 +19,20 @@ from splitwise.telemetry.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = 64 << 20  # between services (KV chunks); a service's port may take less (start_server)
 MESSAGE_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-# Servers take keepalive pings as often as clients send them (by default they answer pings more often than every
-# 5 minutes without data with GOAWAY "too_many_pings").
-SERVER_OPTIONS = [
-    *MESSAGE_OPTIONS,
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    # Servers take keepalive pings as often as clients send them (by default they answer pings more often than every
+    # 5 minutes without data with GOAWAY "too_many_pings").
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000), ("grpc.http2.max_ping_strikes", 0)]
+
+
 DEFAULT_KEEPALIVE_S = 5.0
 
 
@@ -75,12 +77,14 @@ async def start_server(
     gauges: GaugeSource | None = None,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> GrpcService:
     """Starts serving `servicers` ((add_to_server, servicer) pairs) on `listen`; port 0 picks a free one.
     Also serves Prometheus metrics on `metrics_listen`, where `gauges` reports this service's state.
     With `credentials` the port serves TLS; `interceptors` (authentication) run before the tracing one, so a
-    refused call makes no span."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[*interceptors, *server_interceptors()])
+    refused call makes no span. A message bigger than max_message_bytes is refused by gRPC (RESOURCE_EXHAUSTED)."""
+    server = grpc.aio.server(options=server_options(max_message_bytes),
+                             interceptors=[*interceptors, *server_interceptors()])
     for add_to_server, servicer in servicers:
         add_to_server(servicer, server)
     health = HealthServicer()

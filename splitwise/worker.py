@@ -14,6 +14,7 @@ from splitwise.kv.layout import KVLayout
 from splitwise.kv.staging import remove_stale_segments
 from splitwise.kv.transport import WorkerTransports
 from splitwise.model.weights import load_model
+from splitwise.security.keys import load_cluster_key
 from splitwise.telemetry import metrics
 from splitwise.telemetry.metrics import GaugeSource
 
@@ -76,8 +77,8 @@ def start_kv_transports(config, address: str) -> WorkerTransports:
 
 def start_heartbeat(config, worker_id: str, role: str, address: str, engine: Engine,
                     transports: WorkerTransports) -> Heartbeat:
-    """A heartbeat announcing this worker with its current load."""
-    registry = WorkerRegistry(connect(config.redis_url), ttl_s=config.registry_ttl_s)
+    """A heartbeat announcing this worker with its current load, signed with the cluster key."""
+    registry = WorkerRegistry(connect(config.redis_url), load_cluster_key(config.tls_dir), ttl_s=config.registry_ttl_s)
     loaded = engine.loaded
     blocks = engine.blocks
 

@@ -7,10 +7,12 @@ import os
 import socket
 from dataclasses import dataclass
 
+from grpc_health.v1 import health_pb2
+
 from services.scheduler.cluster_view import ClusterView
 from services.scheduler.dispatch import Dispatcher, KVSettings
 from services.scheduler.server import SchedulerServicer
-from services.scheduler.validation import ModelInfo
+from services.scheduler.validation import MAX_MESSAGE_BYTES, ModelInfo, longest_token_bytes
 from splitwise.channels import ChannelPool
 from splitwise.cluster.journal import RequestJournal
 from splitwise.cluster.kv_index import KVIndex
@@ -50,14 +52,15 @@ class Scheduler:
 def load_model_info(config: SchedulerConfig) -> ModelInfo:
     name, folder = resolve_model(config.model, cache_dir_of(config))
     hf = read_hf_config(folder)
-    return ModelInfo(name, load_tokenizer(folder), hf["max_position_embeddings"], hf["vocab_size"],
-                     frozenset(eos_token_ids(hf, folder)))
+    tokenizer = load_tokenizer(folder)
+    return ModelInfo(name, tokenizer, hf["max_position_embeddings"], hf["vocab_size"],
+                     frozenset(eos_token_ids(hf, folder)), longest_token_bytes(tokenizer))
 
 
 async def start(config: SchedulerConfig) -> Scheduler:
     model = await asyncio.to_thread(load_model_info, config)
     client = connect(config.redis_url)
-    registry = WorkerRegistry(client)
+    registry = WorkerRegistry(client, load_cluster_key(config.tls_dir))  # lists only entries signed with it
     channels = ChannelPool(config.grpc_keepalive_s)
     replica = f"scheduler-{socket.gethostname()}-{os.getpid()}"
     journal = RequestJournal(client, replica, config.request_timeout_s + JOURNAL_SLACK_S)
@@ -71,13 +74,22 @@ async def start(config: SchedulerConfig) -> Scheduler:
     servicer = SchedulerServicer(model, view, dispatcher, config.request_timeout_s, config.max_requests_in_flight,
                                  journal, cluster_key=load_cluster_key(config.tls_dir))
     await view.refresh()
-    refresher = asyncio.create_task(view.refresh_forever(config.registry_refresh_s))
+    name = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
     service = await start_server(
         config.listen,
         [(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer)],
-        [scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name],
+        [name],
         config.metrics_listen, view.gauges,
+        max_message_bytes=MAX_MESSAGE_BYTES,
     )
+
+    async def report_staleness(stale: bool) -> None:
+        # The Scheduler service says NOT_SERVING while this replica's view of the workers is stale: a load balancer
+        # checking it sends clients to a replica that sees the cluster. The process itself ("") stays SERVING.
+        await service.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING if stale
+                                 else health_pb2.HealthCheckResponse.SERVING)
+
+    refresher = asyncio.create_task(view.refresh_forever(config.registry_refresh_s, report_staleness))
     return Scheduler(service, servicer, refresher, channels, bound_address(config.listen, service.port))
 
 

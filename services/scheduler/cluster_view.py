@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Awaitable, Callable
 
 import redis.asyncio as redis
 
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 
 POOLS = ("prompt", "token", "mixed")
 KEEP_TRANSITIONS_SHOWN = 20  # pool transitions ClusterStatus lists
+# The view is stale once this many refresh intervals have passed without a successful read of the registry.
+STALE_AFTER_INTERVALS = 20
+LOG_FAILURES_EVERY_S = 30.0  # while reads fail, one line per this long
 
 
 class ClusterView:
@@ -40,6 +44,8 @@ class ClusterView:
         self.transitions: list[Transition] = []
         self.workers: list[WorkerInfo] = []  # as routing sees them: each in its current pool
         self.in_flight_tokens: dict[str, int] = {}  # sent to each worker by this scheduler, not yet finished
+        self.refreshed_at = time.monotonic()  # the last successful refresh
+        self.stale = False
 
     @keeps_cancellation
     async def refresh(self) -> None:
@@ -60,13 +66,40 @@ class ClusterView:
                 await self.pools.forget(gone)
         self.declared, self.membership = declared, membership
         self.workers = with_pools(declared, membership)
+        self.refreshed_at = time.monotonic()
 
-    async def refresh_forever(self, interval_s: float) -> None:
+    @property
+    def refresh_age_s(self) -> float:
+        return time.monotonic() - self.refreshed_at
+
+    async def refresh_forever(self, interval_s: float,
+                              on_stale: Callable[[bool], Awaitable[None]] | None = None) -> None:
+        """Refreshes every interval whatever a refresh raises, so that the view never freezes for good. When no
+        refresh has succeeded for STALE_AFTER_INTERVALS intervals the view is stale: on_stale(True) is awaited, and
+        on_stale(False) once a refresh succeeds again."""
+        failures_logged_at = float("-inf")
         while True:
             try:
                 await self.refresh()
-            except (redis.RedisError, OSError) as e:
-                log.warning("cannot read the worker registry: %s", e)
+            except Exception as e:
+                if time.monotonic() - failures_logged_at >= LOG_FAILURES_EVERY_S:
+                    failures_logged_at = time.monotonic()
+                    log.warning("cannot refresh the view of the cluster (last success %.1fs ago): %r",
+                                self.refresh_age_s, e, exc_info=not isinstance(e, (redis.RedisError, OSError)))
+            stale = self.refresh_age_s > STALE_AFTER_INTERVALS * interval_s
+            if stale != self.stale:
+                self.stale = stale
+                if stale:
+                    log.error("the view of the cluster is stale: no refresh has succeeded for %.1fs",
+                              self.refresh_age_s)
+                else:
+                    log.info("the view of the cluster is fresh again")
+                    failures_logged_at = float("-inf")
+                if on_stale:
+                    try:
+                        await on_stale(stale)
+                    except Exception:
+                        log.exception("cannot report the view's staleness")
             await asyncio.sleep(interval_s)
 
     def _record_transition(self, change: Transition) -> None:
@@ -121,7 +154,9 @@ class ClusterView:
                 self.in_flight_tokens[worker_id] -= tokens
 
     def gauges(self):
-        """Pool sizes and queued tokens as this scheduler sees the registry, for the metrics endpoint."""
+        """Pool sizes and queued tokens as this scheduler sees the registry, and how old that view is, for the
+        metrics endpoint."""
+        yield "splitwise.registry.refresh_age", self.refresh_age_s, {}
         for pool in POOLS:
             members = [w for w in self.workers if w.role == pool]
             yield "splitwise.pool.workers", len(members), {"splitwise.pool": pool}

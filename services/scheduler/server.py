@@ -55,7 +55,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         try:
             with tracer().start_as_current_span("scheduler.admission") as admission:
                 try:
-                    ids, params = validate(request, self.model)
+                    ids, params = await validate(request, self.model)
                 except InvalidRequest as e:
                     outcome = "invalid"
                     record_error(admission, e)

@@ -2,6 +2,10 @@
 
 A Redis that restarts empty loses nothing for good: the heartbeats fill it again within an interval, and a
 reader meanwhile goes on listing the workers it saw before, so that routing never sees an empty cluster.
+
+Redis is not trusted: every entry is signed with the cluster key over all its fields and its expiry time, and a
+reader lists only entries that verify, have not expired and hold fields of the right types. Anyone who can write
+to Redis without the key can hide workers, but never add one that receives prompts.
 """
 
 from __future__ import annotations
@@ -9,18 +13,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Callable
 
 import redis.asyncio as redis
 
 from splitwise.cluster.aio import keeps_cancellation
+from splitwise.security.keys import sign, verify
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "splitwise:worker:"
 REDIS_TIMEOUT_S = 2.0  # a Redis that does not answer within this long counts as down
+SIGNED_AS = "splitwise.registry.worker.v1"  # what a signature is of: an entry of this kind cannot pass for another
+# A reader takes an entry until its expiry time plus this much, for the clocks of its host and the worker's. A copy
+# of a real entry written again (a replay) is refused once it is this much past the expiry it was signed with.
+MAX_CLOCK_SKEW_S = 5.0
+LOG_SKIPPED_EVERY_S = 60.0  # a bad entry is logged once a minute, not at every read
+MAX_SKIPPED_REMEMBERED = 10_000
 
 
 def connect(redis_url: str) -> redis.Redis:
@@ -49,9 +61,11 @@ class WorkerRegistry:
     """Workers announce themselves here; the scheduler lists them. ttl_s: how long an announcement lasts, and how
     long a reader goes on listing the workers it saw before Redis restarted, while they announce again."""
 
-    def __init__(self, client: redis.Redis, ttl_s: float = 3.0):
+    def __init__(self, client: redis.Redis, cluster_key: bytes, ttl_s: float = 3.0):
         self.client = client
+        self.cluster_key = cluster_key
         self.ttl_s = ttl_s
+        self._skipped_logged_at: dict[tuple[bytes, str], float] = {}  # (key, why) -> monotonic seconds
         self._redis_run_id = ""  # which Redis process answered the last read
         self._listed: list[WorkerInfo] = []
         self._bridged: dict[str, WorkerInfo] = {}  # listed before a Redis restart, not announced since
@@ -60,7 +74,8 @@ class WorkerRegistry:
     @keeps_cancellation
     async def announce(self, info: WorkerInfo) -> None:
         info = replace(info, heartbeat_at=time.time())
-        await self.client.set(KEY_PREFIX + info.worker_id, json.dumps(asdict(info)), px=int(self.ttl_s * 1000))
+        entry = signed_entry(self.cluster_key, asdict(info), info.heartbeat_at + self.ttl_s)
+        await self.client.set(KEY_PREFIX + info.worker_id, entry, px=int(self.ttl_s * 1000))
 
     async def remove(self, worker_id: str) -> None:
         await self.client.delete(KEY_PREFIX + worker_id)
@@ -86,22 +101,81 @@ class WorkerRegistry:
         keys = [key async for key in self.client.scan_iter(match=KEY_PREFIX + "*", count=500)]
         if not keys:
             return []
-        entries = (_parse(key, raw) for key, raw in zip(keys, await self.client.mget(keys)) if raw is not None)
-        return [info for info in entries if info is not None]
+        now = time.time()
+        listed = []
+        for key, raw in zip(keys, await self.client.mget(keys)):
+            if raw is None:  # expired since the scan
+                continue
+            try:
+                listed.append(parse_entry(self.cluster_key, key, raw, now))
+            except BadEntry as e:
+                self._log_skipped(key, str(e))
+        return listed
+
+    def _log_skipped(self, key: bytes | str, why: str) -> None:
+        key = key.encode() if isinstance(key, str) else key
+        now = time.monotonic()
+        if len(self._skipped_logged_at) > MAX_SKIPPED_REMEMBERED:
+            self._skipped_logged_at.clear()
+        if now - self._skipped_logged_at.get((key, why), -math.inf) >= LOG_SKIPPED_EVERY_S:
+            self._skipped_logged_at[(key, why)] = now
+            log.warning("registry entry %s skipped: %s", key.decode(errors="replace"), why)
 
 
-WORKER_FIELDS = frozenset(f.name for f in fields(WorkerInfo))
+class BadEntry(ValueError):
+    """A registry entry that is not a signed, current, well-formed worker entry."""
 
 
-def _parse(key: bytes, raw: bytes) -> WorkerInfo | None:
-    """The entry as a WorkerInfo, leaving out fields this version does not know; None, logged, if it is not one:
-    one bad entry must not keep the scheduler from reading the others."""
+def _canonical(worker: dict, expires_at: float) -> bytes:
+    return json.dumps({"worker": worker, "expires_at": expires_at}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def signed_entry(cluster_key: bytes, worker: dict, expires_at: float) -> bytes:
+    """A registry entry: the worker's fields and the entry's expiry (unix seconds), signed with the cluster key."""
+    signature = sign(cluster_key, SIGNED_AS, _canonical(worker, expires_at))
+    return json.dumps({"worker": worker, "expires_at": expires_at, "signature": signature}).encode()
+
+
+_TYPES = {"str": ((str,), "a string"), "int": ((int,), "an integer >= 0"), "float": ((int, float), "a number >= 0")}
+WORKER_FIELDS = {f.name: (*_TYPES[f.type], f.default is MISSING) for f in fields(WorkerInfo)}
+
+
+def parse_entry(cluster_key: bytes, key: bytes | str, raw: bytes, now: float) -> WorkerInfo:
+    """The entry stored at `key` as a WorkerInfo, leaving out fields this version does not know; BadEntry saying why
+    it is none: one bad entry must not keep the reader from the others, nor reach routing."""
     try:
         entry = json.loads(raw)
-        return WorkerInfo(**{name: value for name, value in entry.items() if name in WORKER_FIELDS})
-    except (ValueError, TypeError, AttributeError) as e:
-        log.warning("registry entry %r is not a worker: %s", key, e)
-        return None
+    except (ValueError, RecursionError) as e:
+        raise BadEntry(f"not JSON ({e})") from e
+    if not isinstance(entry, dict) or not isinstance(entry.get("worker"), dict):
+        raise BadEntry("not a worker entry")
+    worker, expires_at = entry["worker"], entry.get("expires_at")
+    if not _is_number(expires_at) or not verify(cluster_key, entry.get("signature"), SIGNED_AS,
+                                                _canonical(worker, expires_at)):
+        raise BadEntry("unsigned, or not signed with this cluster's key")
+    if expires_at + MAX_CLOCK_SKEW_S < now:
+        raise BadEntry(f"expired {now - expires_at:.1f}s ago (an old entry written again)")
+    values = {}
+    for name, (types, kind, required) in WORKER_FIELDS.items():
+        if name not in worker:
+            if required:
+                raise BadEntry(f"no {name}")
+            continue
+        value = worker[name]
+        if not isinstance(value, types) or isinstance(value, bool) or (_is_number(value) and not 0 <= value < math.inf):
+            raise BadEntry(f"{name} is {value!r}, not {kind}")
+        values[name] = float(value) if float in types else value
+    info = WorkerInfo(**values)
+    key = key.decode(errors="replace") if isinstance(key, bytes) else key
+    if key != KEY_PREFIX + info.worker_id:
+        raise BadEntry(f"the entry of worker {info.worker_id!r}, under another worker's key")
+    if not info.address:
+        raise BadEntry("no address")
+    return info
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class Heartbeat:

@@ -80,6 +80,8 @@ GAUGES = {
     "splitwise.pool.workers": ("{worker}", "Live workers per pool, as the scheduler sees the registry"),
     "splitwise.pool.pending_tokens": ("{token}", "Tokens queued on a pool's workers, as the scheduler sees the registry"),
     "splitwise.kv_store.stored": ("By", "KV bytes the kv_store holds"),
+    "splitwise.registry.refresh_age": ("s", "Time since the scheduler last read the registry and pools successfully: "
+                                            "it grows while its view of the workers is stale"),
 }
 
 

@@ -11,9 +11,12 @@ import pytest
 import redis.asyncio as redis
 
 from splitwise.cluster.redis_server import start_redis
-from splitwise.cluster.registry import KEY_PREFIX, REDIS_TIMEOUT_S, Heartbeat, WorkerInfo, WorkerRegistry, connect
+from splitwise.cluster.registry import (KEY_PREFIX, MAX_CLOCK_SKEW_S, REDIS_TIMEOUT_S, Heartbeat, WorkerInfo,
+                                        WorkerRegistry, connect, signed_entry)
 from splitwise.cluster.routing import NoWorkerAvailable, join_shortest_queue, route
 from tests.conftest import free_port
+
+CLUSTER_KEY = b"the cluster key of these tests"
 
 
 def worker(worker_id: str, role: str, pending: int = 0, capacity: int = 10_000, model: str = "m") -> WorkerInfo:
@@ -25,7 +28,7 @@ def worker(worker_id: str, role: str, pending: int = 0, capacity: int = 10_000, 
 async def registry(redis_url):
     client = redis.Redis.from_url(redis_url)
     await client.flushdb()
-    yield WorkerRegistry(client, ttl_s=1.0)
+    yield WorkerRegistry(client, CLUSTER_KEY, ttl_s=1.0)
     await client.flushdb()
     await client.aclose()
 
@@ -52,18 +55,59 @@ async def test_deregistered_worker_leaves_at_once(registry):
     assert await registry.workers() == []
 
 
+def signed(fields: dict, expires_in_s: float = 10.0, key: bytes = CLUSTER_KEY) -> bytes:
+    return signed_entry(key, fields, time.time() + expires_in_s)
+
+
 async def test_an_entry_that_is_not_a_worker_hides_no_other_and_unknown_fields_are_ignored(registry):
     await registry.announce(worker("p0", "prompt"))
     await registry.client.set(KEY_PREFIX + "junk", b"not json")
-    await registry.client.set(KEY_PREFIX + "t1", json.dumps({**asdict(worker("t1", "token")), "from_the_future": 1}))
+    await registry.client.set(KEY_PREFIX + "t1", signed({**asdict(worker("t1", "token")), "from_the_future": 1}))
     assert [w.worker_id for w in await registry.workers()] == ["p0", "t1"]
+
+
+@pytest.mark.parametrize("change", [
+    {"pending_tokens": "x"}, {"address": 5}, {"address": ""}, {"role": None}, {"kv_used_tokens": -1},
+    {"active_requests": True}, {"heartbeat_at": float("nan")}, {"kv_capacity_tokens": 1.5}, {"worker_id": "t9"},
+], ids=lambda change: ",".join(f"{k}={v!r}" for k, v in change.items()))
+async def test_a_signed_entry_with_a_field_of_the_wrong_type_or_range_is_skipped(registry, change):
+    await registry.announce(worker("p0", "prompt"))
+    await registry.client.set(KEY_PREFIX + "t1", signed({**asdict(worker("t1", "token")), **change}))
+    assert [w.worker_id for w in await registry.workers()] == ["p0"]
+
+
+async def test_a_signed_entry_missing_a_field_without_a_default_is_skipped(registry):
+    fields = asdict(worker("t1", "token"))
+    del fields["model_fingerprint"]
+    await registry.client.set(KEY_PREFIX + "t1", signed(fields))
+    await registry.client.set(KEY_PREFIX + "t2", signed({"worker_id": "t2"}))
+    await registry.client.set(KEY_PREFIX + "t3", b'["a list"]')
+    assert await registry.workers() == []
+
+
+async def test_an_unsigned_entry_or_one_signed_with_another_key_is_not_listed(registry):
+    await registry.announce(worker("p0", "prompt"))
+    fake = asdict(worker("t1", "token"))
+    await registry.client.set(KEY_PREFIX + "t1", json.dumps(fake))
+    await registry.client.set(KEY_PREFIX + "t2", signed({**fake, "worker_id": "t2"}, key=b"another cluster's key"))
+    tampered = json.loads(signed({**fake, "worker_id": "t3"}))
+    tampered["worker"]["address"] = "attacker:1"
+    await registry.client.set(KEY_PREFIX + "t3", json.dumps(tampered))
+    assert [w.worker_id for w in await registry.workers()] == ["p0"]
+
+
+async def test_a_copy_of_an_old_entry_written_again_is_not_listed(registry):
+    await registry.client.set(KEY_PREFIX + "t1", signed(asdict(worker("t1", "token")),
+                                                        expires_in_s=-MAX_CLOCK_SKEW_S - 1))
+    await registry.client.set(KEY_PREFIX + "t2", signed(asdict(worker("t2", "token")), expires_in_s=1))
+    assert [w.worker_id for w in await registry.workers()] == ["t2"]
 
 
 async def test_after_redis_restarts_empty_a_reader_lists_the_workers_it_saw_until_they_announce_or_one_ttl_passes():
     port = free_port()
     server = start_redis(port)
     client = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
-    registry = WorkerRegistry(client, ttl_s=1.0)
+    registry = WorkerRegistry(client, CLUSTER_KEY, ttl_s=1.0)
     try:
         for info in (worker("p0", "prompt"), worker("t0", "token"), worker("t1", "token")):
             await registry.announce(info)
@@ -93,7 +137,7 @@ async def test_after_redis_restarts_empty_a_reader_lists_the_workers_it_saw_unti
 async def test_a_redis_that_hangs_fails_registry_calls_after_the_timeout_instead_of_holding_them():
     port = free_port()
     server = start_redis(port)
-    registry = WorkerRegistry(connect(f"redis://127.0.0.1:{port}/0"))
+    registry = WorkerRegistry(connect(f"redis://127.0.0.1:{port}/0"), CLUSTER_KEY)
     try:
         await registry.announce(worker("p0", "prompt"))
         os.kill(server.pid, signal.SIGSTOP)  # connections stay open; nothing answers

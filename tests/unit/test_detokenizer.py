@@ -68,7 +68,7 @@ def test_a_run_of_tokens_that_decode_to_nothing_is_not_decoded_again_and_again(t
     for _ in range(2000):
         assert detok.add([eos]).text == ""
     assert detok.add(tokenizer.encode("done", add_special_tokens=False), final=True).text == "done"
-    assert counting.decoded_tokens <= 3 * (MAX_PENDING_TOKENS + 1) * 2010  # the whole output at every token: 2010**2 / 2
+    assert counting.decoded_tokens <= 3 * (MAX_PENDING_TOKENS + 1) * 2010  # the whole output each time: 2010**2 / 2
 
 
 def test_stop_matching_looks_at_each_new_character_and_the_tail_before_it_only():
