@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import grpc
 
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from splitwise.security.keys import ADMIN_KEY_FILE, API_KEY_FILE, configured_key
 from splitwise.server import DEFAULT_KEEPALIVE_S, channel_options
 from splitwise.telemetry.tracing import client_interceptors
 
@@ -101,16 +104,31 @@ class SplitwiseClient:
     (`continue_after_token_ids`, with the resume token of the stream's first chunk) and streams only what follows;
     with `continue_streams=False` its error is raised instead. Each replica is tried at most once per call. A
     replica that stops answering keepalive pings for `keepalive_s` (a host gone without closing its connections)
-    counts as gone."""
+    counts as gone.
+
+    Keys: `api_key` for Generate, `admin_key` for ClusterStatus; by default SPLITWISE_API_KEY and
+    SPLITWISE_ADMIN_KEY, else the files a local `splitwise up` wrote in .splitwise/. `tls_ca` (a PEM file, by default
+    SPLITWISE_TLS_CA) makes the channels TLS, verifying the scheduler's certificate against that CA."""
 
     def __init__(self, address: str | Sequence[str] = DEFAULT_ADDRESS, continue_streams: bool = True,
-                 keepalive_s: float = DEFAULT_KEEPALIVE_S):
+                 keepalive_s: float = DEFAULT_KEEPALIVE_S, api_key: str | None = None, admin_key: str | None = None,
+                 tls_ca: str | None = None):
         self.addresses = parse_addresses(address)
         self.continue_streams = continue_streams
+        api_key = configured_key("SPLITWISE_API_KEY", API_KEY_FILE) if api_key is None else api_key
+        admin_key = configured_key("SPLITWISE_ADMIN_KEY", ADMIN_KEY_FILE) if admin_key is None else admin_key
+        self.api_metadata = _bearer(api_key or admin_key)
+        self.admin_metadata = _bearer(admin_key)
+        tls_ca = os.environ.get("SPLITWISE_TLS_CA", "") if tls_ca is None else tls_ca
         # With a tracer provider set up in the caller's process, each call is a CLIENT span, parent of the cluster's.
         options = channel_options(keepalive_s)
-        self.channels = [grpc.aio.insecure_channel(a, options=options, interceptors=client_interceptors())
-                         for a in self.addresses]
+        if tls_ca:
+            credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes())
+            self.channels = [grpc.aio.secure_channel(a, credentials, options=options,
+                                                     interceptors=client_interceptors()) for a in self.addresses]
+        else:
+            self.channels = [grpc.aio.insecure_channel(a, options=options, interceptors=client_interceptors())
+                             for a in self.addresses]
         self.stubs = [scheduler_pb2_grpc.SchedulerStub(c) for c in self.channels]
         self.current = 0  # the replica calls go to first
 
@@ -149,7 +167,7 @@ class SplitwiseClient:
         replicas = self._replicas()
         received: list[int] = []  # output tokens so far, over every replica
         for index in replicas:
-            call = self.stubs[index].Generate(request, timeout=_remaining(deadline))
+            call = self.stubs[index].Generate(request, timeout=_remaining(deadline), metadata=self.api_metadata)
             try:
                 async for r in call:
                     received += r.token_ids
@@ -189,8 +207,8 @@ class SplitwiseClient:
 
     async def cluster_status(self, timeout: float = 10.0) -> scheduler_pb2.ClusterStatusResponse:
         """The cluster as the first replica that answers sees it."""
-        return await self._unary(lambda stub, t: stub.ClusterStatus(scheduler_pb2.ClusterStatusRequest(), timeout=t),
-                                 timeout)
+        return await self._unary(lambda stub, t: stub.ClusterStatus(scheduler_pb2.ClusterStatusRequest(), timeout=t,
+                                                                    metadata=self.admin_metadata), timeout)
 
     async def _unary(self, call: Callable[[scheduler_pb2_grpc.SchedulerStub, float | None], Awaitable[T]],
                      timeout: float | None) -> T:
@@ -202,6 +220,10 @@ class SplitwiseClient:
             except grpc.aio.AioRpcError as e:
                 if not self._moved_on(index, e) or index == replicas[-1]:
                     raise
+
+
+def _bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),) if key else ()
 
 
 def _remaining(deadline: float | None) -> float | None:
