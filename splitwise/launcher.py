@@ -288,9 +288,9 @@ class Cluster:
         if self.redis is not None:
             services.insert(0, Supervised("redis", f"{self.o.host}:{self.o.redis_port}", lambda: self.redis,
                                           self.start_redis))
-        return Supervisor(services, self.o.restart_policy, self.o.run_dir, self._why_nothing_serves)
+        return Supervisor(services, self.o.restart_policy, self.o.run_dir, self.why_nothing_serves)
 
-    def _why_nothing_serves(self, given_up: set[str]) -> str | None:
+    def why_nothing_serves(self, given_up: set[str]) -> str | None:
         """Why the cluster cannot serve without the services given up on, or None while it can."""
         def left(*kinds: str) -> list[Child]:
             return [c for c in self.children if c.name.split("-")[0] in kinds and c.name not in given_up]
@@ -307,12 +307,6 @@ class Cluster:
 
     def dead_child(self) -> Child | None:
         return next((c for c in self.children if c.proc.poll() is not None), None)
-
-    def lost_service(self) -> Child | None:
-        """A dead child the cluster cannot do without: any service but a scheduler replica with a live sibling."""
-        live_schedulers = [c for c in self.schedulers if c.proc.poll() is None]
-        return next((c for c in self.children if c.proc.poll() is not None
-                     and (c not in self.schedulers or not live_schedulers)), None)
 
     def wait_healthy(self, supervisor: Supervisor | None = None) -> None:
         """Waits for every service's gRPC health check, then for every scheduler replica to see all workers; fails

@@ -89,3 +89,27 @@ def test_a_running_service_is_not_restarted(tmp_path):
     finally:
         sleeper.proc.kill()
         sleeper.proc.wait()
+
+
+@pytest.mark.parametrize("given_up, reason", [
+    ({"scheduler-0"}, None), ({"token_worker-1", "kv_store"}, None), ({"prompt_worker-0"}, None),
+    ({"redis"}, "its Redis is gone"), ({"scheduler-0", "scheduler-1"}, "no scheduler replica is left"),
+    ({"token_worker-0", "token_worker-1", "mixed_worker-0"}, "no worker is left for the token phase"),
+    ({"prompt_worker-0", "mixed_worker-0"}, "no worker is left for the prompt phase"),
+])
+def test_the_cluster_serves_on_while_each_phase_keeps_a_worker_and_a_scheduler_is_left(given_up, reason):
+    cluster = Cluster(UpOptions(model="tiny-llama"))
+    cluster.children = [Child(name, None, None) for name in (
+        "kv_store", "prompt_worker-0", "token_worker-0", "token_worker-1", "mixed_worker-0", "scheduler-0",
+        "scheduler-1")]
+    why = cluster.why_nothing_serves(given_up)
+    assert (why if why is None else why.split(": ", 1)[1]) == reason
+    if why:
+        assert why.startswith(f"{', '.join(sorted(given_up))} kept exiting")
+
+
+def test_relay_mode_cannot_serve_without_its_kv_store():
+    cluster = Cluster(UpOptions(model="tiny-llama", kv_transfer="relay"))
+    cluster.children = [Child(name, None, None) for name in ("kv_store", "prompt_worker-0", "token_worker-0",
+                                                             "scheduler")]
+    assert cluster.why_nothing_serves({"kv_store"}).endswith("relay mode needs the kv_store")
