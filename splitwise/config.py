@@ -185,6 +185,7 @@ class KVStoreConfig:
     ttl_s: float = option(300.0, "SPLITWISE_KV_STORE_TTL_S", "how long a stored transfer is kept")
     max_bytes: int = option(4 << 30, "SPLITWISE_KV_STORE_MAX_BYTES", "refuse new transfers beyond this many bytes held")
     get_wait_s: float = option(30.0, "SPLITWISE_KV_STORE_GET_WAIT_S", "default wait for a transfer that has not arrived")
+    kv_progress_timeout_s: float = option(30.0, "SPLITWISE_KV_PROGRESS_TIMEOUT_S", "a KV transfer that makes no progress this long fails (waiting for compute does not count)")
     tls_dir: str = option("", "SPLITWISE_TLS_DIR", "folder of the cluster CA, this service's certificate and key, and the cluster key (made by `splitwise certs`): mTLS between services; required unless --insecure")
     insecure: bool = option(False, "SPLITWISE_INSECURE", "run without TLS and cluster authentication (anyone who reaches a port is trusted): for debugging only")
     trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")

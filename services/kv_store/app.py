@@ -41,7 +41,8 @@ async def start(config: KVStoreConfig) -> KVStore:
     tls = cluster_tls(config.tls_dir, config.insecure, "kv_store")
     client = redis.Redis.from_url(config.redis_url, socket_timeout=INDEX_TIMEOUT_S,
                                   socket_connect_timeout=INDEX_TIMEOUT_S)
-    servicer = KVStoreServicer(config.ttl_s, config.max_bytes, config.get_wait_s, KVIndex(client))
+    servicer = KVStoreServicer(config.ttl_s, config.max_bytes, config.get_wait_s, KVIndex(client),
+                               progress_timeout_s=config.kv_progress_timeout_s)
     service = await start_server(
         config.listen,
         [(kv_store_pb2_grpc.add_KVStoreServicer_to_server, servicer)],

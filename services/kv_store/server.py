@@ -22,8 +22,6 @@ T = TypeVar("T")
 # A header holds a request id, a layout, a hash and a transport name: far less than this. A bigger one is refused
 # before it is stored (it would be held, and counted, as long as its KV).
 MAX_HEADER_BYTES = 16 << 10
-# A Put that sends nothing this long is dropped (as the workers' SPLITWISE_KV_PROGRESS_TIMEOUT_S).
-PUT_PROGRESS_TIMEOUT_S = 30.0
 
 
 class TransferRefused(Exception):
@@ -66,8 +64,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
     bytes held past max_bytes are refused before they are stored; a Put that sends nothing for progress_timeout_s,
     or has not committed within ttl_s, is dropped, its bytes released, and the Gets waiting on it fail."""
 
-    def __init__(self, ttl_s: float, max_bytes: int, get_wait_s: float, index: KVIndex, address: str = "",
-                 progress_timeout_s: float = PUT_PROGRESS_TIMEOUT_S):
+    def __init__(self, ttl_s: float, max_bytes: int, get_wait_s: float, index: KVIndex, address: str = "", *,
+                 progress_timeout_s: float):
         if ttl_s <= 0:
             raise ValueError(f"kv_store ttl_s must be positive, got {ttl_s}")
         self.ttl_s = ttl_s

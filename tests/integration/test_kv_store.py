@@ -306,9 +306,19 @@ async def _stalling(messages, stop: asyncio.Event, every_s: float = 0.0):
     await stop.wait()
 
 
-async def test_a_stalled_put_is_dropped_its_bytes_released_and_its_waiting_get_fails(kv_store, kv_store_stub):
+@pytest.fixture
+async def impatient_kv_store_stub(redis_url):
+    """A kv_store that drops a Put after half a second without progress, and a stub to it."""
+    store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=redis_url,
+                                                   tls_dir=str(tls_dir()), kv_progress_timeout_s=0.5))
+    async with peer_channel(store.address, "prompt_worker") as channel:
+        yield store, kv_store_pb2_grpc.KVStoreStub(channel)
+    await store.stop(grace_s=1.0)
+
+
+async def test_a_stalled_put_is_dropped_its_bytes_released_and_its_waiting_get_fails(impatient_kv_store_stub):
+    kv_store, kv_store_stub = impatient_kv_store_stub
     servicer = kv_store.servicer
-    servicer.progress_timeout_s = 0.5
     stop = asyncio.Event()
     put = asyncio.ensure_future(kv_store_stub.Put(_stalling(transfer("stalls", num_chunks=4)[:3], stop)))
     while "stalls" not in servicer.transfers or servicer.transfers["stalls"].num_chunks < 2:
