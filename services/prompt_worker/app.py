@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from services.prompt_worker.server import PromptWorkerServicer
 from services.token_worker.server import TokenWorkerServicer
 from splitwise.channels import ChannelPool
+from splitwise.cluster.known_peers import KnownPeers
 from splitwise.cluster.registry import Heartbeat
 from splitwise.config import PromptWorkerConfig, parse_config
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
@@ -68,6 +69,7 @@ async def start(config: PromptWorkerConfig) -> PromptWorker:
     except ConnectionError:
         await service.stop(0)
         raise
+    servicer.known_peers = KnownPeers(heartbeat.registry)
     return PromptWorker(service, servicer, heartbeat, channels, address, token_servicer)
 
 

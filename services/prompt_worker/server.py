@@ -8,6 +8,7 @@ import time
 
 import grpc
 
+from splitwise.cluster.known_peers import KnownPeers
 from splitwise.channels import ChannelPool
 from splitwise.engine.block_manager import KVCapacityError
 from splitwise.engine.llm_engine import Engine, Finished, RequestFailed, RequestHandle
@@ -43,6 +44,7 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         self.transports = WorkerTransports()  # until the worker knows its address: gRPC only
         self.draining = False
         self.keeping: set[asyncio.Task] = set()  # KV copies on their way to the kv_store
+        self.known_peers: KnownPeers | None = None  # set once registered: KV goes only to registered workers
 
     def _validate(self, request: worker_pb2.PrefillRequest):
         ids = list(request.prompt_token_ids)
@@ -73,12 +75,16 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             if problem:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"the KV receiver cannot take this worker's KV: {problem}")
+        target = request.kv_target
+        if (target.kind != worker_pb2.KVTarget.KIND_KV_STORE and self.known_peers is not None
+                and not await self.known_peers.knows(target.address)):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"kv_target {target.address} is not a registered worker: KV goes to none other")
         ids, params = parsed
         rid = request.request_id
         span = rpc_span()
         span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
                              "kv.target": request.kv_target.address})
-        target = request.kv_target
         writer = None
         if target.kind != worker_pb2.KVTarget.KIND_KV_STORE and target.HasField("offer"):
             writer = self.transports.writer(convert.offer_from_pb(target.offer),

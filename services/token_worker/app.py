@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from services.prompt_worker.server import PromptWorkerServicer
 from services.token_worker.server import TokenWorkerServicer
 from splitwise.channels import ChannelPool
+from splitwise.cluster.known_peers import KnownPeers
 from splitwise.cluster.registry import Heartbeat
 from splitwise.config import TokenWorkerConfig, parse_config
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
@@ -70,6 +71,7 @@ async def start(config: TokenWorkerConfig) -> TokenWorker:
     except ConnectionError:
         await service.stop(0)
         raise
+    prompt.known_peers = KnownPeers(heartbeat.registry)
     return TokenWorker(service, servicer, heartbeat, channels, address, prompt)
 
 

@@ -200,3 +200,18 @@ def test_redis_refuses_clients_without_its_password(redis_url):
     with pytest.raises((redis.AuthenticationError, redis.ResponseError)):
         anonymous.set("splitwise:worker:fake", "{}")
     assert redis.Redis.from_url(redis_url).ping()
+
+
+async def test_a_prompt_worker_pushes_kv_only_to_registered_workers(cluster):
+    """Even a scheduler identity cannot make a prompt worker connect to a host:port of its choosing."""
+    async with security.peer_channel(cluster.prompt_worker.address, "scheduler") as channel:
+        prefill = worker_pb2_grpc.PromptWorkerStub(channel).Prefill(worker_pb2.PrefillRequest(
+            request_id="forged-target", prompt_token_ids=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=2),
+            kv_target=worker_pb2.KVTarget(address="127.0.0.1:9", kind=worker_pb2.KVTarget.KIND_TOKEN_WORKER)), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await prefill.read()
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "not a registered worker" in error.value.details()
+    await assert_no_kv_held(cluster)
+    async with SplitwiseClient(cluster.address) as client:  # the registered token worker still gets its KV
+        assert len((await client.generate(prompt="still fine", max_tokens=3, ignore_eos=True, timeout=60)).token_ids) == 3
