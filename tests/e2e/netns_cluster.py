@@ -4,6 +4,7 @@ prompt host's link rate-limited so the KV cache it ships takes about a second to
 
 from __future__ import annotations
 
+import secrets
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from splitwise.cluster.redis_server import start_redis
 from splitwise.launcher import serving
 from splitwise.model.weights import resolve_model
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
+from tests import security
 from tests.conftest import free_port
 from tests.e2e.netns import Host, Lan, NetnsError, unavailable_reason
 
@@ -126,7 +128,7 @@ def registered_workers(scheduler_address: str) -> int:
     try:
         with grpc.insecure_channel(scheduler_address) as channel:
             status = scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(scheduler_pb2.ClusterStatusRequest(),
-                                                                             timeout=2)
+                                                                             timeout=2, metadata=security.bearer(security.ADMIN_KEY))
         return len(status.workers)
     except grpc.RpcError:
         return 0
@@ -142,7 +144,8 @@ def wait_until_ready(cluster: NetnsCluster) -> None:
             pytest.fail(f"{dead[0].name} exited during startup:\n{cluster.logs()}")
         if time.monotonic() > deadline:
             pytest.fail(f"cluster not ready within {STARTUP_TIMEOUT_S:.0f}s:\n{cluster.logs()}")
-        pending = [s for s in pending if not serving(s.address)]
+        pending = [s for s in pending
+                   if not serving(s.address, None if s.name == "scheduler" else security.identity("admin"))]
         time.sleep(0.2)
 
 
@@ -152,9 +155,11 @@ def running_cluster(lan: Lan, run_dir: Path, cache_dir: Path, env: dict[str, str
     stopped afterwards."""
     resolve_model(MODEL, cache_dir)  # build it once here, not three times in parallel
     redis_port = free_port()
-    redis = start_redis(redis_port, lan.gateway)
+    password = secrets.token_hex(8)
+    redis = start_redis(redis_port, lan.gateway, password=password)
     common = {"SPLITWISE_MODEL": MODEL, "SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_DEVICE": "cpu",
-              "SPLITWISE_NUM_THREADS": "1", "SPLITWISE_REDIS_URL": f"redis://{lan.gateway}:{redis_port}/0",
+              "SPLITWISE_NUM_THREADS": "1", "SPLITWISE_REDIS_URL": f"redis://:{password}@{lan.gateway}:{redis_port}/0",
+              "SPLITWISE_TLS_DIR": str(security.tls_dir()),
               "SPLITWISE_KV_KEEP": "false",  # no kv_store runs on this LAN
               **env}
     services: list[Service] = []
