@@ -15,17 +15,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.scheduler.cluster_view import STALE_AFTER_INTERVALS
+from services.scheduler.validation import (MAX_INPUT_BYTES, MAX_MESSAGE_BYTES, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+                                          NORMALIZER_SHRINK)
 from services.token_worker import app as token_app
+from splitwise.client import SplitwiseClient
 from splitwise.cluster.pools import TRANSITIONS_KEY
 from splitwise.cluster.registry import KEY_PREFIX, signed_entry
 from splitwise.config import TokenWorkerConfig
 from splitwise.security.keys import load_cluster_key
 from tests import security
-from tests.integration.cluster import METRICS_LISTEN
-from services.scheduler.validation import (MAX_INPUT_BYTES, MAX_MESSAGE_BYTES, MAX_STOP_CHARS, MAX_STOP_STRINGS,
-                                          NORMALIZER_SHRINK)
-from splitwise.client import SplitwiseClient
-from tests.integration.cluster import local_cluster, wait_for_workers
+from tests.integration.cluster import METRICS_LISTEN, local_cluster, wait_for_workers
 
 HUGE_PROMPT = "x" * (4 << 20)
 REFRESH_S = 0.05
@@ -164,7 +163,8 @@ async def test_bad_registry_entries_are_skipped_and_a_worker_registering_afterwa
                 break
             await asyncio.sleep(REFRESH_S)
         assert await listed_workers(client) == before | {"token-late"}
-        assert (await client.generate(prompt="Hello there", max_tokens=4, timeout=60)).completion_tokens == 4
+        out = await client.generate(prompt="Hello there", max_tokens=4, ignore_eos=True, timeout=60)
+        assert out.completion_tokens == 4
     finally:
         await late.stop(grace_s=1.0)
         await store.delete(*(KEY_PREFIX + name for name in entries))
@@ -190,7 +190,8 @@ async def wait_for_health(cluster, status: int) -> None:
         if await scheduler_health(cluster) == status:
             return
         await asyncio.sleep(REFRESH_S)
-    raise AssertionError(f"the scheduler's health did not become {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    raise AssertionError(f"the scheduler's health did not become {name}")
 
 
 async def test_a_view_that_cannot_be_refreshed_is_reported_stale_and_recovers_once_it_can(cluster, client, store):
@@ -199,7 +200,8 @@ async def test_a_view_that_cannot_be_refreshed_is_reported_stale_and_recovers_on
         await wait_for_health(cluster, health_pb2.HealthCheckResponse.NOT_SERVING)
         assert refresh_age_s(cluster) > STALE_AFTER_INTERVALS * REFRESH_S
         assert len(await listed_workers(client)) == 2  # the last view still serves
-        assert (await client.generate(prompt="Hello there", max_tokens=4, timeout=60)).completion_tokens == 4
+        out = await client.generate(prompt="Hello there", max_tokens=4, ignore_eos=True, timeout=60)
+        assert out.completion_tokens == 4
     finally:
         await store.lrem(TRANSITIONS_KEY, 0, b"not a transition")
     await wait_for_health(cluster, health_pb2.HealthCheckResponse.SERVING)

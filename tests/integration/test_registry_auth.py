@@ -81,7 +81,8 @@ async def test_forged_worker_entries_are_never_routed_to_and_every_real_request_
     try:
         await cluster.scheduler.servicer.view.refresh()  # the scheduler has read them
         async with SplitwiseClient(cluster.address, continue_streams=False) as client:
-            outs = await asyncio.gather(*(client.generate(prompt=p, max_tokens=4, ignore_eos=True, timeout=60) for p in PROMPTS))
+            outs = await asyncio.gather(*(client.generate(prompt=p, max_tokens=4, ignore_eos=True, timeout=60)
+                                          for p in PROMPTS))
             listed = {w.worker_id for w in (await client.cluster_status()).workers}
         assert [out.completion_tokens for out in outs] == [4] * len(PROMPTS)
         assert listed == {cluster.prompt_worker.heartbeat.describe().worker_id,
