@@ -1,4 +1,4 @@
-"""The KVStore servicer: relays KV transfers by request id and kv_hash, keeps each for a TTL and lists it in the KV index."""
+"""The KVStore servicer: relays KV transfers by request id and kv_hash, keeps each for a TTL, lists it in the KV index."""
 
 from __future__ import annotations
 
@@ -201,7 +201,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         if rid not in self.transfers:
             holder = await self._holder_elsewhere(rid, request.kv_hash)
             if holder:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"KV of request {rid!r} is held by the kv_store at {holder}")
+                await context.abort(grpc.StatusCode.NOT_FOUND,
+                                    f"KV of request {rid!r} is held by the kv_store at {holder}")
         # KV held under this id but of other tokens is another request's: waited past, as if absent.
         transfer = await self._wait_for(rid, request.kv_hash, wait_s)
         if transfer is None:

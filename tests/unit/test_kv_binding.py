@@ -23,7 +23,7 @@ def test_the_kv_hash_changes_with_any_token_and_any_part_of_the_layout():
                          ("model_fingerprint", "abd")):
         hashes.add(kv_hash(dataclasses.replace(LAYOUT, **{field: value}), PROMPT))
     assert len(hashes) == 10
-    assert kv_hash(KVLayout(**dataclasses.asdict(LAYOUT)), tuple(PROMPT)) == kv_hash(LAYOUT, PROMPT)  # equal parts, equal hash
+    assert kv_hash(KVLayout(**dataclasses.asdict(LAYOUT)), tuple(PROMPT)) == kv_hash(LAYOUT, PROMPT)
 
 
 def transfer(header_hash: str) -> list[common_pb2.KVTransferMessage]:
