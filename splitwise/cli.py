@@ -26,7 +26,7 @@ async def _generate(args) -> int:
     else:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         kwargs = {"messages": [*messages, {"role": "user", "content": args.prompt}]}
-    async with SplitwiseClient(_address(args)) as client:
+    async with SplitwiseClient(_address(args), api_key=args.api_key or None, tls_ca=args.tls_ca or None) as client:
         start = time.perf_counter()
         first = None
         last = None
@@ -59,8 +59,8 @@ async def _status(args) -> int:
     from splitwise.supervision import format_state, read_state
 
     run_dir = Path(args.run_dir)
-    admin_key = configured_key("SPLITWISE_ADMIN_KEY", ADMIN_KEY_FILE, str(run_dir))
-    async with SplitwiseClient(_address(args), admin_key=admin_key or None) as client:
+    admin_key = args.admin_key or configured_key("SPLITWISE_ADMIN_KEY", ADMIN_KEY_FILE, str(run_dir))
+    async with SplitwiseClient(_address(args), admin_key=admin_key or None, tls_ca=args.tls_ca or None) as client:
         while True:
             try:
                 status = await client.cluster_status()
@@ -208,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--address", default="", help="scheduler address, or replicas' addresses comma-separated "
                      f"(tried in turn) [SPLITWISE_ADDRESS] (default {DEFAULT_ADDRESS})")
+    gen.add_argument("--api-key", default="", help="the API key (default: SPLITWISE_API_KEY, else .splitwise/api-key "
+                     "of a local splitwise up)")
+    gen.add_argument("--tls-ca", default="", help="the scheduler serves TLS: verify it with this CA file "
+                     "(default: SPLITWISE_TLS_CA)")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     gen.add_argument("--system", default="", help="system message")
     gen.add_argument("--max-tokens", type=int, default=256)
@@ -223,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="print the cluster's workers and load")
     status.add_argument("--address", default="", help="as generate's")
+    status.add_argument("--admin-key", default="", help="the scheduler's admin key (default: SPLITWISE_ADMIN_KEY, "
+                        "else .splitwise/admin-key of a local splitwise up)")
+    status.add_argument("--tls-ca", default="", help="as generate's")
     status.add_argument("--watch", type=float, default=0, metavar="SECONDS",
                         help="refresh every SECONDS until interrupted (pools and transitions live)")
     status.add_argument("--run-dir", default=".splitwise",
