@@ -297,10 +297,19 @@ class Engine:
                     self._in_flight = set()
                 continue
             if self.on_step is not None:
-                self.on_step(record)
+                try:
+                    self.on_step(record)
+                except Exception:  # telemetry never stops the engine
+                    log.exception("engine step observer failed")
             with self._cond:
                 self.scheduler.step_finished(batch)
-                self._postprocess(batch, results)
+                try:
+                    self._postprocess(batch, results)
+                except Exception as e:  # the engine thread must live on: every other request waits on it
+                    log.exception("engine step bookkeeping failed")
+                    for seq in batch.seqs:
+                        if not seq.finished:
+                            self._fail(seq, e)
                 self._in_flight = set()
 
     def _postprocess(self, batch: ScheduledBatch, results: list[SampledToken | Exception | None]) -> None:

@@ -283,6 +283,26 @@ async def test_an_engine_step_that_fails_ends_its_requests_with_a_plain_reason_a
         engine.stop()
 
 
+async def test_a_failing_step_observer_or_step_bookkeeping_never_stops_the_engine(tiny, monkeypatch):
+    loaded, _ = tiny
+    engine = make_engine(loaded)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    try:
+        engine.on_step = lambda record: 1 / 0
+        out, _ = await asyncio.wait_for(collect(engine.submit("observed", [5, 6, 7], params)), 30)
+        assert len(out) == 4
+        postprocess = engine._postprocess
+        monkeypatch.setattr(engine, "_postprocess", lambda batch, results: [][0])
+        with pytest.raises(RequestFailed):
+            await asyncio.wait_for(collect(engine.submit("lost", [5, 6, 7], params)), 30)
+        monkeypatch.setattr(engine, "_postprocess", postprocess)
+        out, _ = await asyncio.wait_for(collect(engine.submit("next", [5, 6, 7], params)), 30)
+        assert len(out) == 4
+        assert engine.blocks.num_free == engine.blocks.num_blocks and engine.num_requests == 0
+    finally:
+        engine.stop()
+
+
 async def test_requests_that_can_never_fit_are_refused_up_front(tiny):
     loaded, _ = tiny
     engine = make_engine(loaded, kv_tokens=64)
