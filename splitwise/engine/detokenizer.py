@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-# New tokens decoded together at most while their text is undecided (it ends in an incomplete UTF-8 sequence, or
-# they decode to nothing yet); past that it is taken as it is, replacement characters included, so that a model
-# emitting invalid bytes or a run of special tokens costs no more.
+# New tokens that decode to nothing (special tokens) are decoded again with the next ones at most this many times.
 MAX_PENDING_TOKENS = 8
 INCOMPLETE = "\ufffd"
 
@@ -35,17 +33,18 @@ class StopMatcher:
         """Characters at the end of the text that may be the beginning of a stop string."""
         return max((len(s) - 1 for s in self.stop), default=0)
 
-    def find(self, text: str) -> int | None:
-        """Where the earliest stop string in `text` starts, or None; `text` only ever grows between calls."""
-        start = max(0, self.searched_chars - self.hold_chars)
-        self.searched_chars = len(text)
+    def find(self, text: str, text_at: int = 0) -> int | None:
+        """Where the earliest stop string starts in the growing text, or None. `text` is its end from offset
+        `text_at` on, at least the hold_chars before what an earlier call saw."""
+        start = max(0, self.searched_chars - self.hold_chars - text_at)
+        self.searched_chars = text_at + len(text)
         found = None
         for stop in self.stop:
             self.scanned_chars += len(text) - start
             at = text.find(stop, start, None if found is None else found + len(stop))
             if at != -1 and (found is None or at < found):
                 found = at
-        return found
+        return None if found is None else text_at + found
 
 
 @dataclass
@@ -59,10 +58,12 @@ class Detokenizer:
     tokenizer: object
     stop: Sequence[str] = ()
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far
     emitted_chars: int = 0
+    _recent: str = ""  # the text from _recent_at on: what is held back, and the tail a stop string may start in
+    _recent_at: int = 0
     _prefix_at: int = 0  # tokens [_prefix_at, _read_at) are decoded again with the new ones, for their context
-    _read_at: int = 0  # tokens before this are in `text`
+    _read_at: int = 0  # tokens before this are in the text
+    _taken_chars: int = 0  # whole characters of the text of tokens [_read_at, ...) taken already
     _matcher: StopMatcher = field(init=False)
 
     def __post_init__(self):
@@ -70,13 +71,14 @@ class Detokenizer:
 
     def add(self, token_ids: Sequence[int], final: bool = False) -> TextDelta:
         self.token_ids.extend(token_ids)
-        self._decode_new(final)
-        at = self._matcher.find(self.text)
+        self._recent += self._decode_new(final)
+        end = self._recent_at + len(self._recent)
+        at = self._matcher.find(self._recent, self._recent_at)
         if at is not None:
             return self._emit(at, stopped=True)
         if final:
-            return self._emit(len(self.text), stopped=False)
-        return self._emit(len(self.text) - self._matcher.hold_chars, stopped=False)
+            return self._emit(end, stopped=False)
+        return self._emit(end - self._matcher.hold_chars, stopped=False)
 
     @property
     def scanned_chars(self) -> int:
@@ -85,19 +87,31 @@ class Detokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _decode_new(self, final: bool) -> None:
+    def _decode_new(self, final: bool) -> str:
         # Decoding the new tokens after the previous ones and cutting the previous ones' text off gives the new
         # text as the whole output's decode spells it (a SentencePiece token's leading space, for one).
-        window = self.token_ids[self._prefix_at:]
         before = self._decode(self.token_ids[self._prefix_at:self._read_at])
-        after = self._decode(window)
-        decided = len(after) > len(before) and not after.endswith(INCOMPLETE)
-        if decided or final or len(self.token_ids) - self._read_at > MAX_PENDING_TOKENS:
-            self.text += after[len(before):]
-            self._prefix_at, self._read_at = self._read_at, len(self.token_ids)
+        after = self._decode(self.token_ids[self._prefix_at:])
+        complete = after if final else after.rstrip(INCOMPLETE)
+        new = complete[len(before) + self._taken_chars:]
+        self._taken_chars += len(new)
+        ends_clean = not after.endswith(INCOMPLETE)
+        # The window moves on once its text ends on a whole character (and has grown, or has not for a while:
+        # tokens that decode to nothing); a window ending inside a character is never cut there.
+        if ends_clean and (len(after) > len(before) or len(self.token_ids) - self._read_at > MAX_PENDING_TOKENS):
+            self._prefix_at, self._read_at, self._taken_chars = self._read_at, len(self.token_ids), 0
+        return new
 
     def _emit(self, end: int, stopped: bool) -> TextDelta:
-        end = min(end, len(self.text))
-        delta = self.text[self.emitted_chars:end] if end > self.emitted_chars else ""
+        end = min(end, self._recent_at + len(self._recent))
+        delta = ""
+        if end > self.emitted_chars:
+            delta = self._recent[self.emitted_chars - self._recent_at:end - self._recent_at]
         self.emitted_chars = max(self.emitted_chars, end)
+        # Keep only what is held back and the tail the next stop string search starts in: appending to the whole
+        # text would copy it at every step.
+        keep_from = min(self.emitted_chars, self._recent_at + len(self._recent) - self._matcher.hold_chars)
+        if keep_from > self._recent_at:
+            self._recent = self._recent[keep_from - self._recent_at:]
+            self._recent_at = keep_from
         return TextDelta(delta, stopped)

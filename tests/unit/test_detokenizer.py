@@ -80,3 +80,14 @@ def test_stop_matching_looks_at_each_new_character_and_the_tail_before_it_only()
         assert matcher.find(text) is None
     assert matcher.scanned_chars <= len(stop) * 3000 * (1 + matcher.hold_chars)  # not the whole text each time
     assert matcher.find(text + "not-here-either") == 3000
+
+
+def test_a_stream_whose_every_step_ends_inside_a_character_streams_each_whole_character_once_complete(tokenizer):
+    text = "東京" * 20
+    ids = tokenizer.encode(text, add_special_tokens=False)  # three byte tokens per character
+    detok = Detokenizer(tokenizer)
+    out = ""
+    for at in range(0, len(ids), 2):  # two at a time: most steps end inside a character
+        out += detok.add(ids[at:at + 2], final=at + 2 >= len(ids)).text
+        assert out == text[:(at + 2) // 3]
+    assert out == text
