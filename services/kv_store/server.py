@@ -155,7 +155,13 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
     async def Put(self, request_iterator, context: grpc.aio.ServicerContext) -> kv_store_pb2.PutReply:
         span = rpc_span()
         try:
-            transfer = await self._admit(await anext(aiter(request_iterator), None))
+            try:
+                async with asyncio.timeout(self.progress_timeout_s):
+                    first = await anext(aiter(request_iterator), None)
+            except TimeoutError:
+                raise TransferRefused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      f"no KV header within {self.progress_timeout_s}s") from None
+            transfer = await self._admit(first)
         except TransferRefused as e:
             record_error(span, e)
             await context.abort(e.code, str(e))

@@ -339,6 +339,15 @@ async def test_a_stalled_put_is_dropped_its_bytes_released_and_its_waiting_get_f
         waiting_get.cancel()
 
 
+async def test_a_put_that_never_sends_its_header_is_ended_at_the_progress_timeout(impatient_kv_store_stub):
+    kv_store, kv_store_stub = impatient_kv_store_stub
+    stop = asyncio.Event()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(kv_store_stub.Put(_stalling([], stop)), 10)
+    stop.set()
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "no KV header" in caught.value.details()
+
+
 async def test_a_put_that_does_not_commit_within_the_ttl_is_dropped(redis_url):
     store = await kv_store_app.start(KVStoreConfig(listen="127.0.0.1:0", metrics_listen="off", redis_url=redis_url,
                                                    tls_dir=str(tls_dir()), ttl_s=1.0))
