@@ -131,10 +131,10 @@ async def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo) -> 
     except ValueError as e:
         raise InvalidRequest(str(e)) from e
     check_stop_strings(params.stop)
-    check_input_size(request, model, params)
-    ids = await prompt_token_ids(request, model)
     if request.continue_after_token_ids:
         check_continuation(request, model, params)
+    check_input_size(request, model, params)
+    ids = await prompt_token_ids(request, model)
     limit = model.max_context_tokens
     if len(ids) + params.max_tokens > limit:
         raise InvalidRequest(
