@@ -31,7 +31,7 @@ SIGNED_AS = "splitwise.registry.worker.v1"  # what a signature is of: an entry o
 # A reader takes an entry until its expiry time plus this much, for the clocks of its host and the worker's. A copy
 # of a real entry written again (a replay) is refused once it is this much past the expiry it was signed with.
 MAX_CLOCK_SKEW_S = 5.0
-LOG_SKIPPED_EVERY_S = 60.0  # a bad entry is logged once a minute, not at every read
+LOG_SKIPPED_EVERY_S = 60.0  # a bad entry's key is logged once a minute, not at every read
 MAX_SKIPPED_REMEMBERED = 10_000
 
 
@@ -65,7 +65,7 @@ class WorkerRegistry:
         self.client = client
         self.cluster_key = cluster_key
         self.ttl_s = ttl_s
-        self._skipped_logged_at: dict[tuple[bytes, str], float] = {}  # (key, why) -> monotonic seconds
+        self._skipped_logged_at: dict[bytes, float] = {}  # key -> monotonic seconds
         self._redis_run_id = ""  # which Redis process answered the last read
         self._listed: list[WorkerInfo] = []
         self._bridged: dict[str, WorkerInfo] = {}  # listed before a Redis restart, not announced since
@@ -117,8 +117,8 @@ class WorkerRegistry:
         now = time.monotonic()
         if len(self._skipped_logged_at) > MAX_SKIPPED_REMEMBERED:
             self._skipped_logged_at.clear()
-        if now - self._skipped_logged_at.get((key, why), -math.inf) >= LOG_SKIPPED_EVERY_S:
-            self._skipped_logged_at[(key, why)] = now
+        if now - self._skipped_logged_at.get(key, -math.inf) >= LOG_SKIPPED_EVERY_S:
+            self._skipped_logged_at[key] = now
             log.warning("registry entry %s skipped: %s", key.decode(errors="replace"), why)
 
 

@@ -169,3 +169,11 @@ def test_route_without_a_fitting_token_worker_says_why():
         route([worker("p", "prompt"), worker("t", "token", capacity=10)], "m", 100, {})
     with pytest.raises(NoWorkerAvailable, match="no prompt worker"):
         route([worker("t", "token")], "m", 1, {})
+
+
+async def test_a_bad_entry_is_logged_with_what_is_wrong_once_however_often_it_is_read(registry, caplog):
+    await registry.client.set(KEY_PREFIX + "t1", signed({**asdict(worker("t1", "token")), "pending_tokens": "x"}))
+    for _ in range(5):
+        assert await registry.workers() == []
+    (line,) = [r.getMessage() for r in caplog.records if "splitwise:worker:t1" in r.getMessage()]
+    assert "pending_tokens is 'x', not an integer >= 0" in line
