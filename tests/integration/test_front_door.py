@@ -170,8 +170,8 @@ async def test_bad_registry_entries_are_skipped_and_a_worker_registering_afterwa
         await store.delete(*(KEY_PREFIX + name for name in entries))
 
 
-async def scheduler_health(cluster) -> int:
-    name = cluster.scheduler.service.service_names[0]
+async def scheduler_health(cluster, process: bool = False) -> int:
+    name = "" if process else cluster.scheduler.service.service_names[0]
     async with grpc.aio.insecure_channel(cluster.address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
     return reply.status
@@ -199,6 +199,7 @@ async def test_a_view_that_cannot_be_refreshed_is_reported_stale_and_recovers_on
     try:
         await wait_for_health(cluster, health_pb2.HealthCheckResponse.NOT_SERVING)
         assert refresh_age_s(cluster) > STALE_AFTER_INTERVALS * REFRESH_S
+        assert await scheduler_health(cluster, process=True) == health_pb2.HealthCheckResponse.SERVING  # it is up
         assert len(await listed_workers(client)) == 2  # the last view still serves
         out = await client.generate(prompt="Hello there", max_tokens=4, ignore_eos=True, timeout=60)
         assert out.completion_tokens == 4
