@@ -35,23 +35,29 @@ def bearer(key: str = API_KEY) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {key}"),)
 
 
-class _WithKey(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds 'authorization: Bearer KEY' to every call, as any gRPC client of the public API would."""
+def _with_key(details, key: str):
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), ("authorization", f"Bearer {key}"))
+    return details._replace(metadata=metadata)
 
+
+# Two classes: a grpc.aio channel files an interceptor under the first call kind it implements only.
+class _UnaryWithKey(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, key: str):
         self.key = key
 
-    def _details(self, details):
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), ("authorization", f"Bearer {self.key}"))
-        return details._replace(metadata=metadata)
-
     async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(self._details(details), request)
+        return await continuation(_with_key(details, self.key), request)
+
+
+class _StreamWithKey(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, key: str):
+        self.key = key
 
     async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(self._details(details), request)
+        return await continuation(_with_key(details, self.key), request)
 
 
 def public_channel(address: str, key: str = ADMIN_KEY) -> grpc.aio.Channel:
-    """A plain channel to the scheduler's public port whose calls carry a key (the admin key works for every call)."""
-    return grpc.aio.insecure_channel(address, interceptors=[_WithKey(key)])
+    """A plain channel to the scheduler's public port whose calls carry 'authorization: Bearer KEY', as any gRPC
+    client of the public API would send it (the admin key works for every call)."""
+    return grpc.aio.insecure_channel(address, interceptors=[_UnaryWithKey(key), _StreamWithKey(key)])
