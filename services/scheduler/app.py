@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from splitwise.config import SchedulerConfig, cache_dir_of, parse_config
 from splitwise.model.weights import eos_token_ids, load_tokenizer, read_hf_config, resolve_model
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
 from splitwise.security.keys import load_cluster_key
+from splitwise.security.peers import ApiKeyInterceptor
+from splitwise.security.tls import cluster_tls
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
 from splitwise.telemetry.metrics import setup_metrics
@@ -57,11 +60,32 @@ def load_model_info(config: SchedulerConfig) -> ModelInfo:
                      frozenset(eos_token_ids(hf, folder)), longest_token_bytes(tokenizer))
 
 
+def check_public_access(config: SchedulerConfig) -> None:
+    """A scheduler reachable from other hosts takes an API key, unless its operator says --insecure."""
+    if config.public_tls and not config.tls_dir:
+        raise ValueError("--public-tls serves the scheduler's cluster certificate: it needs --tls-dir")
+    host = config.listen.rsplit(":", 1)[0].strip("[]")
+    if not config.api_key and not config.insecure and not is_loopback(host):
+        raise ValueError(f"the scheduler would serve {config.listen} to other hosts with no API key: set "
+                         "SPLITWISE_API_KEY (--api-key), listen on 127.0.0.1, or pass --insecure")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def start(config: SchedulerConfig) -> Scheduler:
+    tls = cluster_tls(config.tls_dir, config.insecure, "scheduler")
+    check_public_access(config)
     model = await asyncio.to_thread(load_model_info, config)
     client = connect(config.redis_url)
     registry = WorkerRegistry(client, load_cluster_key(config.tls_dir))  # lists only entries signed with it
-    channels = ChannelPool(config.grpc_keepalive_s)
+    channels = ChannelPool(config.grpc_keepalive_s, tls)
     replica = f"scheduler-{socket.gethostname()}-{os.getpid()}"
     journal = RequestJournal(client, replica, config.request_timeout_s + JOURNAL_SLACK_S)
     view = ClusterView(model.name, registry, config.routing_policy,
@@ -81,6 +105,8 @@ async def start(config: SchedulerConfig) -> Scheduler:
         [name],
         config.metrics_listen, view.gauges,
         max_message_bytes=MAX_MESSAGE_BYTES,
+        credentials=tls.server_credentials(require_client_auth=False) if tls and config.public_tls else None,
+        interceptors=[ApiKeyInterceptor(config.api_key, config.admin_key, open_admin=config.insecure)],
     )
 
     async def report_staleness(stale: bool) -> None:
