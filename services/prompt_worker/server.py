@@ -11,7 +11,8 @@ import grpc
 from splitwise.cluster.known_peers import KnownPeers
 from splitwise.channels import ChannelPool
 from splitwise.engine.block_manager import KVCapacityError
-from splitwise.engine.llm_engine import Engine, Finished, RequestFailed, RequestHandle
+from splitwise.engine.llm_engine import Engine
+from splitwise.engine.request_handle import Finished, RequestFailed, RequestHandle
 from splitwise.engine.sequence import Sequence
 from splitwise.kv.staging import StagedLayout
 from splitwise.kv.transfer import KVSender, KVTransferError

@@ -12,7 +12,8 @@ import grpc
 
 from splitwise.channels import ChannelPool, end_stream
 from splitwise.engine.block_manager import KVCapacityError
-from splitwise.engine.llm_engine import Engine, Finished, RequestFailed, RequestHandle
+from splitwise.engine.llm_engine import Engine
+from splitwise.engine.request_handle import Finished, RequestFailed, RequestHandle
 from splitwise.engine.sampling import SampledToken
 from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import KVIntegrityError

@@ -1,4 +1,4 @@
-"""The engine: a compute thread stepping the batch scheduler, and the asyncio-side API of each request."""
+"""The engine: a compute thread stepping the batch scheduler, and the asyncio-side API to submit requests."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from splitwise.engine.block_manager import BlockManager, KVCapacityError
 from splitwise.engine.model_runner import ModelRunner
+from splitwise.engine.request_handle import Finished, RequestHandle, failure_of
 from splitwise.engine.sampling import NonFiniteLogits, SampledToken, SamplingParams
 from splitwise.engine.scheduler import BatchScheduler, ScheduledBatch
 from splitwise.engine.sequence import FinishReason, Sequence, SequenceKVCallback, Status
@@ -25,48 +26,6 @@ log = logging.getLogger(__name__)
 def _recomputed(output_ids: Iterable[int]) -> list[SampledToken]:
     """Tokens sampled by an earlier attempt: their log-probabilities were reported then (NaN here)."""
     return [SampledToken(int(t), float("nan")) for t in output_ids]
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: FinishReason
-
-
-class RequestFailed(Exception):
-    """The engine could not go on with this request; the message says why in plain words. `corrupt`: the
-    request's own state was bad (its logits not finite, from corrupt KV); otherwise the engine failed."""
-
-    def __init__(self, message: str, corrupt: bool = False):
-        super().__init__(message)
-        self.corrupt = corrupt
-
-
-def _failure_of(error: Exception) -> RequestFailed:
-    """What a request is told of the exception that ended it (the log has the details)."""
-    if isinstance(error, NonFiniteLogits):
-        return RequestFailed(str(error), corrupt=True)
-    return RequestFailed("the engine failed while computing this request (the worker's log has the details)")
-
-
-class RequestHandle:
-    """The asyncio side of one request: tokens as they are sampled, then Finished (or RequestFailed)."""
-
-    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop):
-        self.seq = seq
-        self._loop = loop
-        self._events: asyncio.Queue = asyncio.Queue()
-
-    def _deliver(self, event) -> None:  # engine thread
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone: nobody is waiting
-            pass
-
-    async def next_event(self) -> SampledToken | Finished:
-        event = await self._events.get()
-        if isinstance(event, BaseException):
-            raise event
-        return event
 
 
 @dataclass(frozen=True)
@@ -265,7 +224,7 @@ class Engine:
         handle = self._handles.get(seq.request_id)
         if handle is not None and handle.seq is seq:
             del self._handles[seq.request_id]
-            handle._deliver(_failure_of(error))
+            handle._deliver(failure_of(error))
 
     def _loop(self) -> None:
         if self.config.num_threads:

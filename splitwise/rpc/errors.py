@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from splitwise.engine.block_manager import KVCapacityError
-from splitwise.engine.llm_engine import RequestFailed
+from splitwise.engine.request_handle import RequestFailed
 from splitwise.kv.chunks import KVIntegrityError
 from splitwise.kv.layout import KVLayoutMismatch
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from splitwise.client import SplitwiseClient
-from splitwise.engine.llm_engine import RequestHandle
+from splitwise.engine.request_handle import RequestHandle
 from splitwise.kv.transfer import KVSender
 from splitwise.model.weights import resolve_model
 from tests.integration.cluster import assert_no_kv_held, local_cluster, wait_for_workers

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from splitwise.engine.block_manager import KVCapacityError
-from splitwise.engine.llm_engine import Engine, EngineConfig, Finished, RequestFailed, RequestHandle
+from splitwise.engine.llm_engine import Engine, EngineConfig
 from splitwise.engine.model_runner import ModelRunner
+from splitwise.engine.request_handle import Finished, RequestFailed, RequestHandle
 from splitwise.engine.sampling import SampledToken, SamplingParams
 from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import decode_chunk, split_layer
