@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import socket
 from dataclasses import dataclass
+
+import redis
 
 from grpc_health.v1 import health_pb2
 
@@ -32,6 +35,7 @@ from splitwise.telemetry.metrics import setup_metrics
 from splitwise.telemetry.tracing import setup_tracing
 
 SERVICE = "scheduler"
+log = logging.getLogger(__name__)
 # An open journal entry outlives its request's deadline by this much (then a dead replica's entries expire).
 JOURNAL_SLACK_S = 60.0
 
@@ -97,7 +101,11 @@ async def start(config: SchedulerConfig) -> Scheduler:
     dispatcher = Dispatcher(view, channels, kv, journal, KVIndex(client))
     servicer = SchedulerServicer(model, view, dispatcher, config.request_timeout_s, config.max_requests_in_flight,
                                  journal, cluster_key=load_cluster_key(config.tls_dir))
-    await view.refresh()
+    try:
+        await view.refresh()
+    except (redis.ResponseError, ValueError, TypeError) as e:  # bad state in Redis; an unreachable Redis fails start
+        log.error("the first read of the registry and pools failed (%s); starting with an empty view, which the "
+                  "refresher retries", e)
     name = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
     service = await start_server(
         config.listen,

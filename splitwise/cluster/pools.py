@@ -9,6 +9,7 @@ and the recent transitions in Redis, so that every scheduler replica routes by t
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, replace
 from typing import Mapping, Sequence
 
@@ -16,6 +17,8 @@ import redis.asyncio as redis
 
 from splitwise.cluster.registry import WorkerInfo
 from splitwise.cluster.routing import kv_in_use, load
+
+log = logging.getLogger(__name__)
 
 MEMBERSHIP_KEY = "splitwise:pools"  # hash: worker id -> the pool it was moved to (absent: its home pool)
 TRANSITIONS_KEY = "splitwise:pools:transitions"  # list of JSON transitions, newest first
@@ -109,7 +112,15 @@ class PoolStore:
         return {_text(k): _text(v) for k, v in raw.items()}
 
     async def transitions(self, count: int = 20) -> list[Transition]:
-        return [Transition(**json.loads(raw)) for raw in await self.client.lrange(TRANSITIONS_KEY, 0, count - 1)]
+        """The recent transitions, newest first; an entry that is not one (a stray write) is skipped and logged."""
+        found = []
+        for raw in await self.client.lrange(TRANSITIONS_KEY, 0, count - 1):
+            transition = parse_transition(raw)
+            if transition is None:
+                log.warning("skipped a pool transition that is not one: %.120r", raw)
+            else:
+                found.append(transition)
+        return found
 
     async def apply(self, transition: Transition, lock_s: float) -> bool:
         """Records the transition unless another replica holds the lock (it changes the pools now)."""
@@ -128,6 +139,19 @@ class PoolStore:
     async def forget(self, worker_ids: list[str]) -> None:
         """Drops the membership of workers that left the registry (a worker that comes back starts at home)."""
         await self.client.hdel(MEMBERSHIP_KEY, *worker_ids)
+
+
+def parse_transition(raw) -> Transition | None:
+    try:
+        fields = json.loads(raw)
+        transition = Transition(**fields)
+    except (TypeError, ValueError):
+        return None
+    strings = (transition.worker_id, transition.from_pool, transition.to_pool, transition.reason)
+    if not all(isinstance(s, str) for s in strings) or isinstance(transition.at, bool) \
+            or not isinstance(transition.at, (int, float)):
+        return None
+    return transition
 
 
 def _text(value) -> str:

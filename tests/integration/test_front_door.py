@@ -19,7 +19,7 @@ from services.scheduler.validation import (MAX_INPUT_BYTES, MAX_MESSAGE_BYTES, M
                                           NORMALIZER_SHRINK)
 from services.token_worker import app as token_app
 from splitwise.client import SplitwiseClient
-from splitwise.cluster.pools import TRANSITIONS_KEY
+from splitwise.cluster.pools import MEMBERSHIP_KEY
 from splitwise.cluster.registry import KEY_PREFIX, signed_entry
 from splitwise.config import TokenWorkerConfig
 from splitwise.security.keys import load_cluster_key
@@ -195,7 +195,10 @@ async def wait_for_health(cluster, status: int) -> None:
 
 
 async def test_a_view_that_cannot_be_refreshed_is_reported_stale_and_recovers_once_it_can(cluster, client, store):
-    await store.lpush(TRANSITIONS_KEY, b"not a transition")  # every refresh reads the pools' transitions and fails
+    # The pools' membership hash overwritten by a string: every refresh reads it and Redis answers WRONGTYPE.
+    membership = await store.hgetall(MEMBERSHIP_KEY)
+    await store.delete(MEMBERSHIP_KEY)
+    await store.set(MEMBERSHIP_KEY, "not a hash")
     try:
         await wait_for_health(cluster, health_pb2.HealthCheckResponse.NOT_SERVING)
         assert refresh_age_s(cluster) > STALE_AFTER_INTERVALS * REFRESH_S
@@ -204,5 +207,7 @@ async def test_a_view_that_cannot_be_refreshed_is_reported_stale_and_recovers_on
         out = await client.generate(prompt="Hello there", max_tokens=4, ignore_eos=True, timeout=60)
         assert out.completion_tokens == 4
     finally:
-        await store.lrem(TRANSITIONS_KEY, 0, b"not a transition")
+        await store.delete(MEMBERSHIP_KEY)
+        if membership:
+            await store.hset(MEMBERSHIP_KEY, mapping=membership)
     await wait_for_health(cluster, health_pb2.HealthCheckResponse.SERVING)

@@ -1,6 +1,9 @@
 """Pool transitions as a pure function of the observed load: borrow into the mixed pool, give back, never
 the last worker of a pool, no change within the cooldown."""
 
+import json
+from dataclasses import asdict
+
 from splitwise.cluster.pools import PoolPolicy, plan, with_pools
 from splitwise.cluster.registry import WorkerInfo
 
@@ -68,3 +71,13 @@ def test_declared_mixed_workers_stay_mixed():
     workers = [worker("p0", "prompt", pending=1500), worker("m0", "mixed")]
     assert plan(workers, {}, POLICY, {}, 100, 0) is None  # no token-pool worker to lend; m0 is no borrowed one
     assert plan(workers, {"m0": "mixed"}, POLICY, {}, 100, 0) is None  # and never "given back"
+
+
+def test_a_stray_pool_transition_entry_is_skipped_not_fatal():
+    from splitwise.cluster.pools import Transition, parse_transition
+
+    good = Transition("token-a", "token", "mixed", "busy", 12.5)
+    assert parse_transition(json.dumps(asdict(good))) == good
+    for junk in (b"not a transition", "[]", "{}", json.dumps({**asdict(good), "at": "soon"}),
+                 json.dumps({**asdict(good), "worker_id": 5}), json.dumps({**asdict(good), "extra": 1}), "null"):
+        assert parse_transition(junk) is None, junk
