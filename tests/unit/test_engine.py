@@ -264,6 +264,31 @@ async def test_a_request_whose_kv_is_nan_fails_alone_and_the_batch_decoding_besi
         engine.stop()
 
 
+async def test_nan_kv_left_in_freed_blocks_never_reaches_the_requests_given_them_next(tiny):
+    """A reservation whose KV (NaN) arrived is cancelled before it decodes: the requests that get its blocks, and
+    read their stale tails and padding, produce exactly what they produce in a fresh engine."""
+    loaded, _ = tiny
+    heads, dim = loaded.config.num_kv_heads, loaded.config.head_dim
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    prompts = [[3 + i % 250 for i in range(190)], [5, 6, 7, 8, 9]]  # together, every block of the engine below
+    clean = make_engine(loaded, kv_tokens=16 * 16)
+    try:
+        reference = [(await collect(clean.submit(f"r{i}", ids, params)))[0] for i, ids in enumerate(prompts)]
+    finally:
+        clean.stop()
+    engine = make_engine(loaded, kv_tokens=16 * 16)
+    try:
+        cancelled = engine.reserve("cancelled", list(range(10, 90)), params)
+        nan = torch.full((80, heads, dim), float("nan"))
+        for layer in range(loaded.config.num_layers):
+            engine.write_kv(cancelled, layer, 0, nan, nan)
+        engine.abort("cancelled")
+        handles = [engine.submit(f"r{i}", ids, params) for i, ids in enumerate(prompts)]
+        assert [(await collect(h))[0] for h in handles] == reference
+    finally:
+        engine.stop()
+
+
 async def test_an_engine_step_that_fails_ends_its_requests_with_a_plain_reason_and_the_engine_goes_on(tiny,
                                                                                                       monkeypatch):
     loaded, _ = tiny
