@@ -45,6 +45,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.journal = journal
         self._journal_unreadable = False
         self.requests_in_flight = 0
+        self.ids_in_flight: set[str] = set()  # a request id names one stream at a time
 
     async def Generate(self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         received = time.perf_counter()
@@ -88,11 +89,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                f"(SPLITWISE_MAX_REQUESTS_IN_FLIGHT); retry in {RETRY_PUSHBACK_MS} ms")
                     record_error(admission, problem)
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem, PUSHBACK)
+                if rid in self.ids_in_flight:
+                    outcome = "invalid"
+                    problem = (f"request_id {rid!r} names a request in flight here: give each request its own id "
+                               "(or none, and the scheduler makes one)")
+                    record_error(admission, problem)
+                    await context.abort(grpc.StatusCode.ALREADY_EXISTS, problem)
             span.set_attributes({"prompt.tokens": len(ids), "sampling.max_tokens": params.max_tokens})
             remaining = context.time_remaining()
             timeout_s = min(remaining, self.request_timeout_s) if remaining is not None else self.request_timeout_s
             clock = TokenClock(received)
             self.requests_in_flight += 1
+            self.ids_in_flight.add(rid)
             if self.journal:
                 self.journal.opened(rid, len(ids), params.max_tokens)
             try:
@@ -122,6 +130,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 outcome = "unavailable"
                 record_error(span, e)
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as e:  # a bug of ours: the client gets INTERNAL, not UNKNOWN with a Python class name
+                log.exception("request %s failed in the scheduler", rid)
+                record_error(span, e)
+                await context.abort(grpc.StatusCode.INTERNAL, "the scheduler failed on this request (its log has the "
+                                    "details)")
             except (asyncio.CancelledError, GeneratorExit):
                 expired = context.time_remaining() is not None and context.time_remaining() <= 0
                 outcome = "deadline" if expired else "cancelled"
@@ -129,6 +144,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 raise
             finally:
                 self.requests_in_flight -= 1
+                self.ids_in_flight.discard(rid)
                 span.set_attributes(clock.attributes())
                 if self.journal:
                     self.journal.closed(rid, outcome, output.completion_tokens)

@@ -24,7 +24,7 @@ from splitwise.cluster.registry import KEY_PREFIX, signed_entry
 from splitwise.config import TokenWorkerConfig
 from splitwise.security.keys import load_cluster_key
 from tests import security
-from tests.integration.cluster import METRICS_LISTEN, local_cluster, wait_for_workers
+from tests.integration.cluster import METRICS_LISTEN, assert_no_kv_held, local_cluster, wait_for_workers
 
 HUGE_PROMPT = "x" * (4 << 20)
 REFRESH_S = 0.05
@@ -211,3 +211,18 @@ async def test_a_view_that_cannot_be_refreshed_is_reported_stale_and_recovers_on
         if membership:
             await store.hset(MEMBERSHIP_KEY, mapping=membership)
     await wait_for_health(cluster, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def test_a_request_id_already_in_flight_is_refused_and_the_first_stream_goes_on(cluster, client):
+    first = client.stream(token_ids=list(range(30, 60)), request_id="twice", max_tokens=40, ignore_eos=True,
+                          timeout=60)
+    await anext(first)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.generate(token_ids=[5, 6, 7], request_id="twice", max_tokens=2, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "its own id" in refused.value.details() and "worker" not in refused.value.details()
+    rest = [chunk async for chunk in first]
+    assert rest[-1].completion_tokens == 40
+    again = await client.generate(token_ids=[5, 6, 7], request_id="twice", max_tokens=2, timeout=30)
+    assert again.completion_tokens == 2  # free again once the first has ended
+    await assert_no_kv_held(cluster)
