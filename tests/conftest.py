@@ -37,6 +37,14 @@ def cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_folder(cache_dir) -> Path:
+    """The tiny random Llama's converted folder (tokenizer, config, weights)."""
+    from splitwise.model.weights import resolve_model
+
+    return resolve_model("tiny-llama", cache_dir)[1]
+
+
+@pytest.fixture(scope="session")
 def trace_file(tmp_path_factory) -> Path:
     """Every in-process service of this test session exports its spans here."""
     from splitwise.telemetry.tracing import setup_tracing

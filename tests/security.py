@@ -61,3 +61,11 @@ def public_channel(address: str, key: str = ADMIN_KEY) -> grpc.aio.Channel:
     """A plain channel to the scheduler's public port whose calls carry 'authorization: Bearer KEY', as any gRPC
     client of the public API would send it (the admin key works for every call)."""
     return grpc.aio.insecure_channel(address, interceptors=[_UnaryWithKey(key), _StreamWithKey(key)])
+
+
+async def generate_responses(address: str, request, timeout_s: float = 60) -> list:
+    """Every response of one Generate call, made as a plain gRPC client with the API key would make it."""
+    from splitwise.rpc.v1 import scheduler_pb2_grpc
+
+    async with public_channel(address, API_KEY) as channel:
+        return [r async for r in scheduler_pb2_grpc.SchedulerStub(channel).Generate(request, timeout=timeout_s)]

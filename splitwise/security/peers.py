@@ -37,20 +37,15 @@ def peer_role(context: grpc.aio.ServicerContext) -> str:
 def _guard(handler: grpc.RpcMethodHandler, check: Check) -> grpc.RpcMethodHandler:
     """The same handler, running check(context) first (it aborts the call when the caller may not make it)."""
     kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    inner_unary = handler.unary_unary or handler.stream_unary
+
+    async def one_response(request_or_requests, context):
+        await check(context)
+        return await inner_unary(request_or_requests, context)
     if handler.unary_unary:
-        inner = handler.unary_unary
-
-        async def unary_unary(request, context):
-            await check(context)
-            return await inner(request, context)
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+        return grpc.unary_unary_rpc_method_handler(one_response, **kwargs)
     if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests, context):
-            await check(context)
-            return await inner_su(requests, context)
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(one_response, **kwargs)
     inner_stream = handler.unary_stream or handler.stream_stream
 
     async def streaming(request_or_requests, context):

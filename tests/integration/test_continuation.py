@@ -9,10 +9,9 @@ import grpc
 import pytest
 
 from splitwise.client import build_request
-from splitwise.model.weights import load_tokenizer, resolve_model
-from splitwise.rpc.v1 import scheduler_pb2_grpc
+from splitwise.model.weights import load_tokenizer
 from splitwise.security.resume import resume_token
-from tests.security import bearer
+from tests.security import generate_responses
 from tests.integration.cluster import assert_no_kv_held, local_cluster, wait_for_workers
 from tests.reference import hf_greedy
 from tests.traces import SCHEDULER_GENERATE, request_trace
@@ -22,21 +21,10 @@ MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(cache_dir):
-    return resolve_model("tiny-llama", cache_dir)[1]
-
-
-@pytest.fixture(scope="module")
 async def cluster(redis_url, cache_dir, trace_file):
     async with local_cluster(redis_url, "tiny-llama", cache_dir) as c:
         await wait_for_workers(c)
         yield c
-
-
-async def stream(address: str, request) -> list:
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = scheduler_pb2_grpc.SchedulerStub(channel).Generate(request, timeout=60, metadata=bearer())
-        return [r async for r in call]
 
 
 def continue_events(trace_file, request_id: str) -> list[dict]:
@@ -48,7 +36,7 @@ async def test_a_continued_stream_yields_what_the_unbroken_stream_would_have(clu
     tokenizer = load_tokenizer(tiny_folder)
     ids = tokenizer.encode(PROMPT, add_special_tokens=False)
     request = build_request(token_ids=ids, max_tokens=MAX_TOKENS, ignore_eos=True, request_id="continued-1")
-    whole = await stream(cluster.address, request)
+    whole = await generate_responses(cluster.address, request)
     tokens = [t for r in whole for t in r.token_ids]
     assert tokens == hf_greedy(tiny_folder, ids, MAX_TOKENS)
     text = "".join(r.text for r in whole)
@@ -64,7 +52,7 @@ async def test_a_continued_stream_yields_what_the_unbroken_stream_would_have(clu
     request.resume_token = whole[0].resume_token
     for had_tokens, had_text in received:
         request.continue_after_token_ids[:] = had_tokens
-        rest = await stream(cluster.address, request)
+        rest = await generate_responses(cluster.address, request)
         assert [t for r in rest for t in r.token_ids] == tokens[len(had_tokens):]
         assert had_text + "".join(r.text for r in rest) == text
         assert rest[-1].finish_reason == whole[-1].finish_reason
@@ -83,7 +71,7 @@ async def test_a_continuation_without_a_kept_copy_recomputes_the_prompt(cluster,
     request.continue_after_token_ids[:] = reference[:10]
     # As its stream (on a replica with no kept copy) would have been given.
     request.resume_token = resume_token(cluster.scheduler.servicer.cluster_key, "never-streamed-here", ids)
-    rest = [t for r in await stream(cluster.address, request) for t in r.token_ids]
+    rest = [t for r in await generate_responses(cluster.address, request) for t in r.token_ids]
     assert rest == reference[10:]
     await asyncio.sleep(0.2)
     assert [e["kv"] for e in continue_events(trace_file, "never-streamed-here")] == ["recompute"]
@@ -99,7 +87,7 @@ async def test_a_bad_continuation_is_invalid_argument(cluster, request_id, conti
     request = build_request(token_ids=[5, 6, 7], max_tokens=max_tokens, request_id=request_id)
     request.continue_after_token_ids[:] = continued
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await stream(cluster.address, request)
+        await generate_responses(cluster.address, request)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert problem in error.value.details()
     await assert_no_kv_held(cluster)
@@ -111,6 +99,6 @@ async def test_a_continuation_that_already_ended_is_invalid_argument(cluster, ti
     request.continue_after_token_ids[:] = [11, eos]
     request.resume_token = resume_token(cluster.scheduler.servicer.cluster_key, "ended", [5, 6, 7])
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await stream(cluster.address, request)
+        await generate_responses(cluster.address, request)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "already ends the output (FINISH_REASON_STOP)" in error.value.details()

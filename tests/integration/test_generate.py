@@ -6,16 +6,11 @@ import grpc
 import pytest
 
 from splitwise.client import SplitwiseClient
-from splitwise.model.weights import load_tokenizer, resolve_model
+from splitwise.model.weights import load_tokenizer
 from tests.integration.cluster import assert_no_kv_held, local_cluster, wait_for_workers
 from tests.reference import hf_greedy
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fib(n):", "zzz " * 50]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(cache_dir):
-    return resolve_model("tiny-llama", cache_dir)[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,11 @@ import torch
 from splitwise.client import SplitwiseClient
 from splitwise.engine.request_handle import RequestHandle
 from splitwise.kv.transfer import KVSender
-from splitwise.model.weights import resolve_model
 from tests.integration.cluster import assert_no_kv_held, local_cluster, wait_for_workers
 from tests.reference import hf_greedy
 
 ORDINARY = [[3 + (7 * i + j) % 250 for j in range(12 + 5 * i)] for i in range(8)]
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(cache_dir):
-    return resolve_model("tiny-llama", cache_dir)[1]
 
 
 @pytest.fixture(scope="module")

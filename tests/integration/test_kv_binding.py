@@ -8,12 +8,10 @@ import grpc
 import pytest
 
 from splitwise.client import build_request
-from splitwise.model.weights import resolve_model
-from splitwise.rpc.v1 import scheduler_pb2_grpc
 from splitwise.security.resume import resume_token
 from tests.integration.cluster import assert_no_kv_held, local_cluster, wait_for_workers
 from tests.reference import hf_greedy
-from tests.security import bearer
+from tests.security import generate_responses
 from tests.traces import SCHEDULER_GENERATE, request_trace
 
 MAX_TOKENS = 16
@@ -23,21 +21,10 @@ CUT_AFTER = 5  # output tokens the client had when its stream broke
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(cache_dir):
-    return resolve_model("tiny-llama", cache_dir)[1]
-
-
-@pytest.fixture(scope="module")
 async def cluster(redis_url, cache_dir, trace_file):
     async with local_cluster(redis_url, "tiny-llama", cache_dir) as c:
         await wait_for_workers(c)
         yield c
-
-
-async def stream(address: str, request) -> list:
-    async with grpc.aio.insecure_channel(address) as channel:
-        call = scheduler_pb2_grpc.SchedulerStub(channel).Generate(request, timeout=60, metadata=bearer())
-        return [r async for r in call]
 
 
 def request(rid: str, prompt: list[int], continue_after: list[int] = (), token: str = ""):
@@ -49,7 +36,7 @@ def request(rid: str, prompt: list[int], continue_after: list[int] = (), token: 
 
 async def streamed_and_kept(cluster, rid: str, prompt: list[int]) -> tuple[list[int], str]:
     """A whole stream's tokens and resume token, once the prompt KV it kept is in the kv_store's index."""
-    responses = await stream(cluster.address, request(rid, prompt))
+    responses = await generate_responses(cluster.address, request(rid, prompt))
     assert responses[0].resume_token and not any(r.resume_token for r in responses[1:])
     dispatcher = cluster.scheduler.servicer.dispatcher
     for _ in range(100):
@@ -73,7 +60,7 @@ def root_events(trace_file, rid: str, name: str) -> list[dict]:
 
 async def assert_permission_denied(cluster, continuation) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await stream(cluster.address, continuation)
+        await generate_responses(cluster.address, continuation)
     assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "resume_token" in error.value.details()
     await assert_no_kv_held(cluster)
@@ -100,7 +87,7 @@ async def test_a_continuation_with_its_resume_token_yields_the_identical_output(
                                                                                 trace_file):
     tokens_a, token_a = stream_a
     assert tokens_a == hf_greedy(tiny_folder, PROMPT_A, MAX_TOKENS)
-    rest = await stream(cluster.address, request("binding-a", PROMPT_A, tokens_a[:CUT_AFTER], token_a))
+    rest = await generate_responses(cluster.address, request("binding-a", PROMPT_A, tokens_a[:CUT_AFTER], token_a))
     assert [t for r in rest for t in r.token_ids] == tokens_a[CUT_AFTER:]
     assert rest[0].resume_token == token_a  # a continuation can be continued again
     await asyncio.sleep(0.2)  # the root span is exported as its call ends
@@ -115,7 +102,7 @@ async def test_kept_kv_of_other_tokens_under_the_request_id_is_recomputed_never_
     await streamed_and_kept(cluster, "binding-reused", PROMPT_A)
     reference_b = hf_greedy(tiny_folder, PROMPT_B, MAX_TOKENS)
     token_b = resume_token(cluster.scheduler.servicer.cluster_key, "binding-reused", PROMPT_B)  # as B's stream got
-    rest = await stream(cluster.address, request("binding-reused", PROMPT_B, reference_b[:CUT_AFTER], token_b))
+    rest = await generate_responses(cluster.address, request("binding-reused", PROMPT_B, reference_b[:CUT_AFTER], token_b))
     assert [t for r in rest for t in r.token_ids] == reference_b[CUT_AFTER:]
     await asyncio.sleep(0.2)
     [fallback] = root_events(trace_file, "binding-reused", "kv_fallback")

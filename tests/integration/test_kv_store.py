@@ -14,7 +14,7 @@ from splitwise.client import SplitwiseClient
 from splitwise.cluster.redis_server import start_redis
 from splitwise.cluster.kv_index import KVIndex
 from splitwise.config import KVStoreConfig
-from splitwise.model.weights import load_tokenizer, resolve_model
+from splitwise.model.weights import load_tokenizer
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 from tests.security import peer_channel, tls_dir
 from tests.conftest import free_port
@@ -22,11 +22,6 @@ from tests.integration.cluster import local_cluster, wait_for_workers
 from tests.reference import hf_greedy
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(cache_dir):
-    return resolve_model("tiny-llama", cache_dir)[1]
 
 
 @pytest.fixture(scope="module")
