@@ -224,7 +224,10 @@ def main() -> None:
                 cluster.stop()
 
     if args.tls_only:
-        print(render_tls(transfer, sizes_mb))
+        text = render_tls(transfer, sizes_mb)
+        print(text)
+        if not args.no_write:
+            write_section("KV transfer over mTLS", text)
         return
     text = render(rows_bw, transfer, latency, transports, sizes_mb, prompt_lengths, output_tokens)
     text += "\n" + render_tls(transfer, sizes_mb)
@@ -239,7 +242,9 @@ def best_gbps(transfer, transport: str, size: int) -> float:
 
 
 def render_tls(transfer, sizes_mb) -> str:
-    lines = ["What mTLS costs the gRPC KV transport: the same serialized transfers between the same two processes, "
+    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, {MODEL}, float32, one compute thread per worker. "
+             "Run `python -m bench.kv_transfer --tls-only`.", "",
+             "What mTLS costs the gRPC KV transport: the same serialized transfers between the same two processes, "
              f"with the cluster's mTLS (the default) and with `splitwise up --insecure` ({PLAINTEXT}); GB/s, best of "
              "the repeats.", "", "| KV size | grpc mTLS | grpc plaintext | mTLS / plaintext |", "|---|---|---|---|"]
     for size in sizes_mb:
