@@ -19,6 +19,8 @@ class WorkerFailed(Exception):
     def __init__(self, worker: WorkerInfo, code: grpc.StatusCode, details: str):
         if code == grpc.StatusCode.UNKNOWN:  # an exception the worker did not map: grpcio's text names its class
             code, details = grpc.StatusCode.INTERNAL, "failed unexpectedly (its log has the details)"
+        elif code == grpc.StatusCode.ALREADY_EXISTS:  # the engine holds a request of this id: another replica's
+            details = "the request_id names a request in flight elsewhere in the cluster: give each its own id"
         super().__init__(f"{worker.role} worker {worker.worker_id}: {details}")
         self.worker = worker
         self.code = code
