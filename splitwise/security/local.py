@@ -25,9 +25,11 @@ class LocalCredentials:
 
 
 def _kept_secret(path: Path, env: str = "") -> str:
-    """The value of env when set, else the secret kept in path, else a new one written there (mode 0600)."""
+    """The value of env when set (also written to path, so that local clients reading it agree), else the secret
+    kept in path, else a new one written there (mode 0600)."""
     given = os.environ.get(env, "").strip() if env else ""
     if given:
+        write_key(path, given)
         return given
     try:
         kept = path.read_text().strip()
