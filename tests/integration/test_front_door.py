@@ -10,7 +10,6 @@ from dataclasses import asdict
 
 import grpc
 import pytest
-import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,13 +40,6 @@ async def cluster(isolated_redis_url, cache_dir, trace_file, meter_provider):
                              scheduler_overrides={"registry_refresh_s": REFRESH_S}) as c:
         await wait_for_workers(c)
         yield c
-
-
-@pytest.fixture
-async def store(isolated_redis_url):
-    client = redis.Redis.from_url(isolated_redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import time
 from dataclasses import asdict, replace
 
 import pytest
-import redis.asyncio as redis
 
 from splitwise.client import SplitwiseClient
 from splitwise.cluster.registry import KEY_PREFIX, MAX_CLOCK_SKEW_S, signed_entry
@@ -28,13 +27,6 @@ async def cluster(isolated_redis_url, cache_dir, trace_file):
     async with local_cluster(isolated_redis_url, "tiny-llama", cache_dir) as c:
         await wait_for_workers(c)
         yield c
-
-
-@pytest.fixture
-async def store(isolated_redis_url):
-    client = redis.Redis.from_url(isolated_redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
