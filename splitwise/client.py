@@ -13,6 +13,7 @@ import grpc
 
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from splitwise.security.keys import ADMIN_KEY_FILE, API_KEY_FILE, configured_key
+from splitwise.security.peers import bearer_metadata
 from splitwise.server import DEFAULT_KEEPALIVE_S, channel_options
 from splitwise.telemetry.tracing import client_interceptors
 
@@ -117,8 +118,8 @@ class SplitwiseClient:
         self.continue_streams = continue_streams
         api_key = configured_key("SPLITWISE_API_KEY", API_KEY_FILE) if api_key is None else api_key
         admin_key = configured_key("SPLITWISE_ADMIN_KEY", ADMIN_KEY_FILE) if admin_key is None else admin_key
-        self.api_metadata = _bearer(api_key or admin_key)
-        self.admin_metadata = _bearer(admin_key)
+        self.api_metadata = bearer_metadata(api_key or admin_key)
+        self.admin_metadata = bearer_metadata(admin_key)
         tls_ca = os.environ.get("SPLITWISE_TLS_CA", "") if tls_ca is None else tls_ca
         # With a tracer provider set up in the caller's process, each call is a CLIENT span, parent of the cluster's.
         options = channel_options(keepalive_s)
@@ -220,10 +221,6 @@ class SplitwiseClient:
             except grpc.aio.AioRpcError as e:
                 if not self._moved_on(index, e) or index == replicas[-1]:
                     raise
-
-
-def _bearer(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),) if key else ()
 
 
 def _remaining(deadline: float | None) -> float | None:

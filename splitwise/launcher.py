@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitwise.cluster.redis_server import start_redis
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
-from splitwise.security.local import LocalCredentials, local_credentials
+from splitwise.security.local import LocalCredentials, local_credentials, scheduler_env, service_env
+from splitwise.security.peers import bearer_metadata
 from splitwise.security.tls import ClusterTLS, sync_channel
 from splitwise.supervision import RestartPolicy, Supervised, Supervisor
 
@@ -237,7 +238,7 @@ class Cluster:
             redis_url = f"redis://{auth}{o.host}:{o.redis_port}/0"
         traces = (o.run_dir / "traces").resolve()
         common = {"SPLITWISE_MODEL": o.model, "SPLITWISE_REDIS_URL": redis_url, "SPLITWISE_DEVICE": o.device,
-                  **self.security_env()}
+                  **service_env(self.credentials)}
         kv_store = self.listen_address("kv_store")
         self._spawn("kv_store", "services.kv_store", {
             **common, "SPLITWISE_KV_STORE_LISTEN": kv_store,
@@ -260,21 +261,10 @@ class Cluster:
             scheduler = self.listen_address("scheduler", i)
             name = "scheduler" if o.schedulers == 1 else f"scheduler-{i}"
             self._spawn(name, "services.scheduler", {
-                **common, **self.scheduler_keys_env(), "SPLITWISE_SCHEDULER_LISTEN": scheduler,
+                **common, **scheduler_env(self.credentials), "SPLITWISE_SCHEDULER_LISTEN": scheduler,
                 "SPLITWISE_KV_TRANSFER": o.kv_transfer,
                 "SPLITWISE_KV_STORE_ADDRESS": kv_store, "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")},
                 scheduler)
-
-    def security_env(self) -> dict[str, str]:
-        """What every service is told of the cluster's credentials (the scheduler also gets the public keys)."""
-        if self.credentials is None:
-            return {"SPLITWISE_INSECURE": "1", "SPLITWISE_TLS_DIR": ""}
-        return {"SPLITWISE_TLS_DIR": str(self.credentials.tls_dir), "SPLITWISE_INSECURE": "0"}
-
-    def scheduler_keys_env(self) -> dict[str, str]:
-        if self.credentials is None:
-            return {"SPLITWISE_API_KEY": "", "SPLITWISE_ADMIN_KEY": ""}
-        return {"SPLITWISE_API_KEY": self.credentials.api_key, "SPLITWISE_ADMIN_KEY": self.credentials.admin_key}
 
     @property
     def operator_identity(self) -> ClusterTLS | None:
@@ -319,10 +309,10 @@ class Cluster:
                        if not serving(c.address, None if c in self.schedulers else self.operator_identity)]
             time.sleep(0.2)
         expected = self.o.prompt_workers + self.o.token_workers + self.o.mixed_workers
+        admin_key = self.credentials.admin_key if self.credentials else ""
         pending = [c.address for c in self.schedulers]
         while pending:
             self._check_alive(deadline, supervisor)
-            admin_key = self.credentials.admin_key if self.credentials else ""
             pending = [address for address in pending if num_workers_seen(address, deadline, admin_key) < expected]
             time.sleep(0.2)
 
@@ -357,11 +347,10 @@ class Cluster:
 
 def num_workers_seen(scheduler: str, deadline: float, admin_key: str = "") -> int:
     """How many workers the scheduler at this address lists; 0 while it does not answer, until the deadline."""
-    metadata = (("authorization", f"Bearer {admin_key}"),) if admin_key else ()
     try:
         with grpc.insecure_channel(scheduler) as channel:
             status = scheduler_pb2_grpc.SchedulerStub(channel).ClusterStatus(
-                scheduler_pb2.ClusterStatusRequest(), timeout=5, metadata=metadata)
+                scheduler_pb2.ClusterStatusRequest(), timeout=5, metadata=bearer_metadata(admin_key))
         return len(status.workers)
     except grpc.RpcError as e:  # a busy machine: ask again until the deadline
         if time.monotonic() > deadline:

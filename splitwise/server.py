@@ -20,17 +20,20 @@ from splitwise.telemetry.tracing import server_interceptors
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 << 20  # between services (KV chunks); a service's port may take less (start_server)
-MESSAGE_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+
+
+def message_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+MESSAGE_OPTIONS = message_options()
 
 
 def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     # Servers take keepalive pings as often as clients send them (by default they answer pings more often than every
     # 5 minutes without data with GOAWAY "too_many_pings").
-    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000), ("grpc.http2.max_ping_strikes", 0)]
+    return [*message_options(max_message_bytes), ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+            ("grpc.http2.max_ping_strikes", 0)]
 
 
 DEFAULT_KEEPALIVE_S = 5.0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 
+from splitwise.security.peers import bearer_metadata
 from splitwise.security.tls import ClusterTLS, make_cluster_certs, secure_channel
 
 API_KEY = "test-api-" + secrets.token_hex(8)
@@ -31,12 +32,12 @@ def peer_channel(address: str, role: str = "scheduler", **kwargs) -> grpc.aio.Ch
     return secure_channel(address, identity(role), **kwargs)
 
 
-def bearer(key: str = API_KEY) -> tuple[tuple[str, str]]:
-    return (("authorization", f"Bearer {key}"),)
+def bearer(key: str = API_KEY) -> tuple[tuple[str, str], ...]:
+    return bearer_metadata(key)
 
 
 def _with_key(details, key: str):
-    metadata = grpc.aio.Metadata(*(details.metadata or ()), ("authorization", f"Bearer {key}"))
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), *bearer_metadata(key))
     return details._replace(metadata=metadata)
 
 

@@ -11,13 +11,15 @@ import redis
 from splitwise.cluster.registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
-MAX_AGE_S = 1.0  # a worker that registered this recently may be missing from the cached list: read again
+# A listed address is taken without reading the registry again for this long; one not listed (a worker that just
+# registered) makes the next check read it at once.
+REREAD_AFTER_S = 10.0
 
 
 class KnownPeers:
-    def __init__(self, registry: WorkerRegistry, max_age_s: float = MAX_AGE_S):
+    def __init__(self, registry: WorkerRegistry, reread_after_s: float = REREAD_AFTER_S):
         self.registry = registry
-        self.max_age_s = max_age_s
+        self.reread_after_s = reread_after_s
         self._addresses: set[str] = set()
         self._read_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -31,11 +33,14 @@ class KnownPeers:
         self._addresses = {w.address for w in workers}
         self._read_at = time.monotonic()
 
+    def _listed(self, address: str) -> bool:
+        return address in self._addresses and time.monotonic() - self._read_at < self.reread_after_s
+
     async def knows(self, address: str) -> bool:
-        """Whether address is a registered worker's, reading the registry again when the list is stale or lacks it."""
-        if address in self._addresses and time.monotonic() - self._read_at < self.max_age_s * 10:
+        """Whether address is a registered worker's, reading the registry again when the list is old or lacks it."""
+        if self._listed(address):
             return True
         async with self._lock:
-            if time.monotonic() - self._read_at >= self.max_age_s or address not in self._addresses:
+            if not self._listed(address):  # (another check may have read it meanwhile)
                 await self._refresh()
         return address in self._addresses

@@ -24,6 +24,20 @@ class LocalCredentials:
         return ClusterTLS.load(self.tls_dir, "admin")
 
 
+def service_env(credentials: LocalCredentials | None) -> dict[str, str]:
+    """What every service of a local cluster is told of its credentials (None: an --insecure cluster)."""
+    if credentials is None:
+        return {"SPLITWISE_INSECURE": "1", "SPLITWISE_TLS_DIR": ""}
+    return {"SPLITWISE_TLS_DIR": str(credentials.tls_dir), "SPLITWISE_INSECURE": "0"}
+
+
+def scheduler_env(credentials: LocalCredentials | None) -> dict[str, str]:
+    """What a scheduler replica is told besides: the public API's keys."""
+    if credentials is None:
+        return {"SPLITWISE_API_KEY": "", "SPLITWISE_ADMIN_KEY": ""}
+    return {"SPLITWISE_API_KEY": credentials.api_key, "SPLITWISE_ADMIN_KEY": credentials.admin_key}
+
+
 def _kept_secret(path: Path, env: str = "") -> str:
     """The value of env when set (also written to path, so that local clients reading it agree), else the secret
     kept in path, else a new one written there (mode 0600)."""

@@ -81,6 +81,11 @@ class ClusterPeerInterceptor(grpc.aio.ServerInterceptor):
         return _guard(handler, check)
 
 
+def bearer_metadata(key: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries key, as ApiKeyInterceptor reads it (none for no key)."""
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
 def bearer_key(metadata) -> str:
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.lower().startswith(BEARER):
