@@ -72,8 +72,9 @@ async def run_streams(address: str, prompts: list[list[int]], max_tokens: int, k
         streams = asyncio.gather(*(run(i, client) for i in range(len(prompts))))
         if kill is not None:
             await asyncio.wait_for(all_started.wait(), 60)
-            # On a loaded machine the first streams may be far along: most must still be running.
-            assert sum(f is None for f in finished) >= len(prompts) * 3 // 4, "the streams ended before the kill"
+            # On a loaded machine the first streams may be far along (even done): half must still be running.
+            running = sum(f is None for f in finished)
+            assert running >= len(prompts) // 2, f"only {running} of {len(prompts)} streams ran at the kill"
             kill()
         await asyncio.wait_for(streams, 120)  # no stream raises: a failure never reaches the client
     assert finished == ["length"] * len(prompts)
