@@ -201,12 +201,7 @@ class Engine:
     # -- engine thread -----------------------------------------------------------------------------
 
     def _finish_reason(self, seq: Sequence) -> FinishReason | None:
-        last = seq.output[-1].token_id
-        if last in self.eos_token_ids and not seq.params.ignore_eos:
-            return FinishReason.STOP
-        if len(seq.output) >= seq.params.max_tokens or seq.num_tokens >= self.max_context:
-            return FinishReason.LENGTH
-        return None
+        return seq.finish_reason_now(self.eos_token_ids, self.max_context)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Caller holds the lock."""

@@ -59,3 +59,12 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def finish_reason_now(self, eos_token_ids: frozenset[int], max_context: int) -> FinishReason | None:
+        """Why the sequence ends after its last sampled token, if it does: the one rule the engine and the
+        simulator share."""
+        if self.output[-1].token_id in eos_token_ids and not self.params.ignore_eos:
+            return FinishReason.STOP
+        if len(self.output) >= self.params.max_tokens or self.num_tokens >= max_context:
+            return FinishReason.LENGTH
+        return None
