@@ -1,4 +1,4 @@
-"""The `splitwise` command: up | generate | status | health | prepare | trace."""
+"""The `splitwise` command: up | generate | status | health | prepare | trace | profile."""
 
 from __future__ import annotations
 
@@ -171,6 +171,12 @@ def _trace(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from splitwise.sim.profiler import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitwise", description="Phase-split LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -271,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--png", default="", metavar="FILE", help="also draw the waterfall into this PNG")
     trace.add_argument("--width", type=int, default=0, help="columns (default: the terminal's width)")
     trace.set_defaults(run=_trace)
+
+    profile = sub.add_parser("profile", help="measure the engine's step times here: a profile for the simulator",
+                             description="Loads the model as a token worker with these options does, times prefill "
+                                         "batches and decode batches on its engine, and writes a profile CSV (the "
+                                         "paper's columns) with a sidecar JSON (model shape, KV capacity, host).")
+    from splitwise.sim.profiler import add_arguments as profile_arguments
+
+    profile_arguments(profile)
+    profile.set_defaults(run=_profile)
     return parser
 
 

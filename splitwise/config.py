@@ -31,7 +31,15 @@ def _convert(value: str, kind):
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
     parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    add_config_arguments(parser, cls)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None) -> None:
+    """Flags for the fields of `cls` (only `names`, where given), defaulting to their environment variables."""
     for f in dataclasses.fields(cls):
+        if names is not None and f.name not in names:
+            continue
         env = f.metadata["env"]
         default = _convert(os.environ[env], f.type) if env in os.environ else f.default
         flag = "--" + f.name.replace("_", "-")
@@ -40,7 +48,6 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         else:
             kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
             parser.add_argument(flag, type=kind, default=default, help=f"{f.metadata['help']} [{env}] (default: {default})")
-    return cls(**vars(parser.parse_args(argv)))
 
 
 def config_table(*classes: type) -> str:

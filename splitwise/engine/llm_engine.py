@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from collections import deque
+from contextlib import contextmanager
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -113,6 +114,13 @@ class Engine:
         if limit and queued and queued + seq.num_tokens > limit:  # (alone in the queue, any prompt is taken)
             raise QueueFull(f"{queued} prompt tokens are waiting for or in a prefill here; {seq.num_tokens} more would pass "
                             f"the limit of {limit} (SPLITWISE_MAX_QUEUED_PROMPT_TOKENS)")
+
+    @contextmanager
+    def step_together(self):
+        """Requests submitted or started in this block join the same next step: the engine starts none meanwhile
+        (the one computing goes on). For profiling a batch of known size."""
+        with self._cond:
+            yield
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, prefill_only: bool = False,
                on_layer_kv: SequenceKVCallback | None = None, output_ids: Iterable[int] = ()) -> RequestHandle:
