@@ -219,10 +219,13 @@ def _median(values: list[float]) -> float:
 
 async def cluster_model(address: str) -> tuple[str, int, int]:
     """The model the cluster serves, its vocabulary size and context window (from the local model cache)."""
+    from splitwise.model.mock import MOCK_CONTEXT_TOKENS, MOCK_VOCAB_SIZE, is_mock
     from splitwise.model.weights import read_hf_config, resolve_model
 
     async with SplitwiseClient(address) as client:
         status = await client.cluster_status()
+    if is_mock(status.model):
+        return status.model, MOCK_VOCAB_SIZE, MOCK_CONTEXT_TOKENS
     hf = read_hf_config(resolve_model(status.model)[1])
     return status.model, hf["vocab_size"], hf["max_position_embeddings"]
 

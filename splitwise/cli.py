@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from splitwise.client import DEFAULT_ADDRESS, SplitwiseClient
-from splitwise.model import DEFAULT_MODEL
+from splitwise.model import DEFAULT_MOCK_PROFILE, DEFAULT_MODEL
 from splitwise.security.tls import ROLES
 
 
@@ -118,7 +118,8 @@ def _up(args) -> int:
         schedulers=args.schedulers, prompt_workers=args.prompt_workers, token_workers=args.token_workers,
         mixed_workers=args.mixed_workers,
         kv_transfer=args.kv_transfer, run_dir=Path(args.run_dir), device=args.device,
-        pin_workers=args.pin_workers, insecure=args.insecure,
+        pin_workers=args.pin_workers, insecure=args.insecure, engine=args.engine, mock_profile=args.profile,
+        mock_time_factor=args.time_factor, mock_kv_scale=args.kv_scale,
     ))
 
 
@@ -208,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give each worker process its own share of this machine's cores (as separate machines)")
     up.add_argument("--insecure", action="store_true",
                     help="no mTLS between services, no API or admin key, no Redis password (debugging only)")
+    up.add_argument("--engine", choices=["real", "mock"], default=os.environ.get("SPLITWISE_ENGINE", "real"),
+                    help="mock: workers whose model compute is replaced by --profile's modelled step times")
+    up.add_argument("--profile", default=os.environ.get("SPLITWISE_MOCK_PROFILE", DEFAULT_MOCK_PROFILE),
+                    help="the mock engine's machine profile, MODEL@MACHINE or a profile CSV (default: %(default)s)")
+    up.add_argument("--time-factor", type=float, default=float(os.environ.get("SPLITWISE_MOCK_TIME_FACTOR", 1.0)),
+                    help="mock engine: every modelled step time is multiplied by this (default: %(default)s)")
+    up.add_argument("--kv-scale", type=float, default=float(os.environ.get("SPLITWISE_MOCK_KV_SCALE", 1.0)),
+                    help="mock engine: the KV bytes sent are the modelled size divided by this (default: %(default)s)")
     up.set_defaults(run=_up)
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, TypeVar
 
+from splitwise.model import DEFAULT_MOCK_PROFILE
+
 T = TypeVar("T")
 
 
@@ -77,6 +79,14 @@ def default_worker_id(role: str) -> str:
 
 
 MODEL_HELP = "model: smollm2-135m-instruct (default), tiny-llama, or a local Hugging Face Llama-family folder"
+ENGINE_HELP = ("real: the model computes; mock: its compute is replaced by the mock profile's modelled step times "
+               "(no weights, no KV cache; the real scheduler, batching, blocks and KV transports), and the cluster "
+               "serves model mock:PROFILE")
+MOCK_PROFILE_HELP = ("mock engine: the machine profile it models, MODEL@MACHINE from the paper's profiles "
+                     "(llama2-70b@dgx-a100, bloom-176b@dgx-h100, ...) or a profile CSV")
+MOCK_TIME_FACTOR_HELP = ("mock engine: every modelled step time is multiplied by this (above 1 slows the whole mock "
+                         "cluster down where one machine cannot keep up)")
+MOCK_KV_SCALE_HELP = "mock engine: the KV bytes a worker sends are the modelled size divided by this"
 
 
 @dataclass
@@ -86,6 +96,8 @@ class SchedulerConfig:
     listen: str = option("127.0.0.1:50051", "SPLITWISE_SCHEDULER_LISTEN", "host:port the scheduler serves on")
     model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
     cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
+    engine: str = option("real", "SPLITWISE_ENGINE", ENGINE_HELP)
+    mock_profile: str = option(DEFAULT_MOCK_PROFILE, "SPLITWISE_MOCK_PROFILE", MOCK_PROFILE_HELP)
     redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry (and the kv_store index)")
     kv_transfer: str = option("direct", "SPLITWISE_KV_TRANSFER", "direct: prompt worker pushes KV to the token worker; relay: through kv_store")
     kv_store_address: str = option("127.0.0.1:50081", "SPLITWISE_KV_STORE_ADDRESS", "kv_store host:port (relay mode, and where KV is kept)")
@@ -121,6 +133,10 @@ class PromptWorkerConfig:
     worker_id: str = option("", "SPLITWISE_WORKER_ID", "unique worker id (default: role-host-random)")
     model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
     cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
+    engine: str = option("real", "SPLITWISE_ENGINE", ENGINE_HELP)
+    mock_profile: str = option(DEFAULT_MOCK_PROFILE, "SPLITWISE_MOCK_PROFILE", MOCK_PROFILE_HELP)
+    mock_time_factor: float = option(1.0, "SPLITWISE_MOCK_TIME_FACTOR", MOCK_TIME_FACTOR_HELP)
+    mock_kv_scale: float = option(1.0, "SPLITWISE_MOCK_KV_SCALE", MOCK_KV_SCALE_HELP)
     device: str = option("auto", "SPLITWISE_DEVICE", "cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
     dtype: str = option("float32", "SPLITWISE_DTYPE", "float32, bfloat16 or float16")
     num_threads: int = option(0, "SPLITWISE_NUM_THREADS", "torch compute threads (0: torch's default)")
@@ -155,6 +171,10 @@ class TokenWorkerConfig:
     worker_id: str = option("", "SPLITWISE_WORKER_ID", "unique worker id (default: role-host-random)")
     model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
     cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
+    engine: str = option("real", "SPLITWISE_ENGINE", ENGINE_HELP)
+    mock_profile: str = option(DEFAULT_MOCK_PROFILE, "SPLITWISE_MOCK_PROFILE", MOCK_PROFILE_HELP)
+    mock_time_factor: float = option(1.0, "SPLITWISE_MOCK_TIME_FACTOR", MOCK_TIME_FACTOR_HELP)
+    mock_kv_scale: float = option(1.0, "SPLITWISE_MOCK_KV_SCALE", MOCK_KV_SCALE_HELP)
     device: str = option("auto", "SPLITWISE_DEVICE", "cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
     dtype: str = option("float32", "SPLITWISE_DTYPE", "float32, bfloat16 or float16")
     num_threads: int = option(0, "SPLITWISE_NUM_THREADS", "torch compute threads (0: torch's default)")

@@ -18,6 +18,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitwise.cluster.redis_server import start_redis
+from splitwise.model import DEFAULT_MOCK_PROFILE
+from splitwise.model.mock import mock_model_name
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
 from splitwise.security.local import LocalCredentials, local_credentials, scheduler_env, service_env
 from splitwise.security.peers import bearer_metadata
@@ -111,6 +113,16 @@ class UpOptions:
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)  # how `up` restarts a dead service
     # No TLS between services, no API or admin key, no Redis password: anyone who reaches a port is trusted.
     insecure: bool = False
+    # The workers' engine: "real" (the model), or "mock": mock_profile's modelled step times, times
+    # mock_time_factor, with KV of the modelled size divided by mock_kv_scale (splitwise/engine/mock_runner.py).
+    engine: str = "real"
+    mock_profile: str = DEFAULT_MOCK_PROFILE
+    mock_time_factor: float = 1.0
+    mock_kv_scale: float = 1.0
+
+    @property
+    def served_model(self) -> str:
+        return mock_model_name(self.mock_profile) if self.engine == "mock" else self.model
 
 
 def worker_cores(index: int, workers: int, cores: list[int]) -> set[int]:
@@ -238,6 +250,8 @@ class Cluster:
             redis_url = f"redis://{auth}{o.host}:{o.redis_port}/0"
         traces = (o.run_dir / "traces").resolve()
         common = {"SPLITWISE_MODEL": o.model, "SPLITWISE_REDIS_URL": redis_url, "SPLITWISE_DEVICE": o.device,
+                  "SPLITWISE_ENGINE": o.engine, "SPLITWISE_MOCK_PROFILE": o.mock_profile,
+                  "SPLITWISE_MOCK_TIME_FACTOR": str(o.mock_time_factor), "SPLITWISE_MOCK_KV_SCALE": str(o.mock_kv_scale),
                   **service_env(self.credentials)}
         kv_store = self.listen_address("kv_store")
         self._spawn("kv_store", "services.kv_store", {
@@ -372,10 +386,16 @@ def serving(address: str, tls: ClusterTLS | None = None) -> bool:
 def up(options: UpOptions) -> int:
     """Runs the cluster in the foreground until Ctrl-C / SIGTERM, restarting a service that dies; stops when one
     the cluster needs keeps exiting (splitwise/supervision.py)."""
-    from splitwise.model.weights import resolve_model
+    if options.engine == "mock":
+        from splitwise.model.mock import load_mock_model
 
-    print(f"preparing model {options.model} (the first run converts the GGUF, ~30 s)...", flush=True)
-    resolve_model(options.model)
+        print(f"mock engine: {load_mock_model(options.mock_profile, options.mock_time_factor, options.mock_kv_scale).describe()}",
+              flush=True)
+    else:
+        from splitwise.model.weights import resolve_model
+
+        print(f"preparing model {options.model} (the first run converts the GGUF, ~30 s)...", flush=True)
+        resolve_model(options.model)
     stop_requested = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop_requested.append(True))

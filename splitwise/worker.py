@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from splitwise.cluster.registry import Heartbeat, WorkerInfo, WorkerRegistry, connect
 from splitwise.config import cache_dir_of, default_worker_id, resolve_device
 from splitwise.engine.llm_engine import Engine, EngineConfig, StepRecord
+from splitwise.engine.mock_runner import MockModelRunner
 from splitwise.kv.layout import KVLayout
 from splitwise.kv.staging import remove_stale_segments
 from splitwise.kv.transport import WorkerTransports
+from splitwise.model.mock import is_mock, load_mock_model, served_model_name
 from splitwise.model.weights import load_model
 from splitwise.security.keys import load_cluster_key
 from splitwise.telemetry import metrics
@@ -28,17 +30,25 @@ class LoadedEngine:
 
 
 def load_engine(config, max_decode_batch: int = 256) -> LoadedEngine:
-    device = resolve_device(config.device)
-    start = time.perf_counter()
-    loaded = load_model(config.model, device=device, dtype=config.dtype, cache_dir=cache_dir_of(config))
-    engine = Engine(loaded, device, EngineConfig(
+    """The engine of `config.engine`: the model's (real), or the mock profile's modelled time (mock)."""
+    engine_config = EngineConfig(
         kv_memory_bytes=config.kv_memory_bytes, block_size=config.block_size,
         max_batch_tokens=config.max_batch_tokens, max_decode_batch=max_decode_batch,
         max_queued_prompt_tokens=config.max_queued_prompt_tokens, num_threads=config.num_threads,
-    ))
+    )
+    start = time.perf_counter()
+    if is_mock(served_model_name(config)):
+        loaded = load_mock_model(config.mock_profile, config.mock_time_factor, config.mock_kv_scale)
+        engine = Engine(loaded, "cpu", engine_config, MockModelRunner)
+        log.info("mock engine %s; %d blocks of %d tokens", loaded.describe(), engine.blocks.num_blocks,
+                 engine.blocks.block_size)
+    else:
+        device = resolve_device(config.device)
+        loaded = load_model(config.model, device=device, dtype=config.dtype, cache_dir=cache_dir_of(config))
+        engine = Engine(loaded, device, engine_config)
+        log.info("loaded %s on %s (%s) in %.1fs; KV cache %d blocks of %d tokens", loaded.name, device, config.dtype,
+                 time.perf_counter() - start, engine.blocks.num_blocks, engine.blocks.block_size)
     engine.on_step = record_step
-    log.info("loaded %s on %s (%s) in %.1fs; KV cache %d blocks of %d tokens", loaded.name, device, config.dtype,
-             time.perf_counter() - start, engine.blocks.num_blocks, engine.blocks.block_size)
     return LoadedEngine(engine, KVLayout.of(loaded.config, engine.runner.dtype, loaded.fingerprint))
 
 

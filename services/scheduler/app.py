@@ -24,6 +24,7 @@ from splitwise.cluster.pools import PoolPolicy, PoolStore
 from splitwise.cluster.registry import WorkerRegistry, connect
 from splitwise.cluster.routing import ConditionalDisaggregation
 from splitwise.config import SchedulerConfig, cache_dir_of, parse_config
+from splitwise.model.mock import MOCK_CONTEXT_TOKENS, is_mock, mock_tokenizer, served_model_name
 from splitwise.model.weights import eos_token_ids, load_tokenizer, read_hf_config, resolve_model
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
 from splitwise.security.keys import load_cluster_key
@@ -57,6 +58,11 @@ class Scheduler:
 
 
 def load_model_info(config: SchedulerConfig) -> ModelInfo:
+    name = served_model_name(config)
+    if is_mock(name):
+        tokenizer = mock_tokenizer()
+        return ModelInfo(name, tokenizer, MOCK_CONTEXT_TOKENS, len(tokenizer), frozenset([tokenizer.eos_token_id]),
+                         longest_token_bytes(tokenizer))
     name, folder = resolve_model(config.model, cache_dir_of(config))
     hf = read_hf_config(folder)
     tokenizer = load_tokenizer(folder)

@@ -14,11 +14,13 @@ from typing import Callable, Iterable
 import torch
 
 from splitwise.engine.block_manager import BlockManager, KVCapacityError
+from splitwise.engine.mock_runner import MockModelRunner
 from splitwise.engine.model_runner import ModelRunner
 from splitwise.engine.request_handle import Finished, RequestHandle, failure_of
 from splitwise.engine.sampling import NonFiniteLogits, SampledToken, SamplingParams
 from splitwise.engine.scheduler import BatchScheduler, ScheduledBatch
 from splitwise.engine.sequence import FinishReason, Sequence, SequenceKVCallback, Status
+from splitwise.model.mock import MockModel
 from splitwise.model.weights import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -56,13 +58,15 @@ class QueueFull(KVCapacityError):
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, device: str, config: EngineConfig):
+    def __init__(self, loaded: LoadedModel | MockModel, device: str, config: EngineConfig,
+                 runner_type: type[ModelRunner] | type[MockModelRunner] = ModelRunner):
+        """`runner_type` computes the steps: the model's forward (ModelRunner), or modelled time (MockModelRunner,
+        with a MockModel)."""
         self.loaded = loaded
         self.config = config
-        dtype = next(loaded.model.parameters()).dtype
-        num_blocks = config.kv_memory_bytes // (ModelRunner.bytes_per_token(loaded, dtype) * config.block_size)
-        self.blocks = BlockManager(num_blocks, config.block_size)
-        self.runner = ModelRunner(loaded, device, self.blocks)
+        self.blocks = BlockManager(runner_type.num_blocks(loaded, config.kv_memory_bytes, config.block_size),
+                                   config.block_size)
+        self.runner = runner_type(loaded, device, self.blocks)
         self.scheduler = BatchScheduler(self.blocks, config.max_batch_tokens, config.max_decode_batch,
                                         config.decode_age_bound_s)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)

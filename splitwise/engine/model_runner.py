@@ -25,6 +25,12 @@ class ModelRunner:
         self._block_offsets = torch.arange(blocks.block_size, device=device)
 
     @staticmethod
+    def num_blocks(loaded: LoadedModel, kv_memory_bytes: int, block_size: int) -> int:
+        """How many blocks of the cache fit in the memory budget."""
+        dtype = next(loaded.model.parameters()).dtype
+        return kv_memory_bytes // (ModelRunner.bytes_per_token(loaded, dtype) * block_size)
+
+    @staticmethod
     def bytes_per_token(loaded: LoadedModel, dtype: torch.dtype) -> int:
         c = loaded.config
         return 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty((), dtype=dtype).element_size()

@@ -16,8 +16,9 @@ CHAT_TEMPLATE = (
 SEED = 1234
 
 
-def build_tokenizer():
-    """A byte-level BPE without merges: every byte is a token, plus the chat special tokens."""
+def build_tokenizer(vocab_size: int | None = None):
+    """A byte-level BPE without merges: every byte is a token, plus the chat special tokens. With `vocab_size`,
+    padded with word tokens (" w<id>") that encoding never produces but that decode to text (the mock model's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -25,6 +26,8 @@ def build_tokenizer():
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for ch in sorted(byte_chars):
         vocab[ch] = len(vocab)
+    for i in range(len(vocab), vocab_size or 0):
+        vocab[f"\u0120w{i}"] = i  # byte-level's spelling of " w<i>"
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
