@@ -49,11 +49,12 @@ class ProfilePoint:
 
 def plan(prompt_sizes, batch_sizes, max_context_tokens: int, kv_capacity_tokens: int, decode_steps: int,
          max_decode_batch: int) -> list[ProfilePoint]:
-    """The points a worker can run: prompts plus their decode steps within the context window, the batch's KV
-    within the worker's capacity, the batch within its decode batch."""
-    return [ProfilePoint(p, b) for b in batch_sizes for p in prompt_sizes
-            if p + decode_steps < max_context_tokens and b * (p + decode_steps) <= kv_capacity_tokens
-            and b <= max_decode_batch]
+    """The points a worker can run: a prompt longer than the context window (with its decode steps) is profiled at
+    the longest that fits; batches whose KV passes the worker's capacity, or beyond its decode batch, are left out."""
+    longest = max_context_tokens - decode_steps - 1
+    sizes = sorted({min(p, longest) for p in prompt_sizes if longest > 0})
+    return [ProfilePoint(p, b) for b in sorted(set(batch_sizes)) for p in sizes
+            if b * (p + decode_steps) <= kv_capacity_tokens and b <= max_decode_batch]
 
 
 class EngineProfiler:
@@ -166,7 +167,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs of each prefill, decode steps of each batch; "
                         "the medians are kept (default: 5)")
     parser.add_argument("--prompt-sizes", type=_sizes, default=None, metavar="N,N,...",
-                        help=f"prompt tokens (default: {','.join(map(str, PROMPT_SIZES))}, within the context window)")
+                        help=f"prompt tokens (default: {','.join(map(str, PROMPT_SIZES))}; beyond the context window, the "
+                             "longest that fits)")
     parser.add_argument("--batch-sizes", type=_sizes, default=None, metavar="N,N,...",
                         help=f"prompts in a batch (default: {','.join(map(str, BATCH_SIZES))})")
     parser.add_argument("--link-bytes-per-s", type=float, default=None,
