@@ -95,9 +95,12 @@ def model_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
 
 
-def paper_profile(model: str, machine_name: str, tensor_parallel: int = 8) -> MachineProfile:
+def paper_profile(model: str, machine_name: str, tensor_parallel: int = 8,
+                  decode_curve: str = "batch_size") -> MachineProfile:
+    """The paper's profile of a model on a machine type (tensor parallel over its 8 GPUs by default)."""
     m = machine(machine_name)
-    return MachineProfile(m, model_spec(model), load_profile(PAPER_PROFILES, model, m.hardware, tensor_parallel))
+    return MachineProfile(m, model_spec(model),
+                          load_profile(PAPER_PROFILES, model, m.hardware, tensor_parallel, decode_curve))
 
 
 def resolve_profile(name: str, measured_machine: MachineType | None = None,

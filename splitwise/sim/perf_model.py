@@ -2,8 +2,12 @@
 
 A profile is the CSV the paper's simulator published (`data/perf_model.csv`) or one `splitwise profile` measured
 here, in the same columns. Prefill time is interpolated over the batch's prompt tokens (the median of every row
-with that many: prompt_size x batch_size), decode time over the decode batch's size (the median of every row of
-that batch size). Beyond the profiled points the nearest segment is extrapolated, never below half the smallest.
+with that many: prompt_size x batch_size). Decode time is read one of two ways (`decode_curve`):
+- "batch_size": over the decode batch's size, the median of every row of that batch size (what the columns say);
+- "splitwisesim": as the paper's simulator reads it, over the same prompt_size x batch_size axis as prefill, at x =
+  the number of decoding sequences. Its profiled x starts at 128 tokens, so decode steps come out almost flat in
+  the batch size (about 43 ms on a DGX-A100 from 1 to 2048 sequences): the model behind the paper's cluster results.
+Beyond the profiled points the nearest segment is extrapolated, never below half the smallest.
 """
 
 from __future__ import annotations
@@ -101,8 +105,13 @@ class PerfModel:
                          self.prompt_power, self.token_power)
 
 
-def read_profiles(path: str | Path = PAPER_PROFILES) -> dict[tuple[str, str, int], PerfModel]:
+DECODE_CURVES = ("batch_size", "splitwisesim")
+
+
+def read_profiles(path: str | Path = PAPER_PROFILES, decode_curve: str = "batch_size") -> dict[tuple[str, str, int], PerfModel]:
     """Every (model, hardware, tensor_parallel) in a profile CSV, as a PerfModel."""
+    if decode_curve not in DECODE_CURVES:
+        raise ValueError(f"unknown decode curve {decode_curve!r}; choose from {', '.join(DECODE_CURVES)}")
     groups: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -113,17 +122,18 @@ def read_profiles(path: str | Path = PAPER_PROFILES) -> dict[tuple[str, str, int
             groups[(row["model"], row["hardware"], int(row.get("tensor_parallel") or 1))].append(row)
     if not groups:
         raise ValueError(f"{path}: a performance profile with no rows")
-    return {key: _model_of(key, rows) for key, rows in groups.items()}
+    return {key: _model_of(key, rows, decode_curve) for key, rows in groups.items()}
 
 
-def _model_of(key: tuple[str, str, int], rows: list[dict]) -> PerfModel:
+def _model_of(key: tuple[str, str, int], rows: list[dict], decode_curve: str) -> PerfModel:
     prompt: dict[int, list[float]] = defaultdict(list)
     token: dict[int, list[float]] = defaultdict(list)
     peak, average = [], []
     for row in rows:
         batch = int(row["batch_size"])
         prompt[int(row["prompt_size"]) * batch].append(float(row["prompt_time"]) / 1000)
-        token[batch].append(float(row["token_time"]) / 1000)
+        x = batch if decode_curve == "batch_size" else int(row["prompt_size"]) * batch
+        token[x].append(float(row["token_time"]) / 1000)
         if float(row.get("peak_power") or 0) > 0:
             peak.append(float(row["peak_power"]))
         if float(row.get("average_power") or 0) > 0:
@@ -138,9 +148,9 @@ def _model_of(key: tuple[str, str, int], rows: list[dict]) -> PerfModel:
 
 
 def load_profile(path: str | Path = PAPER_PROFILES, model: str | None = None, hardware: str | None = None,
-                 tensor_parallel: int | None = None) -> PerfModel:
+                 tensor_parallel: int | None = None, decode_curve: str = "batch_size") -> PerfModel:
     """The one profile of `path` matching the given fields (all of them may be left out where only one matches)."""
-    profiles = read_profiles(path)
+    profiles = read_profiles(path, decode_curve)
     matches = [p for (m, h, tp), p in profiles.items()
                if (model is None or m == model) and (hardware is None or h == hardware)
                and (tensor_parallel is None or tp == tensor_parallel)]

@@ -1,0 +1,351 @@
+"""The discrete-event cluster simulator: the live scheduler's routing and pool code and the engine's batching code,
+run in virtual time over a cluster design and a workload.
+
+At each arrival the scheduler's view of the workers (their heartbeats: pending tokens, KV in use, their pools) goes
+to `pools.plan` and `routing.route`, imported from the live scheduler. A colocated request runs whole on its
+machine. A split one reserves KV blocks on its token machine, is prefilled on its prompt machine (the first token
+reaches the client there), ships its KV (layer by layer when long enough), and decodes on the token machine. Each
+machine steps its own BatchScheduler; a step takes the performance model's time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+from bench.slo import IdleBaseline, RequestResult, SLOReport, slo_attainment, summarize
+from splitwise.cluster.pools import PoolPolicy, plan, with_pools
+from splitwise.cluster.routing import ConditionalDisaggregation, NoWorkerAvailable, route
+from splitwise.config import SchedulerConfig, TokenWorkerConfig
+from splitwise.engine.sequence import FinishReason, Sequence
+from splitwise.sim.designs import ClusterDesign
+from splitwise.sim.kv_model import DEFAULT_PER_TRANSFER_S, KVLink
+from splitwise.sim.machine import EngineLimits, SimMachine
+from splitwise.sim.machines import MachineProfile
+from splitwise.sim.workload import SimRequest
+
+IDLE_POWER = 0.25  # fraction of rated power a machine draws with nothing to compute (an assumption, not measured)
+RESERVE_RETRY_S = 0.01  # a request whose token machine has no free blocks asks again this often ...
+RESERVE_GIVE_UP_S = 60.0  # ... for this long, and is dropped after
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """The scheduler's policies and the workers' engine limits, by default those the live services start with."""
+
+    routing_policy: str = "cls"
+    conditional: ConditionalDisaggregation = ConditionalDisaggregation()
+    pool_policy: PoolPolicy = PoolPolicy()
+    kv_layerwise_min_tokens: int = 512
+    per_transfer_s: float = DEFAULT_PER_TRANSFER_S
+    # How often the scheduler's view of the workers (their heartbeats) is refreshed; meanwhile it adds the tokens it
+    # routed to each worker whose prompt phase has not ended, as the live scheduler does. 0: an exact view.
+    view_refresh_s: float = 0.25
+    limits: EngineLimits = EngineLimits()
+
+    @classmethod
+    def live_defaults(cls, **changes) -> SimConfig:
+        scheduler, worker = SchedulerConfig(), TokenWorkerConfig()
+        config = cls(
+            routing_policy=scheduler.routing_policy,
+            conditional=ConditionalDisaggregation(scheduler.conditional_prefill_max_tokens,
+                                                  scheduler.prompt_pool_busy_tokens),
+            pool_policy=PoolPolicy(scheduler.pool_borrow_prompt_tokens, scheduler.pool_borrow_kv_fraction,
+                                   scheduler.pool_cooldown_s),
+            kv_layerwise_min_tokens=scheduler.kv_layerwise_min_tokens,
+            view_refresh_s=scheduler.registry_refresh_s,
+            limits=EngineLimits(block_size=worker.block_size, max_batch_tokens=worker.max_batch_tokens,
+                                max_decode_batch=worker.max_decode_batch),
+        )
+        return config.replace(**changes) if changes else config
+
+    def replace(self, **changes) -> SimConfig:
+        from dataclasses import replace
+        return replace(self, **changes)
+
+
+@dataclass(eq=False)
+class _Request:
+    request: SimRequest
+    token_seq: Sequence | None = None
+    prompt_seq: Sequence | None = None
+    prompt_machine: SimMachine | None = None
+    token_machine: SimMachine | None = None
+    first_token_s: float | None = None
+    last_token_s: float = 0.0
+    gaps: list[float] = field(default_factory=list)
+    done_s: float | None = None
+    prefill_start_s: float | None = None
+    waiting_since_s: float = 0.0
+    dropped: str = ""
+
+
+@dataclass
+class MachineReport:
+    worker_id: str
+    machine: str
+    role: str
+    prefill_s: float
+    decode_s: float
+    prompt_tokens: int
+    decode_tokens: int
+    energy_kwh: float
+
+
+@dataclass
+class SimResult:
+    design: ClusterDesign
+    requests: list[RequestResult]
+    sim_time_s: float
+    events: int
+    wall_s: float
+    machines: list[MachineReport]
+    pool_transitions: int
+
+    @property
+    def dropped(self) -> int:
+        return sum(not r.ok for r in self.requests)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / max(self.wall_s, 1e-9)
+
+    @property
+    def average_power_kw(self) -> float:
+        return sum(m.energy_kwh for m in self.machines) / max(self.sim_time_s / 3600, 1e-12)
+
+    def summary(self) -> dict:
+        return summarize(self.requests)
+
+    def slo(self, baseline: IdleBaseline) -> SLOReport:
+        return slo_attainment(self.requests, baseline)
+
+
+def idle_baseline(profile: MachineProfile) -> IdleBaseline:
+    """A request alone on a machine of this profile: its prefill, then one-sequence decode steps."""
+    perf = profile.perf
+    return IdleBaseline(ttft_points=tuple((int(x), perf.prefill_s(x)) for x, _ in perf.prompt_points),
+                        tbt_points=((1, perf.decode_s(1)),))
+
+
+class Simulator:
+    def __init__(self, design: ClusterDesign, requests: list[SimRequest], config: SimConfig | None = None):
+        self.design = design
+        self.config = config or SimConfig.live_defaults()
+        self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        self.now = 0.0
+        self._events: list = []
+        self._counter = itertools.count()
+        self.events = 0
+        self.machines: list[SimMachine] = []
+        for pool in design.pools:
+            for i in range(pool.count):
+                worker_id = f"{pool.role}-{pool.profile.machine.name}-{i}"
+                self.machines.append(SimMachine(worker_id, pool.role, pool.profile, self.config.limits, self._clock))
+        self.by_id = {m.worker_id: m for m in self.machines}
+        self.membership: dict[str, str] = {}
+        self.last_pool_change = -math.inf
+        self.pool_transitions = 0
+        self._owner: dict[Sequence, _Request] = {}
+        self._backlog: list[_Request] = []
+        self._view: list | None = None
+        self._view_at = -math.inf
+        self._in_flight: dict[str, int] = {}
+        self._routed = 0
+
+    def _clock(self) -> float:
+        return self.now
+
+    def _push(self, at: float, kind: str, *payload) -> None:
+        heapq.heappush(self._events, (at, next(self._counter), kind, payload))
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        started = time.perf_counter()
+        states = [_Request(r) for r in self.requests]
+        arrivals = iter(states)
+        upcoming = next(arrivals, None)
+        handlers = {"step": self._step_done, "kv": self._kv_arrived, "retry": self._retry_backlog}
+        while self._events or upcoming is not None:
+            if upcoming is not None and (not self._events or upcoming.request.arrival_s <= self._events[0][0]):
+                at, kind, payload = upcoming.request.arrival_s, "arrival", (upcoming,)
+                upcoming = next(arrivals, None)
+            else:
+                at, _, kind, payload = heapq.heappop(self._events)
+            if at < self.now:
+                raise AssertionError(f"virtual time went back from {self.now} to {at} ({kind})")
+            self.now = at
+            self.events += 1
+            if kind == "arrival":
+                self._arrive(*payload)
+            else:
+                handlers[kind](*payload)
+        wall = time.perf_counter() - started
+        return SimResult(self.design, [self._result(s) for s in states], self.now, self.events, wall,
+                         [self._machine_report(m) for m in self.machines], self.pool_transitions)
+
+    # -- the scheduler ----------------------------------------------------------------------------------------
+
+    def _workers(self):
+        """The scheduler's view: exact, or the workers as last refreshed plus the tokens routed to them since."""
+        refresh = self.config.view_refresh_s
+        if refresh <= 0:
+            return [m.info() for m in self.machines], {}
+        if self.now - self._view_at >= refresh:
+            self._view, self._view_at = [m.info() for m in self.machines], self.now
+        return self._view, self._in_flight
+
+    def _load(self, state: _Request, sign: int) -> None:
+        """Counts a request's tokens in flight on its workers from routing to its first token (live: `loaded`)."""
+        if self.config.view_refresh_s <= 0:
+            return
+        r, flight = state.request, self._in_flight
+        p, t = state.prompt_machine.worker_id, state.token_machine.worker_id
+        flight[p] = flight.get(p, 0) + sign * r.prompt_tokens
+        if t != p:
+            flight[t] = flight.get(t, 0) + sign * (r.prompt_tokens + r.output_tokens)
+
+    def _arrive(self, state: _Request) -> None:
+        request = state.request
+        declared, in_flight = self._workers()
+        policy = self.config.pool_policy
+        if policy.enabled:
+            change = plan(declared, self.membership, policy, in_flight, self.now, self.last_pool_change)
+            if change is not None:
+                if change.from_pool == "mixed":
+                    self.membership.pop(change.worker_id, None)
+                else:
+                    self.membership[change.worker_id] = change.to_pool
+                self.last_pool_change = self.now
+                self.pool_transitions += 1
+        workers = with_pools(declared, self.membership) if self.membership else declared
+        needed = request.prompt_tokens + request.output_tokens
+        self._routed += 1
+        try:
+            chosen = route(workers, workers[0].model if workers else "sim", needed, in_flight,
+                           self.config.routing_policy, request.prompt_tokens, self._routed, self.config.conditional)
+        except NoWorkerAvailable as e:
+            state.dropped = f"no worker: {e}"
+            return
+        token_machine = self.by_id[chosen.token_worker.worker_id]
+        state.token_machine = token_machine
+        state.token_seq = SimMachine.sequence(request.request_id, request.prompt_tokens, request.output_tokens)
+        self._owner[state.token_seq] = state
+        if chosen.colocated:
+            state.prompt_machine = token_machine
+            self._load(state, +1)
+            token_machine.submit(state.token_seq)
+            self._kick(token_machine)
+            return
+        state.prompt_machine = self.by_id[chosen.prompt_worker.worker_id]
+        self._load(state, +1)
+        state.waiting_since_s = self.now
+        self._admit_split(state)
+
+    def _admit_split(self, state: _Request) -> None:
+        if not state.token_machine.reserve(state.token_seq):
+            if not self._backlog:
+                self._push(self.now + RESERVE_RETRY_S, "retry")
+            self._backlog.append(state)
+            return
+        request = state.request
+        state.prompt_seq = SimMachine.sequence(request.request_id, request.prompt_tokens, request.output_tokens,
+                                               prefill_only=True)
+        self._owner[state.prompt_seq] = state
+        state.prompt_machine.submit(state.prompt_seq)
+        self._kick(state.prompt_machine)
+
+    def _retry_backlog(self) -> None:
+        waiting, self._backlog = self._backlog, []
+        for state in waiting:
+            if self.now - state.waiting_since_s > RESERVE_GIVE_UP_S:
+                state.dropped = f"no KV memory on {state.token_machine.worker_id} for {RESERVE_GIVE_UP_S:.0f}s"
+                del self._owner[state.token_seq]
+                self._load(state, -1)
+                continue
+            self._admit_split(state)
+
+    # -- machines ---------------------------------------------------------------------------------------------
+
+    def _kick(self, machine: SimMachine) -> None:
+        if machine.busy:
+            return
+        step = machine.next_step()
+        if step is None:
+            return
+        batch, seconds = step
+        if batch.prefill:
+            for seq in batch.seqs:
+                state = self._owner[seq]
+                if state.prefill_start_s is None:
+                    state.prefill_start_s = self.now
+        self._push(self.now + seconds, "step", machine, batch)
+
+    def _step_done(self, machine: SimMachine, batch) -> None:
+        for seq, reason in machine.finish_step(batch):
+            state = self._owner[seq]
+            if reason is FinishReason.PREFILLED:
+                self._token(state)
+                self._ship_kv(state)
+                continue
+            self._token(state)
+            if reason is not None:
+                self._done(state)
+        self._kick(machine)
+
+    def _token(self, state: _Request) -> None:
+        if state.first_token_s is None:
+            state.first_token_s = self.now
+            self._load(state, -1)
+        else:
+            state.gaps.append(self.now - state.last_token_s)
+        state.last_token_s = self.now
+
+    def _ship_kv(self, state: _Request) -> None:
+        prompt_m, token_m = state.prompt_machine, state.token_machine
+        link = KVLink(min(prompt_m.profile.machine.link_bytes_per_s, token_m.profile.machine.link_bytes_per_s),
+                      self.config.per_transfer_s)
+        tokens = state.request.prompt_tokens
+        spec = prompt_m.profile.model
+        at = link.arrival_s(tokens * spec.kv_bytes_per_token, spec.num_layers, state.prefill_start_s, self.now,
+                            layerwise=tokens >= self.config.kv_layerwise_min_tokens)
+        self._push(at, "kv", state)
+
+    def _kv_arrived(self, state: _Request) -> None:
+        prompt_m, token_m = state.prompt_machine, state.token_machine
+        prompt_m.free_blocks_of(state.prompt_seq)
+        del self._owner[state.prompt_seq]
+        self._kick(prompt_m)
+        if token_m.start_decoding(state.token_seq) is not None:
+            self._done(state)  # its first token was its last
+        self._kick(token_m)
+
+    def _done(self, state: _Request) -> None:
+        state.done_s = self.now
+        self._owner.pop(state.token_seq, None)
+
+    # -- results ----------------------------------------------------------------------------------------------
+
+    def _result(self, state: _Request) -> RequestResult:
+        r = state.request
+        if state.done_s is None:
+            error = state.dropped or "not finished when the simulation ended"
+            return RequestResult(r.request_id, r.arrival_s, r.prompt_tokens, 0, None, [], None, error)
+        return RequestResult(r.request_id, r.arrival_s, r.prompt_tokens, r.output_tokens,
+                             state.first_token_s - r.arrival_s, state.gaps, state.done_s - r.arrival_s)
+
+    def _machine_report(self, m: SimMachine) -> MachineReport:
+        perf, rated = m.profile.perf, m.profile.machine.power_kw
+        idle = max(self.now - m.stats.prefill_s - m.stats.decode_s, 0.0)
+        kwh = rated * (perf.prompt_power * m.stats.prefill_s + perf.token_power * m.stats.decode_s
+                       + IDLE_POWER * idle) / 3600
+        return MachineReport(m.worker_id, m.profile.machine.name, m.role, m.stats.prefill_s, m.stats.decode_s,
+                             m.stats.prompt_tokens, m.stats.decode_tokens, kwh)
+
+
+def simulate(design: ClusterDesign, requests: list[SimRequest], config: SimConfig | None = None) -> SimResult:
+    return Simulator(design, requests, config).run()
