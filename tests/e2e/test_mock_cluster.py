@@ -1,0 +1,47 @@
+"""A `splitwise up --engine mock` cluster: real worker processes (registry, batching, blocks, KV transports) whose
+model compute is a machine profile's modelled time. It serves concurrent streams of exactly max_tokens, the same
+request twice gives the same tokens, and a long prompt's first token comes after its modelled prefill."""
+
+import asyncio
+import random
+import time
+
+import pytest
+
+from splitwise.client import SplitwiseClient
+from splitwise.model.mock import MOCK_VOCAB_SIZE, load_mock_model
+from tests.e2e.launched_cluster import launched_cluster, run_streams
+
+pytestmark = pytest.mark.e2e
+
+PROFILE = "llama2-70b@dgx-a100"
+TIME_FACTOR = 2.0
+KV_SCALE = 256.0
+SHORT_PROMPT, LONG_PROMPT = 16, 2000  # one prefill step each (SPLITWISE_MAX_BATCH_TOKENS 2048)
+
+
+async def first_token_s(client: SplitwiseClient, prompt: list[int]) -> float:
+    sent = time.monotonic()
+    async for chunk in client.stream(token_ids=prompt, max_tokens=2, ignore_eos=True, timeout=60):
+        if chunk.token_ids:
+            return time.monotonic() - sent
+    raise AssertionError("the stream ended without a token")
+
+
+async def test_mock_cluster_serves_deterministic_streams_with_modelled_prefill_times(tmp_path, cache_dir):
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, MOCK_VOCAB_SIZE) for _ in range(rng.randrange(8, 600))] for _ in range(8)]
+    with launched_cluster(tmp_path, cache_dir, engine="mock", mock_profile=PROFILE, mock_time_factor=TIME_FACTOR,
+                          mock_kv_scale=KV_SCALE, prompt_workers=2, token_workers=2) as cluster:
+        async with SplitwiseClient(cluster.address) as client:
+            assert (await client.cluster_status()).model == f"mock:{PROFILE}"
+        first = await run_streams(cluster.address, prompts, max_tokens=24)
+        again = await run_streams(cluster.address, prompts[:3], max_tokens=24)
+        async with SplitwiseClient(cluster.address) as client:
+            short = [await first_token_s(client, [5] * SHORT_PROMPT) for _ in range(3)]
+            long = [await first_token_s(client, [6] * LONG_PROMPT) for _ in range(3)]
+    assert all(len(out) == 24 for out in first)
+    assert again == first[:3]
+    perf = load_mock_model(PROFILE).profile.perf
+    assert min(long) >= TIME_FACTOR * perf.prefill_s(LONG_PROMPT)  # a sleep is never shorter than asked
+    assert sorted(long)[1] > sorted(short)[1]
