@@ -63,9 +63,11 @@ class SimMachine:
     limits: EngineLimits
     clock: Callable[[], float]
     model: str = "sim"
+    decode_runs: bool = True  # compute runs of identical decode steps at once (False: step by step, for checking)
     blocks: BlockManager = field(init=False)
     scheduler: BatchScheduler = field(init=False)
     busy: bool = False
+    run: list | None = None  # the step in progress: [batch, seconds per step, steps, start], set by the simulator
     stats: MachineStats = field(default_factory=MachineStats)
 
     def __post_init__(self):
@@ -76,11 +78,23 @@ class SimMachine:
 
     # -- what the scheduler's registry view sees (a worker's heartbeat) --------------------------------
 
-    def info(self) -> WorkerInfo:
+    def info(self, now: float) -> WorkerInfo:
         queued = sum(s.num_tokens - s.num_cached for s in self.scheduler.waiting)
-        used = self.blocks.num_used * self.blocks.block_size
+        used = (self.blocks.num_used + self._run_blocks(now)) * self.blocks.block_size
         return WorkerInfo(self.worker_id, self.role, self.worker_id, self.model, "", pending_tokens=queued + used,
                           kv_capacity_tokens=self.blocks.capacity_tokens, kv_used_tokens=used)
+
+    def _run_blocks(self, now: float) -> int:
+        """Blocks that the steps of a decode run begun by `now` hold in the engine, not yet in the block tables
+        (the run grows them when it ends or is cut)."""
+        if self.run is None or self.run[2] == 1:
+            return 0
+        batch, seconds, steps, start = self.run
+        extra = min(int((now - start) / seconds), steps - 1)
+        if extra <= 0:
+            return 0
+        size = self.blocks.block_size
+        return sum(max(-(-(s.num_tokens + extra) // size) - len(s.block_table), 0) for s in batch.seqs)
 
     # -- admission --------------------------------------------------------------------------------------
 
@@ -119,37 +133,65 @@ class SimMachine:
 
     # -- steps --------------------------------------------------------------------------------------------
 
-    def next_step(self) -> tuple[ScheduledBatch, float] | None:
-        """The batch the engine computes next and how long the step takes, or None when there is nothing to do."""
+    def next_step(self) -> tuple[ScheduledBatch, float, int] | None:
+        """The batch the engine computes next, how long one step of it takes, and how many such steps follow as
+        they are (1, or a run of decode steps), or None when there is nothing to do.
+
+        A decode batch with no sequence waiting and free blocks for the run stays the batch the BatchScheduler
+        picks, step after step, until its first sequence ends: that run is computed at once (the caller cuts it
+        short at a step boundary when the machine gets new work, see `cut`)."""
         batch = self.scheduler.schedule()
         if batch is None:
             return None
+        steps = 1
         if batch.prefill:
             tokens = sum(end - start for start, end in batch.spans)
             seconds = self.profile.perf.step_s(tokens, 0)
-            self.stats.prefill_s += seconds
-            self.stats.prompt_tokens += tokens
         else:
             seconds = self.profile.perf.step_s(0, len(batch.seqs))
-            self.stats.decode_s += seconds
-            self.stats.decode_tokens += len(batch.seqs)
-        self.stats.steps += 1
+            if self.decode_runs and not self.scheduler.waiting:
+                steps = self._decode_run(batch.seqs)
         self.busy = True
-        return batch, seconds
+        return batch, seconds, steps
 
-    def finish_step(self, batch: ScheduledBatch) -> list[tuple[Sequence, FinishReason | None]]:
-        """The engine's bookkeeping after a step: each sequence that sampled a token, and why it ends, if it does.
-        A prompt-only sequence ends PREFILLED holding its blocks (the caller releases them once its KV is sent)."""
+    def _decode_run(self, seqs: list[Sequence]) -> int:
+        steps = min(s.params.max_tokens - len(s.output) for s in seqs)
+        max_context = self.limits.max_context
+        steps = max(min(steps, min(max_context - s.num_tokens for s in seqs)), 1)
+        size = self.blocks.block_size
+        # The batch already holds blocks for its first step; the rest of the run must fit in the free ones.
+        more = sum(-(-(s.num_tokens + steps - 1) // size) - len(s.block_table) for s in seqs)
+        while steps > 1 and more > self.blocks.num_free:
+            steps //= 2
+            more = sum(-(-(s.num_tokens + steps - 1) // size) - len(s.block_table) for s in seqs)
+        return steps
+
+    def finish_step(self, batch: ScheduledBatch, seconds: float, steps: int = 1) -> list[tuple[Sequence, FinishReason | None]]:
+        """The engine's bookkeeping after a step (or a run of `steps` decode steps of one batch): each sequence
+        that sampled, and why it ends, if it does. A prompt-only sequence ends PREFILLED holding its blocks (the
+        caller releases them once its KV is sent)."""
         self.busy = False
         self.scheduler.step_finished(batch)
+        stats = self.stats
+        stats.steps += steps
+        if batch.prefill:
+            stats.prefill_s += seconds
+            stats.prompt_tokens += sum(end - start for start, end in batch.spans)
+        else:
+            stats.decode_s += seconds * steps
+            stats.decode_tokens += len(batch.seqs) * steps
         sampled = []
         for seq, (_, end), samples in zip(batch.seqs, batch.spans, batch.samples):
             if seq.status is not Status.WAITING and seq.status is not Status.RUNNING:
                 continue  # preempted within the step's scheduling
-            seq.num_cached = end
+            seq.num_cached = end + steps - 1
             if not samples:
                 continue  # a chunk of a longer prompt
-            seq.output.append(SAMPLED)
+            if steps > 1:
+                self.blocks.grow(seq.block_table, seq.num_tokens + steps - 1)
+                seq.output.extend([SAMPLED] * steps)
+            else:
+                seq.output.append(SAMPLED)
             if seq.prefill_only:
                 self.scheduler.waiting.remove(seq)
                 seq.status = Status.FINISHED

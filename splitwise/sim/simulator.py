@@ -45,6 +45,7 @@ class SimConfig:
     # routed to each worker whose prompt phase has not ended, as the live scheduler does. 0: an exact view.
     view_refresh_s: float = 0.25
     limits: EngineLimits = EngineLimits()
+    decode_runs: bool = True  # runs of identical decode steps computed at once; False: every step (same result)
 
     @classmethod
     def live_defaults(cls, **changes) -> SimConfig:
@@ -144,7 +145,8 @@ class Simulator:
         for pool in design.pools:
             for i in range(pool.count):
                 worker_id = f"{pool.role}-{pool.profile.machine.name}-{i}"
-                self.machines.append(SimMachine(worker_id, pool.role, pool.profile, self.config.limits, self._clock))
+                self.machines.append(SimMachine(worker_id, pool.role, pool.profile, self.config.limits, self._clock,
+                                                decode_runs=self.config.decode_runs))
         self.by_id = {m.worker_id: m for m in self.machines}
         self.membership: dict[str, str] = {}
         self.last_pool_change = -math.inf
@@ -194,9 +196,9 @@ class Simulator:
         """The scheduler's view: exact, or the workers as last refreshed plus the tokens routed to them since."""
         refresh = self.config.view_refresh_s
         if refresh <= 0:
-            return [m.info() for m in self.machines], {}
+            return [m.info(self.now) for m in self.machines], {}
         if self.now - self._view_at >= refresh:
-            self._view, self._view_at = [m.info() for m in self.machines], self.now
+            self._view, self._view_at = [m.info(self.now) for m in self.machines], self.now
         return self._view, self._in_flight
 
     def _load(self, state: _Request, sign: int) -> None:
@@ -239,6 +241,7 @@ class Simulator:
             state.prompt_machine = token_machine
             self._load(state, +1)
             token_machine.submit(state.token_seq)
+            self._touch(token_machine)
             self._kick(token_machine)
             return
         state.prompt_machine = self.by_id[chosen.prompt_worker.worker_id]
@@ -247,6 +250,7 @@ class Simulator:
         self._admit_split(state)
 
     def _admit_split(self, state: _Request) -> None:
+        self._touch(state.token_machine)
         if not state.token_machine.reserve(state.token_seq):
             if not self._backlog:
                 self._push(self.now + RESERVE_RETRY_S, "retry")
@@ -257,6 +261,7 @@ class Simulator:
                                                prefill_only=True)
         self._owner[state.prompt_seq] = state
         state.prompt_machine.submit(state.prompt_seq)
+        self._touch(state.prompt_machine)
         self._kick(state.prompt_machine)
 
     def _retry_backlog(self) -> None:
@@ -277,33 +282,50 @@ class Simulator:
         step = machine.next_step()
         if step is None:
             return
-        batch, seconds = step
+        batch, seconds, steps = step
         if batch.prefill:
             for seq in batch.seqs:
                 state = self._owner[seq]
                 if state.prefill_start_s is None:
                     state.prefill_start_s = self.now
-        self._push(self.now + seconds, "step", machine, batch)
+        machine.run = run = [batch, seconds, steps, self.now]
+        self._push(self.now + seconds * steps, "step", machine, run)
 
-    def _step_done(self, machine: SimMachine, batch) -> None:
-        for seq, reason in machine.finish_step(batch):
+    def _touch(self, machine: SimMachine) -> None:
+        """The machine gets new work: a run of decode steps in progress ends at its next step boundary, where the
+        engine would schedule again."""
+        run = machine.run
+        if run is None or run[2] == 1:
+            return
+        batch, seconds, steps, start = run
+        done = int((self.now - start) / seconds) + 1
+        if done < steps:
+            for seq in batch.seqs:  # the blocks of the steps up to the boundary, before anything else takes them
+                machine.blocks.grow(seq.block_table, seq.num_tokens + done - 1)
+            machine.run = cut = [batch, seconds, done, start]
+            self._push(start + seconds * done, "step", machine, cut)  # the longer run's event is now stale
+
+    def _step_done(self, machine: SimMachine, run: list) -> None:
+        if machine.run is not run:
+            return  # a run that was cut short
+        machine.run = None
+        batch, seconds, steps, start = run
+        first_end = start + seconds
+        for seq, reason in machine.finish_step(batch, seconds, steps):
             state = self._owner[seq]
+            if state.first_token_s is None:
+                state.first_token_s = first_end
+                self._load(state, -1)
+            else:
+                state.gaps.append(first_end - state.last_token_s)
+            if steps > 1:
+                state.gaps.extend([seconds] * (steps - 1))
+            state.last_token_s = self.now
             if reason is FinishReason.PREFILLED:
-                self._token(state)
                 self._ship_kv(state)
-                continue
-            self._token(state)
-            if reason is not None:
+            elif reason is not None:
                 self._done(state)
         self._kick(machine)
-
-    def _token(self, state: _Request) -> None:
-        if state.first_token_s is None:
-            state.first_token_s = self.now
-            self._load(state, -1)
-        else:
-            state.gaps.append(self.now - state.last_token_s)
-        state.last_token_s = self.now
 
     def _ship_kv(self, state: _Request) -> None:
         prompt_m, token_m = state.prompt_machine, state.token_machine
@@ -319,9 +341,11 @@ class Simulator:
         prompt_m, token_m = state.prompt_machine, state.token_machine
         prompt_m.free_blocks_of(state.prompt_seq)
         del self._owner[state.prompt_seq]
+        self._touch(prompt_m)
         self._kick(prompt_m)
         if token_m.start_decoding(state.token_seq) is not None:
             self._done(state)  # its first token was its last
+        self._touch(token_m)
         self._kick(token_m)
 
     def _done(self, state: _Request) -> None:
