@@ -1,4 +1,4 @@
-"""The `splitwise` command: up | generate | status | health | prepare | trace | profile."""
+"""The `splitwise` command: up | generate | status | health | certs | prepare | bench | trace | profile | sim | plan."""
 
 from __future__ import annotations
 
@@ -178,6 +178,18 @@ def _profile(args) -> int:
     return run(args)
 
 
+def _sim(args) -> int:
+    from splitwise.sim.commands import sim_main
+
+    return sim_main(args)
+
+
+def _plan(args) -> int:
+    from splitwise.sim.commands import plan_main
+
+    return plan_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitwise", description="Phase-split LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -295,6 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile_arguments(profile)
     profile.set_defaults(run=_profile)
+
+    from splitwise.sim.commands import add_plan_arguments, add_sim_arguments
+
+    sim = sub.add_parser("sim", help="simulate cluster designs on a trace: latencies, SLOs, cost and power",
+                         description="A discrete-event simulation running the live scheduler's routing and pool "
+                                     "code and the engine's batching code in virtual time, on machines timed by the "
+                                     "paper's performance profiles.")
+    add_sim_arguments(sim)
+    sim.set_defaults(run=_sim)
+    plan = sub.add_parser("plan", help="search cluster designs: most throughput for a budget, or least cost/power for a rate",
+                          description="Simulates the paper's design families (colocated baselines, Splitwise pairs) "
+                                      "at several sizes and splits; prints a table, writes per-design and per-request "
+                                      "CSVs and plots of throughput against cost and power with the Pareto front.")
+    add_plan_arguments(plan)
+    plan.set_defaults(run=_plan)
     return parser
 
 
