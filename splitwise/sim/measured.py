@@ -47,6 +47,7 @@ class MeasuredMachine:
     repeats: int
     measured_at: str  # ISO 8601, UTC
     link_bytes_per_s: float | None = None  # the KV link to another worker, where measured or given
+    load_average: tuple[float, float] | None = None  # the host's 1-minute load before and after: was it quiet?
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -77,6 +78,8 @@ class MeasuredMachine:
         if not isinstance(fields, dict) or required - set(fields):
             missing = sorted(required - set(fields)) if isinstance(fields, dict) else sorted(required)
             raise ValueError(f"{path}: not a profile sidecar; fields {missing} are missing")
+        if fields.get("load_average") is not None:
+            fields["load_average"] = tuple(fields["load_average"])
         return cls(**{k: v for k, v in fields.items() if k in names})
 
 

@@ -135,7 +135,7 @@ async def measure(engine: Engine, points: list[ProfilePoint], repeats: int, mode
 
 
 def describe(engine: Engine, config: TokenWorkerConfig, hardware: str, device: str, num_threads: int,
-             repeats: int, link_bytes_per_s: float | None) -> MeasuredMachine:
+             repeats: int, link_bytes_per_s: float | None, load_average: tuple[float, float]) -> MeasuredMachine:
     loaded = engine.loaded
     c = loaded.config
     dtype_bytes = torch.empty((), dtype=engine.runner.dtype).element_size()
@@ -153,6 +153,7 @@ def describe(engine: Engine, config: TokenWorkerConfig, hardware: str, device: s
         host=socket.gethostname(), cpu_count=os.cpu_count() or 0, platform=platform.platform(),
         torch_version=torch.__version__, repeats=repeats,
         measured_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), link_bytes_per_s=link_bytes_per_s,
+        load_average=load_average,
     )
 
 
@@ -207,9 +208,14 @@ def run(args) -> int:
             return 2
         print(f"profiling {model} on {hardware} ({device}, {config.dtype}, {num_threads} threads): "
               f"{len(points)} points, {args.repeats} repeats each", file=sys.stderr, flush=True)
+        load_before = os.getloadavg()[0]
+        if load_before > (os.cpu_count() or 1) / 2:
+            print(f"warning: this host's load average is {load_before:.1f} on {os.cpu_count()} cores: other work "
+                  f"will slow the steps measured (the sidecar records it)", file=sys.stderr, flush=True)
         rows = asyncio.run(measure(engine, points, args.repeats, model, hardware,
                                    log=lambda line: print(line, file=sys.stderr, flush=True)))
-        sidecar = describe(engine, config, hardware, device, num_threads, args.repeats, args.link_bytes_per_s)
+        sidecar = describe(engine, config, hardware, device, num_threads, args.repeats, args.link_bytes_per_s,
+                           (load_before, os.getloadavg()[0]))
     finally:
         engine.stop()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -143,5 +143,6 @@ def test_splitwise_profile_quick_writes_a_profile_the_simulator_reads(tmp_path, 
     profile = resolve_profile(str(out))
     machine = MeasuredMachine.read(sidecar_path(out))
     assert (machine.num_threads, machine.device, machine.block_size, machine.max_batch_tokens) == (1, "cpu", 16, 2048)
+    assert len(machine.load_average) == 2  # the host's load before and after, to tell a quiet run
     assert profile.model == ModelSpec("tiny-llama", 4, 2, 16, machine.weights_bytes, 4)
     assert profile.kv_capacity_tokens == machine.kv_capacity_tokens == (8 << 20) // 1024
