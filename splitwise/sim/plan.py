@@ -31,7 +31,8 @@ FAMILIES: dict[str, tuple[str, str | None]] = {
     "Splitwise-HA": ("dgx-h100", "dgx-a100"),
     "Splitwise-HHcap": ("dgx-h100", "dgx-h100-pcap"),
 }
-TOKEN_SHARES = (0.15, 0.25, 0.35, 0.45, 0.55)  # token machines' share of a Splitwise design's machines, tried in turn
+# Token machines' share of a Splitwise design's machines: a coarse grid, then the two midpoints around the best.
+TOKEN_SHARES = (0.1, 0.2, 0.35, 0.5)
 
 
 @dataclass(frozen=True)
@@ -113,23 +114,36 @@ def max_rate(design: ClusterDesign, workload: Workload, config: SimConfig, slo_b
 def best_within(family: str, budget: float, per_machine: Callable[[ClusterDesign], float], workload: Workload,
                 config: SimConfig, slo_baseline: IdleBaseline, scale: float, model: str, decode_curve: str,
                 progress: Callable[[str], None]) -> list[Evaluated]:
-    """Every split of the family that the budget buys (as many machines as fit), evaluated."""
+    """The family's designs that the budget buys (as many machines as fit), at the token shares of a coarse grid
+    and then around the best of them, evaluated."""
     prompt_m, token_m = FAMILIES[family]
-    shares = (0.0,) if token_m is None else TOKEN_SHARES
-    evaluated = []
-    for share in shares:
-        # As many machines as the budget buys at this split (mixed types cost differently).
+    evaluated: dict[str, Evaluated] = {}
+
+    def evaluate(share: float) -> None:
         machines = 1
         while per_machine(design_of(family, machines + 1, share, model, decode_curve)) <= budget:
             machines += 1
         design = design_of(family, machines, share, model, decode_curve)
-        if per_machine(design) > budget or (token_m is not None and machines < 2):
-            continue
+        if design.name in evaluated or per_machine(design) > budget or (token_m is not None and machines < 2):
+            return
         e = max_rate(design, workload, config, slo_baseline, scale, progress=progress)
         e.family = family
-        evaluated.append(e)
+        evaluated[design.name] = e
         progress(f"{family} {design.short}: {e.throughput_rps:.1f} req/s")
-    return evaluated
+
+    if token_m is None:
+        evaluate(0.0)
+        return list(evaluated.values())
+    for share in TOKEN_SHARES:
+        evaluate(share)
+    if evaluated:
+        best = max(evaluated.values(), key=lambda e: e.throughput_rps).design
+        share = best.count("token") / best.machines
+        grid = sorted({*TOKEN_SHARES, share})
+        i = grid.index(share)
+        for neighbour in (grid[i - 1] if i else 0.0, grid[i + 1] if i + 1 < len(grid) else 1.0):
+            evaluate((share + neighbour) / 2)
+    return sorted(evaluated.values(), key=lambda e: -e.throughput_rps)
 
 
 def smallest_for(family: str, rate: float, objective: Callable[[ClusterDesign], float], workload: Workload,
