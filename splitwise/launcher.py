@@ -19,7 +19,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitwise.cluster.redis_server import start_redis
 from splitwise.model import DEFAULT_MOCK_PROFILE
-from splitwise.model.mock import mock_model_name
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
 from splitwise.security.local import LocalCredentials, local_credentials, scheduler_env, service_env
 from splitwise.security.peers import bearer_metadata
@@ -119,10 +118,6 @@ class UpOptions:
     mock_profile: str = DEFAULT_MOCK_PROFILE
     mock_time_factor: float = 1.0
     mock_kv_scale: float = 1.0
-
-    @property
-    def served_model(self) -> str:
-        return mock_model_name(self.mock_profile) if self.engine == "mock" else self.model
 
 
 def worker_cores(index: int, workers: int, cores: list[int]) -> set[int]:
