@@ -86,8 +86,9 @@ def sim_main(args) -> int:
         report = result.slo(slo_baseline)
         print(f"== {design.name}: {design.machines} machines, ${design.cost_per_hour:.0f}/h, "
               f"{design.power_kw:.0f} kW provisioned, {result.average_power_kw:.0f} kW drawn on average")
-        print(f"   {workload}: {len(requests)} requests; {result.events} events in {result.wall_s:.1f}s "
-              f"({result.events_per_s:,.0f} events/s); {result.pool_transitions} pool changes")
+        print(f"   {workload}: {len(requests)} requests; {result.events:,} events ({result.engine_steps:,} engine "
+              f"steps) in {result.wall_s:.1f}s: {result.events_per_s:,.0f} events/s, "
+              f"{result.engine_steps / max(result.wall_s, 1e-9):,.0f} steps/s; {result.pool_transitions} pool changes")
         print(format_report(result.summary(), report))
         if out:
             out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ def sim_main(args) -> int:
             write_csv(result.requests, out / f"{stem}.csv")
             (out / f"{stem}.json").write_text(json.dumps(
                 {"design": design.name, "workload": workload, "summary": result.summary(), "slo": report.to_dict(),
-                 "events": result.events, "wall_s": result.wall_s, "average_power_kw": result.average_power_kw},
+                 "events": result.events, "engine_steps": result.engine_steps, "wall_s": result.wall_s, "average_power_kw": result.average_power_kw},
                 indent=2))
     return 0
 

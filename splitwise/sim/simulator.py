@@ -94,6 +94,7 @@ class MachineReport:
     prompt_tokens: int
     decode_tokens: int
     energy_kwh: float
+    steps: int = 0
 
 
 @dataclass
@@ -113,6 +114,11 @@ class SimResult:
     @property
     def events_per_s(self) -> float:
         return self.events / max(self.wall_s, 1e-9)
+
+    @property
+    def engine_steps(self) -> int:
+        """Engine steps simulated (a run of decode steps computed at once counts each of its steps)."""
+        return sum(m.steps for m in self.machines)
 
     @property
     def average_power_kw(self) -> float:
@@ -368,7 +374,7 @@ class Simulator:
         kwh = rated * (perf.prompt_power * m.stats.prefill_s + perf.token_power * m.stats.decode_s
                        + IDLE_POWER * idle) / 3600
         return MachineReport(m.worker_id, m.profile.machine.name, m.role, m.stats.prefill_s, m.stats.decode_s,
-                             m.stats.prompt_tokens, m.stats.decode_tokens, kwh)
+                             m.stats.prompt_tokens, m.stats.decode_tokens, kwh, m.stats.steps)
 
 
 def simulate(design: ClusterDesign, requests: list[SimRequest], config: SimConfig | None = None) -> SimResult:
