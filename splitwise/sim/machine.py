@@ -9,6 +9,7 @@ both, with prompts first as the live scheduler orders them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +19,12 @@ from splitwise.engine.scheduler import BatchScheduler, ScheduledBatch
 from splitwise.engine.sequence import FinishReason, Sequence, Status
 from splitwise.cluster.registry import WorkerInfo
 from splitwise.sim.machines import MachineProfile
+
+def steps_begun(now: float, start: float, seconds: float) -> int:
+    """Steps of a run begun by `now` (at least its first): one that would begin exactly at `now` has not, as new
+    work arriving then is scheduled before it."""
+    return max(math.ceil((now - start) / seconds - 1e-9), 1)
+
 
 class PromptOfLength:
     """Stands for a prompt's token ids where only their number matters (the simulator's sequences)."""
@@ -90,7 +97,7 @@ class SimMachine:
         if self.run is None or self.run[2] == 1:
             return 0
         batch, seconds, steps, start = self.run
-        extra = min(int((now - start) / seconds), steps - 1)
+        extra = min(steps_begun(now, start, seconds), steps) - 1
         if extra <= 0:
             return 0
         size = self.blocks.block_size

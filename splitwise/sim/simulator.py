@@ -23,7 +23,7 @@ from splitwise.config import SchedulerConfig, TokenWorkerConfig
 from splitwise.engine.sequence import FinishReason, Sequence
 from splitwise.sim.designs import ClusterDesign
 from splitwise.sim.kv_model import DEFAULT_PER_TRANSFER_S, KVLink
-from splitwise.sim.machine import EngineLimits, SimMachine
+from splitwise.sim.machine import EngineLimits, SimMachine, steps_begun
 from splitwise.sim.machines import MachineProfile
 from splitwise.sim.workload import SimRequest
 
@@ -304,12 +304,12 @@ class Simulator:
         if run is None or run[2] == 1:
             return
         batch, seconds, steps, start = run
-        done = int((self.now - start) / seconds) + 1
+        done = steps_begun(self.now, start, seconds)  # at a boundary exactly, the next step has not begun
         if done < steps:
             for seq in batch.seqs:  # the blocks of the steps up to the boundary, before anything else takes them
                 machine.blocks.grow(seq.block_table, seq.num_tokens + done - 1)
             machine.run = cut = [batch, seconds, done, start]
-            self._push(start + seconds * done, "step", machine, cut)  # the longer run's event is now stale
+            self._push(max(start + seconds * done, self.now), "step", machine, cut)  # the longer run's event is stale
 
     def _step_done(self, machine: SimMachine, run: list) -> None:
         if machine.run is not run:
