@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from bench.slo import format_report, write_csv
+from bench.slo import TBT_SAMPLES, format_report, write_csv
 from splitwise.sim.designs import parse_design
 from splitwise.sim.perf_model import DECODE_CURVES
-from splitwise.sim.plan import (FAMILIES, Workload, a100_baseline, best_within, pareto, smallest_for, table,
-                                write_outputs)
+from splitwise.sim.plan import (FAMILIES, Workload, a100_baseline, best_within, paper_slos, pareto, smallest_for,
+                                table, write_outputs)
 from splitwise.sim.simulator import SimConfig, simulate
 from splitwise.sim.workload import from_trace, poisson, trace_lengths
 
@@ -28,6 +28,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact-view", action="store_true",
                         help="the scheduler sees the workers' state exactly (default: refreshed as the live one is)")
     parser.add_argument("--routing-policy", default=None, help="cls (default, the live scheduler's), jsq, round_robin, random")
+    parser.add_argument("--tbt", choices=TBT_SAMPLES, default="gaps",
+                        help="TBT SLO samples: gaps (every token gap, as `splitwise bench replay` measures) or "
+                             "request_mean (each request's mean gap, as the paper's simulator measures)")
     parser.add_argument("--out", default="", help="folder for the CSV files and plots")
 
 
@@ -83,7 +86,7 @@ def sim_main(args) -> int:
     out = Path(args.out) if args.out else None
     for design in designs:
         result = simulate(design, requests, config)
-        report = result.slo(slo_baseline)
+        report = result.slo(slo_baseline, args.tbt)
         print(f"== {design.name}: {design.machines} machines, ${design.cost_per_hour:.0f}/h, "
               f"{design.power_kw:.0f} kW provisioned, {result.average_power_kw:.0f} kW drawn on average")
         print(f"   {workload}: {len(requests)} requests; {result.events:,} events ({result.engine_steps:,} engine "
@@ -115,8 +118,8 @@ def plan_main(args) -> int:
     except (ValueError, OSError) as e:
         print(f"splitwise plan: {e}", file=sys.stderr)
         return 2
-    config, slo_baseline = _config(args), a100_baseline(args.model, args.decode_curve)
-    common = (workload, config, slo_baseline, args.scale, args.model, args.decode_curve, _progress)
+    config, slos = _config(args), paper_slos(args.model, args.decode_curve, args.tbt)
+    common = (workload, config, slos, args.scale, args.model, args.decode_curve, _progress)
     points = []
     if args.rate:
         measure = (lambda d: d.cost_per_hour) if args.minimize == "cost" else (lambda d: d.power_kw)

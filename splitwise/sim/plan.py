@@ -45,6 +45,17 @@ class Workload:
         return poisson(rate, self.duration_s, self.lengths, self.seed)
 
 
+@dataclass(frozen=True)
+class SLOSpec:
+    """The paper's nine SLOs against a request alone on `baseline`'s machine; TBT sampled per gap or per request."""
+
+    baseline: IdleBaseline
+    tbt: str = "gaps"
+
+    def met(self, result: SimResult) -> bool:
+        return result.slo(self.baseline, self.tbt).all_met
+
+
 @dataclass
 class Evaluated:
     family: str
@@ -80,12 +91,12 @@ def scaled(design: ClusterDesign, scale: float) -> ClusterDesign:
 
 
 def meets(design: ClusterDesign, rate: float, workload: Workload, config: SimConfig,
-          slo_baseline: IdleBaseline) -> tuple[bool, SimResult]:
+          slo: SLOSpec) -> tuple[bool, SimResult]:
     result = simulate(design, workload.at(rate), config)
-    return result.slo(slo_baseline).all_met, result
+    return slo.met(result), result
 
 
-def max_rate(design: ClusterDesign, workload: Workload, config: SimConfig, slo_baseline: IdleBaseline,
+def max_rate(design: ClusterDesign, workload: Workload, config: SimConfig, slo: SLOSpec,
              scale: float = 1.0, iterations: int = 7, progress: Callable[[str], None] = lambda _: None) -> Evaluated:
     """Bisection on the request rate for the highest that meets every SLO, on the design scaled by `scale`."""
     small = scaled(design, scale)
@@ -93,7 +104,7 @@ def max_rate(design: ClusterDesign, workload: Workload, config: SimConfig, slo_b
     low, high, best = 0.0, None, None
     rate = guess
     for _ in range(iterations + 8):
-        ok, result = meets(small, rate, workload, config, slo_baseline)
+        ok, result = meets(small, rate, workload, config, slo)
         progress(f"  {design.name} x{scale:g}: {rate:7.2f} req/s {'meets' if ok else 'misses'} the SLOs")
         if ok:
             low, best = rate, result
@@ -112,7 +123,7 @@ def max_rate(design: ClusterDesign, workload: Workload, config: SimConfig, slo_b
 
 
 def best_within(family: str, budget: float, per_machine: Callable[[ClusterDesign], float], workload: Workload,
-                config: SimConfig, slo_baseline: IdleBaseline, scale: float, model: str, decode_curve: str,
+                config: SimConfig, slo: SLOSpec, scale: float, model: str, decode_curve: str,
                 progress: Callable[[str], None]) -> list[Evaluated]:
     """The family's designs that the budget buys (as many machines as fit), at the token shares of a coarse grid
     and then around the best of them, evaluated."""
@@ -126,7 +137,7 @@ def best_within(family: str, budget: float, per_machine: Callable[[ClusterDesign
         design = design_of(family, machines, share, model, decode_curve)
         if design.name in evaluated or per_machine(design) > budget or (token_m is not None and machines < 2):
             return
-        e = max_rate(design, workload, config, slo_baseline, scale, progress=progress)
+        e = max_rate(design, workload, config, slo, scale, progress=progress)
         e.family = family
         evaluated[design.name] = e
         progress(f"{family} {design.short}: {e.throughput_rps:.1f} req/s")
@@ -147,7 +158,7 @@ def best_within(family: str, budget: float, per_machine: Callable[[ClusterDesign
 
 
 def smallest_for(family: str, rate: float, objective: Callable[[ClusterDesign], float], workload: Workload,
-                 config: SimConfig, slo_baseline: IdleBaseline, scale: float, model: str, decode_curve: str,
+                 config: SimConfig, slo: SLOSpec, scale: float, model: str, decode_curve: str,
                  progress: Callable[[str], None], max_machines: int = 400) -> list[Evaluated]:
     """For each split, the fewest machines meeting every SLO at `rate` (bisection on the machine count)."""
     prompt_m, token_m = FAMILIES[family]
@@ -158,7 +169,7 @@ def smallest_for(family: str, rate: float, objective: Callable[[ClusterDesign], 
         n = max(low, int(rate / 2))
         while True:
             design = design_of(family, n, share, model, decode_curve)
-            ok, result = meets(scaled(design, scale), rate * scale, workload, config, slo_baseline)
+            ok, result = meets(scaled(design, scale), rate * scale, workload, config, slo)
             progress(f"  {design.name} x{scale:g} at {rate:g} req/s: {'meets' if ok else 'misses'} the SLOs")
             if ok:
                 high, best = n, (design, result)
@@ -249,6 +260,10 @@ def _plot(points: list[Evaluated], path: Path) -> Path:
 def a100_baseline(model: str = "llama2-70b", decode_curve: str = "batch_size") -> IdleBaseline:
     """The paper's SLO reference: the request alone on a DGX-A100."""
     return idle_baseline(paper_profile(model, "dgx-a100", decode_curve=decode_curve))
+
+
+def paper_slos(model: str = "llama2-70b", decode_curve: str = "batch_size", tbt: str = "gaps") -> SLOSpec:
+    return SLOSpec(a100_baseline(model, decode_curve), tbt)
 
 
 def known_machines() -> str:
