@@ -1,6 +1,7 @@
 """A `splitwise up --engine mock` cluster: real worker processes (registry, batching, blocks, KV transports) whose
 model compute is a machine profile's modelled time. It serves concurrent streams of exactly max_tokens, the same
-request twice gives the same tokens, and a long prompt's first token comes after its modelled prefill."""
+request twice gives the same tokens, a long prompt's first token comes after its modelled prefill, and streams
+whose token worker dies resume elsewhere with the same output."""
 
 import asyncio
 import random
@@ -10,7 +11,7 @@ import pytest
 
 from splitwise.client import SplitwiseClient
 from splitwise.model.mock import MOCK_VOCAB_SIZE, load_mock_model
-from tests.e2e.launched_cluster import launched_cluster, run_streams
+from tests.e2e.launched_cluster import launched_cluster, recoveries, run_streams
 
 pytestmark = pytest.mark.e2e
 
@@ -45,3 +46,17 @@ async def test_mock_cluster_serves_deterministic_streams_with_modelled_prefill_t
     perf = load_mock_model(PROFILE).profile.perf
     assert min(long) >= TIME_FACTOR * perf.prefill_s(LONG_PROMPT)  # a sleep is never shorter than asked
     assert sorted(long)[1] > sorted(short)[1]
+
+
+async def test_mock_token_worker_death_resumes_streams_with_identical_output(tmp_path, cache_dir):
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, MOCK_VOCAB_SIZE) for _ in range(rng.randrange(8, 300))] for _ in range(8)]
+    with launched_cluster(tmp_path, cache_dir, engine="mock", mock_profile=PROFILE, mock_time_factor=TIME_FACTOR,
+                          mock_kv_scale=KV_SCALE, prompt_workers=1, token_workers=2) as cluster:
+        expected = await run_streams(cluster.address, prompts, max_tokens=64)
+        victim = next(c for c in cluster.children if c.name == "token_worker-0")
+        resumed = await run_streams(cluster.address, prompts, max_tokens=64, kill=victim.proc.kill)
+        recovered = recoveries(cluster.schedulers[0].metrics_address)
+    assert resumed == expected
+    # The dead worker held some of the streams: they resumed from the prompt KV it kept in the kv_store.
+    assert recovered.get(("resume", "kv_store"), 0) >= 1, recovered
