@@ -52,7 +52,6 @@ class MockModelRunner:
         c = loaded.config
         self.kv_shape = (c.num_kv_heads, c.head_dim)
         self._zeros = torch.zeros(0, dtype=self.dtype)
-        self.sleep = time.sleep
 
     @staticmethod
     def num_blocks(loaded: MockModel, kv_memory_bytes: int, block_size: int) -> int:
@@ -100,7 +99,8 @@ class MockModelRunner:
         self._sleep_until(end_at)
         return results
 
-    def _sleep_until(self, deadline: float) -> None:
+    @staticmethod
+    def _sleep_until(deadline: float) -> None:
         remaining = deadline - time.perf_counter()
         if remaining > 0:
-            self.sleep(remaining)
+            time.sleep(remaining)

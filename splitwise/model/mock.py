@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from splitwise.model import DEFAULT_MOCK_PROFILE
 from splitwise.model.tiny import SPECIAL_TOKENS
+
+if TYPE_CHECKING:  # (torch and the profiles: not for those who only need the names)
+    from splitwise.model.llama import LlamaConfig
+    from splitwise.sim.machines import MachineProfile
 
 MOCK_PREFIX = "mock:"
 MOCK_VOCAB_SIZE = 32000  # Llama 2's
@@ -21,6 +26,7 @@ MOCK_CONTEXT_TOKENS = 16384
 # Token ids the mock samples: past the special tokens and the 256 byte tokens, so that no output is an EOS and every
 # token decodes to a word (the mock tokenizer spells token i >= this as " w<i>").
 FIRST_WORD_TOKEN_ID = len(SPECIAL_TOKENS) + 256
+MOCK_DTYPES = {2: "float16", 4: "float32"}  # the modelled KV element's bytes -> the dtype of the KV sent
 
 
 def mock_model_name(profile: str) -> str:
@@ -46,10 +52,10 @@ class MockModel:
     EOS ids), with the profile whose step times and KV capacity it models."""
 
     name: str
-    config: object  # a LlamaConfig: the shapes of the KV actually sent: modelled layers, 1 KV head of the scaled width
+    config: LlamaConfig  # the shapes of the KV actually sent: the modelled layers, 1 KV head of the scaled width
     fingerprint: str
     eos_token_ids: tuple[int, ...]
-    profile: object  # splitwise.sim.machines.MachineProfile
+    profile: MachineProfile
     time_factor: float
     kv_scale: float
     dtype: str
@@ -73,11 +79,8 @@ class MockModel:
                 f"(kv_scale {self.kv_scale:g})")
 
 
-MOCK_DTYPES = {2: "float16", 4: "float32"}
-
-
 def load_mock_model(profile_name: str = DEFAULT_MOCK_PROFILE, time_factor: float = 1.0, kv_scale: float = 1.0) -> MockModel:
-    from splitwise.model.llama import LlamaConfig  # (torch: not for those who only need the names above)
+    from splitwise.model.llama import LlamaConfig
     from splitwise.sim.machines import resolve_profile
 
     if not time_factor > 0:
