@@ -151,7 +151,7 @@ async def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(m.pop("results"), args.out / "requests.csv")
     (args.out / "report.md").write_text(text + "\n")
-    (args.out / "summary.json").write_text(json.dumps({k: v for k, v in m.items()}, indent=1, default=str))
+    (args.out / "summary.json").write_text(json.dumps(m, indent=1, default=str))
     print(text)
     if args.cprofile:
         print(f"scheduler profile: {args.cprofile} (python -m pstats {args.cprofile})", file=sys.stderr)

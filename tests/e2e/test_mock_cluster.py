@@ -3,7 +3,6 @@ model compute is a machine profile's modelled time. It serves concurrent streams
 request twice gives the same tokens, a long prompt's first token comes after its modelled prefill, and streams
 whose token worker dies resume elsewhere with the same output."""
 
-import asyncio
 import random
 import time
 
