@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,14 @@ def test_splitwise_profile_quick_writes_a_profile_the_simulator_reads(tmp_path, 
     assert len(machine.load_average) == 2  # the host's load before and after, to tell a quiet run
     assert profile.model == ModelSpec("tiny-llama", 4, 2, 16, machine.weights_bytes, 4)
     assert profile.kv_capacity_tokens == machine.kv_capacity_tokens == (8 << 20) // 1024
+
+
+def test_the_shipped_tiny_llama_profile_is_a_measured_profile():
+    path = Path(__file__).resolve().parents[2] / "bench" / "profiles" / "tiny-llama-cpu.csv"
+    profile = resolve_profile(str(path))
+    machine = MeasuredMachine.read(sidecar_path(path))
+    assert profile.name == "tiny-llama@cpu-1core"
+    assert (machine.num_threads, machine.device, machine.dtype) == (1, "cpu", "float32")
+    assert profile.kv_capacity_tokens == machine.kv_capacity_tokens
+    assert [x for x, _ in profile.perf.token_points] == [1, 2, 4, 8, 16, 32, 64]
+    assert max(x for x, _ in profile.perf.prompt_points) >= machine.max_batch_tokens
