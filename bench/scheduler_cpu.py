@@ -1,0 +1,210 @@
+"""The scheduler's CPU per request and per output token, on a small mock-engine cluster (cheap workers), with the
+scheduler of a baseline git ref beside this tree's, measured in one run on the same workers.
+
+Both schedulers are replicas of one `splitwise up --engine mock` cluster (same Redis, same workers, mTLS as
+always): replica 0 runs the baseline's code (`git archive REF`, unpacked to a temporary folder), replica 1 this
+tree's. Each phase sends its requests to one replica, then the same requests to the other, in a closed loop of
+`--concurrency` streams. A scheduler's CPU is utime + stime of its process from /proc over the phase, less its idle
+rate (measured first, both at once: the registry refresh) over the phase's wall time.
+
+  short: max_tokens=1 requests at as high a rate as the cluster serves: CPU per request
+  long:  max_tokens=--long-tokens requests: CPU per output token, (long request - short request) / (tokens - 1)
+
+Run: python -m bench.scheduler_cpu [--baseline REF] [--cprofile FILE]   (FILE: this tree's scheduler under cProfile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.mock_cluster import CPROFILE_ENV, cpu_seconds
+from splitwise.client import SplitwiseClient
+from splitwise.launcher import Cluster, UpOptions, free_port_ranges
+from splitwise.model import DEFAULT_MOCK_PROFILE
+from splitwise.model.mock import MOCK_VOCAB_SIZE
+
+TREE_ENV = "SPLITWISE_BENCH_SCHEDULER_TREE"
+IDLE_WINDOW_S = 10.0
+FIRST_PROMPT_TOKEN_ID = 300  # past the byte-level tokenizer's bytes and specials
+
+
+class TwoSchedulers(Cluster):
+    """Scheduler replica 0 runs the code of `tree` (None: this tree's); replica 1 this tree's, under cProfile
+    into `cprofile` when given."""
+
+    def __init__(self, options: UpOptions, tree: Path | None, cprofile: Path | None):
+        super().__init__(options)
+        self.tree, self.cprofile = tree, cprofile
+
+    def _spawn(self, name, module, env, address, cores=None):
+        if name == "scheduler-0" and self.tree is not None:
+            module, env = "bench.scheduler_from_tree", {**env, TREE_ENV: str(self.tree)}
+        elif name == "scheduler-1" and self.cprofile is not None:
+            module, env = "bench.profiled_scheduler", {**env, CPROFILE_ENV: str(self.cprofile.resolve())}
+        super()._spawn(name, module, env, address, cores)
+
+
+def unpack(ref: str) -> Path:
+    """The tree of a git ref in a temporary folder."""
+    folder = Path(tempfile.mkdtemp(prefix="scheduler-baseline-"))
+    archive = subprocess.run(["git", "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+@dataclass
+class Phase:
+    name: str
+    requests: int
+    max_tokens: int
+    concurrency: int
+
+
+async def send(address: str, phase: Phase, prompt_tokens: int, seed: int, tag: str) -> tuple[int, int]:
+    """Streams the phase's requests, `concurrency` at a time; returns (requests ok, output tokens received)."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(FIRST_PROMPT_TOKEN_ID, MOCK_VOCAB_SIZE) for _ in range(prompt_tokens)]
+               for _ in range(phase.requests)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, prompt in enumerate(prompts):
+        queue.put_nowait((i, prompt))
+    ok = tokens = 0
+    async with SplitwiseClient(address) as client:
+        async def stream_all() -> None:
+            nonlocal ok, tokens
+            while not queue.empty():
+                i, prompt = queue.get_nowait()
+                received = 0
+                async for chunk in client.stream(token_ids=prompt, max_tokens=phase.max_tokens, ignore_eos=True,
+                                                 timeout=120.0, request_id=f"{tag}-{phase.name}-{i}"):
+                    received += len(chunk.token_ids)
+                ok += received == phase.max_tokens
+                tokens += received
+
+        await asyncio.gather(*(stream_all() for _ in range(phase.concurrency)))
+    return ok, tokens
+
+
+async def measure_phase(address: str, pid: int, idle_per_s: float, phase: Phase, prompt_tokens: int, seed: int,
+                        tag: str) -> dict:
+    cpu_start, wall_start = cpu_seconds(pid), time.monotonic()
+    ok, tokens = await send(address, phase, prompt_tokens, seed, tag)
+    cpu_s, wall_s = cpu_seconds(pid) - cpu_start, time.monotonic() - wall_start
+    busy_s = max(0.0, cpu_s - idle_per_s * wall_s)
+    return {"ok": ok, "requests": phase.requests, "tokens": tokens, "cpu_s": cpu_s, "wall_s": wall_s,
+            "busy_cpu_s": busy_s, "ms_per_request": busy_s / max(ok, 1) * 1e3,
+            "requests_per_s": ok / wall_s, "tokens_per_s": tokens / wall_s}
+
+
+def ratio(before: float, after: float) -> str:
+    return f"{before / after:.1f}x" if after > 0 else "-"
+
+
+def report(args, runs: dict[str, dict], idle: dict[str, float]) -> str:
+    names = list(runs)
+    per_token = {n: (runs[n]["long"]["ms_per_request"] - runs[n]["short"]["ms_per_request"]) * 1e3
+                 / (args.long_tokens - 1) for n in names}
+    header = "| what | " + " | ".join(names) + (" | before / after |" if len(names) == 2 else " |")
+    rule = "|---|" + "---:|" * (len(names) + (len(names) == 2))
+
+    def row(what: str, values: list[float], fmt: str, compare: bool = True) -> str:
+        cells = " | ".join(format(v, fmt) for v in values)
+        extra = f" | {ratio(*values)}" if len(values) == 2 and compare else (" | " if len(values) == 2 else "")
+        return f"| {what} | {cells}{extra} |"
+
+    short, long = ([runs[n][p] for n in names] for p in ("short", "long"))
+    lines = [
+        f"mock cluster: {args.prompt_workers} prompt + {args.token_workers} token workers of {args.profile}, time "
+        f"factor {args.time_factor:g}; {args.prompt_tokens}-token prompts, {args.concurrency} streams at once", "",
+        header, rule,
+        row("scheduler idle CPU, ms/s (registry refresh)", [idle[n] * 1e3 for n in names], ".1f"),
+        row(f"**CPU per request, max_tokens=1** (ms, less idle; {args.requests} requests)",
+            [r["ms_per_request"] for r in short], ".2f"),
+        row("... requests/s served", [r["requests_per_s"] for r in short], ".0f", compare=False),
+        row(f"CPU per request, max_tokens={args.long_tokens} (ms, less idle; {args.long_requests} requests)",
+            [r["ms_per_request"] for r in long], ".1f"),
+        row("**CPU per output token** (us: the long request's extra over the short one's, per token)",
+            [per_token[n] for n in names], ".0f"),
+        row("... output tokens/s served", [r["tokens_per_s"] for r in long], ".0f", compare=False),
+        row("requests failed (short + long)", [r["requests"] - r["ok"] + q["requests"] - q["ok"]
+                                               for r, q in zip(short, long)], "d", compare=False),
+    ]
+    return "\n".join(lines)
+
+
+async def run(args) -> int:
+    tree = unpack(args.baseline) if args.baseline else None
+    run_dir = Path(tempfile.mkdtemp(prefix="scheduler-cpu-"))
+    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(
+        2, args.prompt_workers, args.token_workers, 1, 1)
+    options = UpOptions(
+        model="", engine="mock", mock_profile=args.profile, mock_time_factor=args.time_factor,
+        mock_kv_scale=args.kv_scale, schedulers=2, prompt_workers=args.prompt_workers,
+        token_workers=args.token_workers, scheduler_port=scheduler_port, prompt_port=prompt_port,
+        token_port=token_port, kv_store_port=kv_store_port, redis_port=redis_port, metrics_port=0, run_dir=run_dir,
+        startup_timeout_s=300, extra_env={"SPLITWISE_LOG_LEVEL": "WARNING"})
+    cluster = TwoSchedulers(options, tree, args.cprofile)
+    names = [f"baseline ({args.baseline})" if tree else "replica 0 (this tree)", "this tree"]
+    phases = [Phase("short", args.requests, 1, args.concurrency),
+              Phase("long", args.long_requests, args.long_tokens, args.concurrency)]
+    print(f"starting the mock cluster (logs in {run_dir})...", file=sys.stderr)
+    try:
+        cluster.start()
+        await asyncio.to_thread(cluster.wait_healthy)
+        os.environ["SPLITWISE_API_KEY"] = cluster.credentials.api_key
+        schedulers = [(c.address, c.proc.pid) for c in cluster.schedulers]
+        warmup = Phase("warmup", 2 * args.concurrency, 4, args.concurrency)
+        for address, _ in schedulers:
+            await send(address, warmup, args.prompt_tokens, args.seed, "warmup")
+        starts = [cpu_seconds(pid) for _, pid in schedulers]
+        await asyncio.sleep(IDLE_WINDOW_S)
+        idle = {n: (cpu_seconds(pid) - s) / IDLE_WINDOW_S for n, (_, pid), s in zip(names, schedulers, starts)}
+        runs: dict[str, dict] = {n: {} for n in names}
+        for phase in phases:
+            for n, (address, pid) in zip(names, schedulers):
+                print(f"{phase.name}: {n}...", file=sys.stderr)
+                runs[n][phase.name] = await measure_phase(address, pid, idle[n], phase, args.prompt_tokens,
+                                                          args.seed, n.split()[0])
+    finally:
+        cluster.stop()
+    text = report(args, runs, idle)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.md").write_text(text + "\n")
+    (args.out / "summary.json").write_text(json.dumps({"idle_cpu_per_s": idle, "runs": runs}, indent=1))
+    print(text)
+    if args.cprofile:
+        print(f"this tree's scheduler profile: {args.cprofile} (python -m pstats {args.cprofile})", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.scheduler_cpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", default="", help="git ref whose scheduler runs beside this tree's")
+    parser.add_argument("--profile", default=DEFAULT_MOCK_PROFILE, help="the machine profile the workers model")
+    parser.add_argument("--prompt-workers", type=int, default=2)
+    parser.add_argument("--token-workers", type=int, default=2)
+    parser.add_argument("--time-factor", type=float, default=0.1, help="modelled step times are multiplied by this")
+    parser.add_argument("--kv-scale", type=float, default=256.0, help="KV bytes sent = modelled / this")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=400, help="max_tokens=1 requests per scheduler")
+    parser.add_argument("--long-requests", type=int, default=32, help="long requests per scheduler")
+    parser.add_argument("--long-tokens", type=int, default=256, help="max_tokens of a long request")
+    parser.add_argument("--concurrency", type=int, default=16, help="streams at once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cprofile", type=Path, default=None, help="profile this tree's scheduler into FILE")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/scheduler-cpu"))
+    return asyncio.run(run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
