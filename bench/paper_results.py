@@ -1,6 +1,10 @@
 """The paper's cluster results, reproduced with `splitwise sim` / `splitwise plan` code: prints the tables of
 docs/cluster-design.md and writes its plots.
 
+Run as the paper's simulator measured: the scheduler sees the machines' state exactly, machines batch prompts
+and decodes together (mixed batches), TBT is each request's mean gap, and decode steps are read from the profile
+as SplitwiseSim reads them (`--curve splitwisesim`). Each of these is an option of `splitwise sim` / `plan`.
+
 1. SplitwiseSim's published cluster sizes at their rates (code 130 req/s, conversation 180 req/s): do they meet the
    nine SLOs? (full size, both readings of the decode profile)
 2. Iso-power (455 kW: 70 DGX-A100) throughput of each family, best prompt:token split, on both traces, and the
@@ -41,6 +45,12 @@ def _with_curve(design, curve):
     return parse_design(design.name, curve)
 
 
+def paper_config() -> SimConfig:
+    config = SimConfig.live_defaults(view_refresh_s=0.0)
+    from dataclasses import replace
+    return config.replace(limits=replace(config.limits, mixed_batches=True))
+
+
 def published_sizes(duration_s: float, curves: tuple[str, ...], tbt: str) -> list[dict]:
     rows = []
     for (trace, rate), designs in PUBLISHED.items():
@@ -49,7 +59,7 @@ def published_sizes(duration_s: float, curves: tuple[str, ...], tbt: str) -> lis
         for design in designs:
             for curve in curves:
                 d = _with_curve(design, curve)
-                result = simulate(d, requests, SimConfig.live_defaults())
+                result = simulate(d, requests, paper_config())
                 report = result.slo(a100_baseline(decode_curve=curve), tbt)
                 worst = max(report.checks, key=lambda c: (c.slowdown or 0) / c.limit)
                 rows.append({"trace": trace, "rate": rate, "design": d.short, "family": d.name.split(":")[0],
@@ -63,7 +73,7 @@ def published_sizes(duration_s: float, curves: tuple[str, ...], tbt: str) -> lis
 
 def iso_power(trace: str, scale: float, duration_s: float, curve: str, tbt: str, out: Path | None) -> dict[str, dict]:
     workload = Workload(trace_lengths(trace), duration_s, seed=0)
-    config, slo = SimConfig.live_defaults(), paper_slos(decode_curve=curve, tbt=tbt)
+    config, slo = paper_config(), paper_slos(decode_curve=curve, tbt=tbt)
     best, points = {}, []
     for family in FAMILIES:
         evaluated = best_within(family, ISO_POWER_KW, lambda d: d.power_kw, workload, config, slo, scale,

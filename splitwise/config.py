@@ -89,6 +89,11 @@ MOCK_TIME_FACTOR_HELP = ("mock engine: every modelled step time is multiplied by
 MOCK_KV_SCALE_HELP = "mock engine: the KV bytes a worker sends are the modelled size divided by this"
 
 
+MIXED_BATCHES_HELP = ("a step that prefills also decodes every running sequence (prompt chunks fill the rest of "
+                      "the token budget), as vLLM's chunked prefill; off: prefill and decode steps alternate, "
+                      "prompts first but decodes never held back past 50 ms")
+
+
 @dataclass
 class SchedulerConfig:
     """The scheduler: the cluster's front door."""
@@ -147,6 +152,7 @@ class PromptWorkerConfig:
     kv_memory_bytes: int = option(512 << 20, "SPLITWISE_PROMPT_KV_MEMORY_BYTES", "KV cache budget of the prompt worker")
     block_size: int = option(16, "SPLITWISE_BLOCK_SIZE", "tokens per KV cache block")
     max_batch_tokens: int = option(2048, "SPLITWISE_MAX_BATCH_TOKENS", "prefill batch budget; longer prompts are chunked")
+    mixed_batches: bool = option(False, "SPLITWISE_MIXED_BATCHES", MIXED_BATCHES_HELP)
     max_queued_prompt_tokens: int = option(65536, "SPLITWISE_MAX_QUEUED_PROMPT_TOKENS", "prompt tokens waiting for (or in) a prefill beyond which a new prompt is refused with RESOURCE_EXHAUSTED (the scheduler tries another worker); 0: no limit")
     kv_chunk_bytes: int = option(1 << 20, "SPLITWISE_KV_CHUNK_BYTES", "largest KV chunk on the wire (grpc transport)")
     kv_transports: str = option("shm,grpc", "SPLITWISE_KV_TRANSPORTS", "KV transports this worker offers: shm (same host), mooncake (RDMA or TCP; opt in: its engine listens on every interface and authenticates no peer, see README Security), grpc (always; mTLS)")
@@ -184,6 +190,7 @@ class TokenWorkerConfig:
     max_batch_tokens: int = option(2048, "SPLITWISE_MAX_BATCH_TOKENS", "prefill batch budget; longer prompts are chunked")
     max_queued_prompt_tokens: int = option(65536, "SPLITWISE_MAX_QUEUED_PROMPT_TOKENS", "prompt tokens waiting for (or in) a prefill beyond which a new prompt is refused with RESOURCE_EXHAUSTED (the scheduler tries another worker); 0: no limit")
     max_decode_batch: int = option(256, "SPLITWISE_MAX_DECODE_BATCH", "most sequences decoded in one step")
+    mixed_batches: bool = option(False, "SPLITWISE_MIXED_BATCHES", MIXED_BATCHES_HELP)
     kv_chunk_bytes: int = option(1 << 20, "SPLITWISE_KV_CHUNK_BYTES", "largest KV chunk on the wire (grpc transport)")
     kv_transports: str = option("shm,grpc", "SPLITWISE_KV_TRANSPORTS", "KV transports this worker offers: shm (same host), mooncake (RDMA or TCP; opt in: its engine listens on every interface and authenticates no peer, see README Security), grpc (always; mTLS)")
     kv_mooncake_protocol: str = option("tcp", "SPLITWISE_KV_MOONCAKE_PROTOCOL", "Mooncake Transfer Engine protocol: tcp, or rdma where the machine has it")

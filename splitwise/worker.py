@@ -35,6 +35,7 @@ def load_engine(config, max_decode_batch: int = 256) -> LoadedEngine:
         kv_memory_bytes=config.kv_memory_bytes, block_size=config.block_size,
         max_batch_tokens=config.max_batch_tokens, max_decode_batch=max_decode_batch,
         max_queued_prompt_tokens=config.max_queued_prompt_tokens, num_threads=config.num_threads,
+        mixed_batches=config.mixed_batches,
     )
     start = time.perf_counter()
     if is_mock(served_model_name(config)):

@@ -47,6 +47,7 @@ class EngineConfig:
     max_decode_batch: int = 256
     decode_age_bound_s: float = 0.05
     max_queued_prompt_tokens: int = 0  # prompt tokens waiting for (or in) a prefill beyond which submit refuses; 0: none
+    mixed_batches: bool = False  # prefill steps also decode the running sequences
     num_threads: int = 0
 
 
@@ -68,7 +69,7 @@ class Engine:
                                    config.block_size)
         self.runner = runner_type(loaded, device, self.blocks)
         self.scheduler = BatchScheduler(self.blocks, config.max_batch_tokens, config.max_decode_batch,
-                                        config.decode_age_bound_s)
+                                        config.decode_age_bound_s, mixed_batches=config.mixed_batches)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
         self.max_context = loaded.config.max_position_embeddings
         self._handles: dict[str, RequestHandle] = {}

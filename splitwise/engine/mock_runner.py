@@ -16,7 +16,7 @@ import torch
 
 from splitwise.engine.block_manager import BlockManager
 from splitwise.engine.sampling import SampledToken
-from splitwise.engine.scheduler import ScheduledBatch
+from splitwise.engine.scheduler import ScheduledBatch, batch_work
 from splitwise.engine.sequence import Sequence
 from splitwise.kv.layout import DTYPES
 from splitwise.model.mock import FIRST_WORD_TOKEN_ID, MockModel
@@ -60,9 +60,8 @@ class MockModelRunner:
 
     def step_seconds(self, batch: ScheduledBatch) -> float:
         """The modelled time of the step, times the time factor."""
-        if batch.prefill:
-            return self.perf.step_s(sum(end - start for start, end in batch.spans), 0) * self.time_factor
-        return self.perf.step_s(0, len(batch.seqs)) * self.time_factor
+        prompt_tokens, decodes = batch_work(batch)
+        return self.perf.step_s(prompt_tokens, decodes) * self.time_factor
 
     def write_kv(self, block_table: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Checks received KV ([tokens, kv_heads, head_dim]) against the layout and the reservation, and drops it."""

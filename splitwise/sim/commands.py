@@ -27,6 +27,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "model behind the paper's results)")
     parser.add_argument("--exact-view", action="store_true",
                         help="the scheduler sees the workers' state exactly (default: refreshed as the live one is)")
+    parser.add_argument("--mixed-batches", action="store_true",
+                        help="machines decode their running sequences in every prefill step too (SPLITWISE_MIXED_BATCHES)")
     parser.add_argument("--routing-policy", default=None, help="cls (default, the live scheduler's), jsq, round_robin, random")
     parser.add_argument("--tbt", choices=TBT_SAMPLES, default="gaps",
                         help="TBT SLO samples: gaps (every token gap, as `splitwise bench replay` measures) or "
@@ -63,7 +65,11 @@ def _config(args) -> SimConfig:
         changes["view_refresh_s"] = 0.0
     if args.routing_policy:
         changes["routing_policy"] = args.routing_policy
-    return SimConfig.live_defaults(**changes)
+    config = SimConfig.live_defaults(**changes)
+    if args.mixed_batches:
+        from dataclasses import replace
+        config = config.replace(limits=replace(config.limits, mixed_batches=True))
+    return config
 
 
 def _progress(line: str) -> None:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from splitwise.engine.block_manager import BlockManager
 from splitwise.engine.sampling import SampledToken, SamplingParams
-from splitwise.engine.scheduler import BatchScheduler, ScheduledBatch
+from splitwise.engine.scheduler import BatchScheduler, ScheduledBatch, batch_work
 from splitwise.engine.sequence import FinishReason, Sequence, Status
 from splitwise.cluster.registry import WorkerInfo
 from splitwise.sim.machines import MachineProfile
@@ -51,6 +51,7 @@ class EngineLimits:
     max_decode_batch: int = 256
     decode_age_bound_s: float = 0.05
     max_context: int = 1 << 30
+    mixed_batches: bool = False
 
 
 @dataclass
@@ -81,7 +82,8 @@ class SimMachine:
         capacity = self.profile.kv_capacity_tokens
         self.blocks = BlockManager(max(capacity // self.limits.block_size, 1), self.limits.block_size)
         self.scheduler = BatchScheduler(self.blocks, self.limits.max_batch_tokens, self.limits.max_decode_batch,
-                                        self.limits.decode_age_bound_s, clock=self.clock)
+                                        self.limits.decode_age_bound_s, clock=self.clock,
+                                        mixed_batches=self.limits.mixed_batches)
 
     # -- what the scheduler's registry view sees (a worker's heartbeat) --------------------------------
 
@@ -151,13 +153,9 @@ class SimMachine:
         if batch is None:
             return None
         steps = 1
-        if batch.prefill:
-            tokens = sum(end - start for start, end in batch.spans)
-            seconds = self.profile.perf.step_s(tokens, 0)
-        else:
-            seconds = self.profile.perf.step_s(0, len(batch.seqs))
-            if self.decode_runs and not self.scheduler.waiting:
-                steps = self._decode_run(batch.seqs)
+        seconds = self.profile.perf.step_s(*batch_work(batch))
+        if not batch.prefill and self.decode_runs and not self.scheduler.waiting:
+            steps = self._decode_run(batch.seqs)
         self.busy = True
         return batch, seconds, steps
 
@@ -181,9 +179,11 @@ class SimMachine:
         self.scheduler.step_finished(batch)
         stats = self.stats
         stats.steps += steps
-        if batch.prefill:
+        if batch.prefill:  # a mixed step counts as prefill time (its power is the prompt phase's)
+            prompt_tokens, decodes = batch_work(batch)
             stats.prefill_s += seconds
-            stats.prompt_tokens += sum(end - start for start, end in batch.spans)
+            stats.prompt_tokens += prompt_tokens
+            stats.decode_tokens += decodes
         else:
             stats.decode_s += seconds * steps
             stats.decode_tokens += len(batch.seqs) * steps

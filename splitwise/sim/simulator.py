@@ -59,7 +59,7 @@ class SimConfig:
             kv_layerwise_min_tokens=scheduler.kv_layerwise_min_tokens,
             view_refresh_s=scheduler.registry_refresh_s,
             limits=EngineLimits(block_size=worker.block_size, max_batch_tokens=worker.max_batch_tokens,
-                                max_decode_batch=worker.max_decode_batch),
+                                max_decode_batch=worker.max_decode_batch, mixed_batches=worker.mixed_batches),
         )
         return config.replace(**changes) if changes else config
 

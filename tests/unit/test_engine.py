@@ -70,9 +70,10 @@ async def test_greedy_generation_equals_transformers(tiny, prompt):
         engine.stop()
 
 
-async def test_requests_of_different_lengths_join_and_leave_a_running_batch(tiny):
+@pytest.mark.parametrize("mixed_batches", [False, True])
+async def test_requests_of_different_lengths_join_and_leave_a_running_batch(tiny, mixed_batches):
     loaded, tokenizer = tiny
-    engine = make_engine(loaded)
+    engine = make_engine(loaded, mixed_batches=mixed_batches)
     try:
         prompts = [f"request {i}: " + "xy" * (7 * i) for i in range(8)]
         handles = []
@@ -404,3 +405,24 @@ def test_mixed_scheduling_puts_prompts_first_but_decodes_within_the_age_bound():
         return "P" if batch.prefill else "D"
 
     assert "".join(step() for _ in range(6)) == "PDPDPD"
+
+
+def test_mixed_batches_decode_every_running_sequence_in_each_prefill_step_within_the_token_budget():
+    from splitwise.engine.block_manager import BlockManager
+    from splitwise.engine.scheduler import BatchScheduler, batch_work
+    from splitwise.engine.sequence import Sequence
+
+    scheduler = BatchScheduler(BlockManager(64, 16), max_batch_tokens=16, mixed_batches=True)
+    decoding = [Sequence(f"d{i}", [1, 2, 3], SamplingParams(), num_cached=3, output=[SampledToken(4, 0.0)])
+                for i in range(3)]
+    for seq in decoding:
+        scheduler.start_decoding(seq)
+    scheduler.add(Sequence("p", [5] * 40, SamplingParams()))
+    batch = scheduler.schedule()
+    assert batch.prefill and batch.decodes == 3
+    assert batch.seqs[-3:] == decoding and batch.spans[-3:] == [(3, 4)] * 3
+    assert batch.spans[0] == (0, 13) and batch.samples[0] is False  # a chunk: 16 tokens less the 3 decodes
+    assert batch_work(batch) == (13, 3)
+    scheduler.step_finished(batch)
+    scheduler.waiting.clear()
+    assert not scheduler.schedule().prefill  # nothing waits: a plain decode step
