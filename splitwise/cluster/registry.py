@@ -70,6 +70,9 @@ class WorkerRegistry:
         self._listed: list[WorkerInfo] = []
         self._bridged: dict[str, WorkerInfo] = {}  # listed before a Redis restart, not announced since
         self._bridged_until = 0.0  # monotonic seconds
+        # key -> (the entry's bytes, its worker, its expiry): an entry is verified again only when its bytes change
+        # (a worker's heartbeat rewrites it every second; the scheduler reads it several times a second)
+        self._verified: dict[bytes, tuple[bytes, WorkerInfo, float]] = {}
 
     @keeps_cancellation
     async def announce(self, info: WorkerInfo) -> None:
@@ -100,16 +103,27 @@ class WorkerRegistry:
     async def _read(self) -> list[WorkerInfo]:
         keys = [key async for key in self.client.scan_iter(match=KEY_PREFIX + "*", count=500)]
         if not keys:
+            self._verified.clear()
             return []
         now = time.time()
         listed = []
+        verified = {}
         for key, raw in zip(keys, await self.client.mget(keys)):
             if raw is None:  # expired since the scan
                 continue
+            known = self._verified.get(key)
             try:
-                listed.append(parse_entry(self.cluster_key, key, raw, now))
+                if known is not None and known[0] == raw:
+                    info, expires_at = known[1], known[2]
+                    check_current(expires_at, now)
+                else:
+                    info, expires_at = parse_verified_entry(self.cluster_key, key, raw, now)
             except BadEntry as e:
                 self._log_skipped(key, str(e))
+                continue
+            verified[key] = (raw, info, expires_at)
+            listed.append(info)
+        self._verified = verified
         return listed
 
     def _log_skipped(self, key: bytes | str, why: str) -> None:
@@ -143,6 +157,16 @@ WORKER_FIELDS = {f.name: (*_TYPES[f.type], f.default is MISSING) for f in fields
 def parse_entry(cluster_key: bytes, key: bytes | str, raw: bytes, now: float) -> WorkerInfo:
     """The entry stored at `key` as a WorkerInfo, leaving out fields this version does not know; BadEntry saying why
     it is none: one bad entry must not keep the reader from the others, nor reach routing."""
+    return parse_verified_entry(cluster_key, key, raw, now)[0]
+
+
+def check_current(expires_at: float, now: float) -> None:
+    if expires_at + MAX_CLOCK_SKEW_S < now:
+        raise BadEntry(f"expired {now - expires_at:.1f}s ago (an old entry written again)")
+
+
+def parse_verified_entry(cluster_key: bytes, key: bytes | str, raw: bytes, now: float) -> tuple[WorkerInfo, float]:
+    """parse_entry's WorkerInfo and the expiry time the entry is signed with."""
     try:
         entry = json.loads(raw)
     except (ValueError, RecursionError) as e:
@@ -153,8 +177,7 @@ def parse_entry(cluster_key: bytes, key: bytes | str, raw: bytes, now: float) ->
     if not _is_number(expires_at) or not verify(cluster_key, entry.get("signature"), SIGNED_AS,
                                                 _canonical(worker, expires_at)):
         raise BadEntry("unsigned, or not signed with this cluster's key")
-    if expires_at + MAX_CLOCK_SKEW_S < now:
-        raise BadEntry(f"expired {now - expires_at:.1f}s ago (an old entry written again)")
+    check_current(expires_at, now)
     values = {}
     for name, (types, kind, required) in WORKER_FIELDS.items():
         if name not in worker:
@@ -171,7 +194,7 @@ def parse_entry(cluster_key: bytes, key: bytes | str, raw: bytes, now: float) ->
         raise BadEntry(f"the entry of worker {info.worker_id!r}, under another worker's key")
     if not info.address:
         raise BadEntry("no address")
-    return info
+    return info, expires_at
 
 
 def _is_number(value) -> bool:

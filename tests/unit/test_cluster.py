@@ -96,6 +96,33 @@ async def test_an_unsigned_entry_or_one_signed_with_another_key_is_not_listed(re
     assert [w.worker_id for w in await registry.workers()] == ["p0"]
 
 
+async def test_an_entry_listed_before_is_verified_again_once_its_bytes_change(registry, monkeypatch):
+    from splitwise.cluster import registry as registry_module
+
+    verified = []
+    real_verify = registry_module.verify
+    monkeypatch.setattr(registry_module, "verify", lambda *args: verified.append(1) or real_verify(*args))
+    fake = asdict(worker("t1", "token"))
+    await registry.client.set(KEY_PREFIX + "t1", signed(fake))
+    for _ in range(3):
+        assert [w.address for w in await registry.workers()] == ["t1:1"]
+    assert len(verified) == 1  # the same bytes: read again, not verified again
+    tampered = json.loads(await registry.client.get(KEY_PREFIX + "t1"))
+    tampered["worker"]["address"] = "attacker:1"
+    await registry.client.set(KEY_PREFIX + "t1", json.dumps(tampered))
+    assert await registry.workers() == []
+    await registry.client.set(KEY_PREFIX + "t1", signed({**fake, "address": "t1:2"}))
+    assert [w.address for w in await registry.workers()] == ["t1:2"]
+
+
+async def test_an_entry_listed_before_drops_out_once_its_signed_expiry_passes(registry):
+    await registry.client.set(KEY_PREFIX + "t1", signed(asdict(worker("t1", "token")),
+                                                        expires_in_s=0.3 - MAX_CLOCK_SKEW_S))
+    assert [w.worker_id for w in await registry.workers()] == ["t1"]
+    await asyncio.sleep(0.5)  # the same bytes, now past their expiry
+    assert await registry.workers() == []
+
+
 async def test_a_copy_of_an_old_entry_written_again_is_not_listed(registry):
     await registry.client.set(KEY_PREFIX + "t1", signed(asdict(worker("t1", "token")),
                                                         expires_in_s=-MAX_CLOCK_SKEW_S - 1))
