@@ -1,9 +1,10 @@
 """The request journal in Redis: each request's scheduler replica, assigned workers, attempts and tokens
 emitted so far, so that the cluster's state is not only in one scheduler process.
 
-Writes never hold a request up: they go out in the background, in order per request, and a Redis outage only
-costs journal entries (logged once per outage). An open request is also in a set with its expiry time as
-score, so `open_requests` counts every replica's requests without scanning keys.
+Writes never hold a request up: they go out in the background, in order, the updates of all requests made while
+the last write was out in one transaction (one round trip); a Redis outage only costs journal entries (logged once
+per outage). An open request is also in a set with its expiry time as score, so `open_requests` counts every
+replica's requests without scanning keys.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class RequestJournal:
         self.client = client
         self.scheduler = scheduler
         self.ttl_s = ttl_s  # an open entry outlives its request's deadline
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._pending: list[tuple[str, dict, bool, bool]] = []  # (request id, fields, opening, closing), in order
+        self._writer: asyncio.Task | None = None
         self._written_tokens: dict[str, int] = defaultdict(int)
         self._failing = False
 
@@ -60,26 +62,25 @@ class RequestJournal:
         return await self.client.zcard(OPEN_KEY)
 
     def _write(self, rid: str, fields: dict, opening: bool = False, closing: bool = False) -> None:
-        queue = self._queues.get(rid)
-        if queue is None:
-            queue = self._queues[rid] = asyncio.Queue()
-            asyncio.create_task(self._writer(rid, queue))
-        queue.put_nowait((fields, opening, closing))
+        self._pending.append((rid, fields, opening, closing))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
 
-    async def _writer(self, rid: str, queue: asyncio.Queue) -> None:
-        """Writes one request's updates in order; ends after its closing write."""
-        key = KEY_PREFIX + rid
-        while True:
-            fields, opening, closing = await queue.get()
+    async def _write_pending(self) -> None:
+        """Writes the pending updates in order, all that are pending in one transaction, until none is left."""
+        while self._pending:
+            batch, self._pending = self._pending, []
             try:
                 async with self.client.pipeline(transaction=True) as pipe:
-                    pipe.hset(key, mapping=fields)
-                    if closing:
-                        pipe.expire(key, int(CLOSED_TTL_S))
-                        pipe.zrem(OPEN_KEY, rid)
-                    elif opening:
-                        pipe.expire(key, int(self.ttl_s) + 1)
-                        pipe.zadd(OPEN_KEY, {rid: time.time() + self.ttl_s})
+                    for rid, fields, opening, closing in batch:
+                        key = KEY_PREFIX + rid
+                        pipe.hset(key, mapping=fields)
+                        if closing:
+                            pipe.expire(key, int(CLOSED_TTL_S))
+                            pipe.zrem(OPEN_KEY, rid)
+                        elif opening:
+                            pipe.expire(key, int(self.ttl_s) + 1)
+                            pipe.zadd(OPEN_KEY, {rid: time.time() + self.ttl_s})
                     await pipe.execute()
                 if self._failing:
                     log.info("request journal: Redis is back")
@@ -88,9 +89,6 @@ class RequestJournal:
                 if not self._failing:
                     log.warning("request journal: cannot write to Redis (%s); requests go on unjournaled", e)
                     self._failing = True
-            if closing and queue.empty():  # (a request id used again at once goes on in this queue)
-                self._queues.pop(rid, None)
-                return
 
 
 def _text(value) -> str:
