@@ -37,15 +37,22 @@ class JsonLinesSpanExporter(SpanExporter):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._file = None  # opened at the first span, kept open: a span costs a write, not an open and a close
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         lines = "".join(json.dumps(span_to_dict(s), default=str) + "\n" for s in spans)
-        with self._lock, self.path.open("a") as f:
-            f.write(lines)
+        with self._lock:
+            if self._file is None:
+                self._file = self.path.open("a")
+            self._file.write(lines)
+            self._file.flush()  # in the file when export returns, as a reader of a finished request expects
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
-        pass
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
 
 def read_spans(path: Path) -> list[dict]:
