@@ -1,6 +1,6 @@
 import pytest
 
-from splitwise.engine.detokenizer import MAX_PENDING_TOKENS, Detokenizer, StopMatcher
+from splitwise.engine.detokenizer import MAX_PENDING_TOKENS, Detokenizer, StopMatcher, text_decoder
 from splitwise.model.tiny import build_tokenizer
 
 
@@ -91,3 +91,21 @@ def test_a_stream_whose_every_step_ends_inside_a_character_streams_each_whole_ch
         out += detok.add(ids[at:at + 2], final=at + 2 >= len(ids)).text
         assert out == text[:(at + 2) // 3]
     assert out == text
+
+
+def test_a_fast_tokenizer_is_decoded_by_its_backend_exactly_as_by_its_python_decode(tokenizer):
+    decode = text_decoder(tokenizer)
+    ids = tokenizer.encode("<|im_start|>héllo 世界 😀 and\nmore<|im_end|>", add_special_tokens=False)
+    for end in range(len(ids) + 1):
+        for start in range(0, end, 3):
+            assert decode(ids[start:end]) == tokenizer.decode(ids[start:end], skip_special_tokens=True)
+
+
+def test_a_tokenizer_that_cleans_up_spaces_is_decoded_by_its_python_decode():
+    tokenizer = build_tokenizer()
+    tokenizer.clean_up_tokenization_spaces = True
+    calls = []
+    real_decode = tokenizer.decode
+    tokenizer.decode = lambda ids, **kwargs: calls.append(ids) or real_decode(ids, **kwargs)
+    assert text_decoder(tokenizer)([300, 301]) == real_decode([300, 301], skip_special_tokens=True)
+    assert calls == [[300, 301]]
