@@ -72,6 +72,7 @@ class SimMachine:
     clock: Callable[[], float]
     model: str = "sim"
     decode_runs: bool = True  # compute runs of identical decode steps at once (False: step by step, for checking)
+    step_overhead_s: float = 0.0  # added to every step: the engine's own work beside the model's compute
     blocks: BlockManager = field(init=False)
     scheduler: BatchScheduler = field(init=False)
     busy: bool = False
@@ -153,7 +154,7 @@ class SimMachine:
         if batch is None:
             return None
         steps = 1
-        seconds = self.profile.perf.step_s(*batch_work(batch))
+        seconds = self.profile.perf.step_s(*batch_work(batch)) + self.step_overhead_s
         if not batch.prefill and self.decode_runs and not self.scheduler.waiting:
             steps = self._decode_run(batch.seqs)
         self.busy = True

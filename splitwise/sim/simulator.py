@@ -46,6 +46,9 @@ class SimConfig:
     view_refresh_s: float = 0.25
     limits: EngineLimits = EngineLimits()
     decode_runs: bool = True  # runs of identical decode steps computed at once; False: every step (same result)
+    # What the live path costs beside the engine's steps, for predicting a live cluster (calibrated on it idle):
+    request_overhead_s: float = 0.0  # from the client's send to the request's arrival at its worker's engine
+    step_overhead_s: float = 0.0  # each engine step's bookkeeping and token delivery beyond the model's compute
 
     @classmethod
     def live_defaults(cls, **changes) -> SimConfig:
@@ -153,7 +156,8 @@ class Simulator:
             for i in range(pool.count):
                 worker_id = f"{pool.role}-{pool.profile.machine.name}-{i}"
                 self.machines.append(SimMachine(worker_id, pool.role, pool.profile, self.config.limits, self._clock,
-                                                decode_runs=self.config.decode_runs))
+                                                decode_runs=self.config.decode_runs,
+                                                step_overhead_s=self.config.step_overhead_s))
         self.by_id = {m.worker_id: m for m in self.machines}
         self.membership: dict[str, str] = {}
         self.last_pool_change = -math.inf
@@ -178,11 +182,14 @@ class Simulator:
         states = [_Request(r) for r in self.requests]
         arrivals = iter(states)
         upcoming = next(arrivals, None)
+        delay = self.config.request_overhead_s
+        upcoming_at = upcoming.request.arrival_s + delay if upcoming else 0.0
         handlers = {"step": self._step_done, "kv": self._kv_arrived, "retry": self._retry_backlog}
         while self._events or upcoming is not None:
-            if upcoming is not None and (not self._events or upcoming.request.arrival_s <= self._events[0][0]):
-                at, kind, payload = upcoming.request.arrival_s, "arrival", (upcoming,)
+            if upcoming is not None and (not self._events or upcoming_at <= self._events[0][0]):
+                at, kind, payload = upcoming_at, "arrival", (upcoming,)
                 upcoming = next(arrivals, None)
+                upcoming_at = upcoming.request.arrival_s + delay if upcoming else 0.0
             else:
                 at, _, kind, payload = heapq.heappop(self._events)
             if at < self.now:
