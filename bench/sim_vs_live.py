@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bench.replay import baseline_lengths, cluster_model, load_trace, measure_idle_baseline, replay
@@ -50,6 +51,7 @@ def start(args, prompt_workers: int, token_workers: int, mixed_workers: int) -> 
         kv_store_port=ports[4], redis_port=ports[5], metrics_port=0, prompt_workers=prompt_workers,
         token_workers=token_workers, mixed_workers=mixed_workers,
         startup_timeout_s=600, pin_workers=args.pin, engine=args.engine, mock_profile=args.mock_profile,
+        mock_time_factor=args.time_factor, mock_kv_scale=args.kv_scale,
         extra_env={"SPLITWISE_NUM_THREADS": "1", "SPLITWISE_LOG_LEVEL": "WARNING", "SPLITWISE_KV_KEEP": "false",
                    "SPLITWISE_POOL_BORROW_PROMPT_TOKENS": "0"})
     cluster = Cluster(options)
@@ -75,6 +77,8 @@ async def one_setup(name: str, args, prompt_workers: int, token_workers: int, mi
         requests = load_trace(args.trace, rate_scale=args.rate_scale, length_scale=args.length_scale,
                               max_requests=args.requests, max_context_tokens=context, start_s=args.start)
         profile = resolve_profile(args.profile)
+        if args.engine == "mock" and args.time_factor != 1:  # the mock workers' steps are this much slower
+            profile = replace(profile, perf=profile.perf.scaled(args.time_factor, args.time_factor))
         log(f"{name}: measuring the idle cluster")
         idle = await measure_idle_baseline(cluster.address, vocab, context, baseline_lengths(requests),
                                            output_tokens=16, repeats=3)
@@ -123,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default=str(ROOT / "bench" / "profiles" / "tiny-llama-cpu.csv"))
     parser.add_argument("--engine", choices=("real", "mock"), default="real")
     parser.add_argument("--mock-profile", default="llama2-70b@dgx-a100")
+    parser.add_argument("--time-factor", type=float, default=1.0, help="mock engine: modelled step times x this")
+    parser.add_argument("--kv-scale", type=float, default=64.0, help="mock engine: KV bytes sent / this")
     parser.add_argument("--trace", default="conv")
     parser.add_argument("--start", type=float, default=0.0)
     parser.add_argument("--requests", type=int, default=80)
