@@ -38,7 +38,8 @@ class PromptOfLength:
         return self.length
 
 
-SAMPLED = SampledToken(0, 0.0)  # the simulator samples no real token; one shared instance for every position
+SAMPLED = SampledToken(0, 0.0)
+CONTEXT_AWARE_RUN_STEPS = 32  # with step times that grow with the context, runs this long at most  # the simulator samples no real token; one shared instance for every position
 NO_EOS: frozenset[int] = frozenset()
 
 
@@ -153,10 +154,18 @@ class SimMachine:
         batch = self.scheduler.schedule()
         if batch is None:
             return None
+        perf = self.profile.perf
         steps = 1
-        seconds = self.profile.perf.step_s(*batch_work(batch)) + self.step_overhead_s
         if not batch.prefill and self.decode_runs and not self.scheduler.waiting:
             steps = self._decode_run(batch.seqs)
+            if perf.context_aware:  # the context grows a token a step: a short run, timed at its middle
+                steps = min(steps, CONTEXT_AWARE_RUN_STEPS)
+        context = None
+        if perf.context_aware:
+            decoding = batch.seqs[len(batch.seqs) - batch.decodes:] if batch.prefill else batch.seqs
+            if decoding:
+                context = sum(s.num_tokens for s in decoding) / len(decoding) + (steps - 1) / 2
+        seconds = perf.step_s(*batch_work(batch), context) + self.step_overhead_s
         self.busy = True
         return batch, seconds, steps
 

@@ -96,6 +96,6 @@ def measured_profile(path: str | Path, machine: MachineType | None = None,
         raise ValueError(f"{path}: no such profile CSV (`splitwise profile --out {path}` makes one)")
     sidecar = None if machine is not None and model is not None else MeasuredMachine.read(sidecar_path(path))
     if sidecar is None:
-        return MachineProfile(machine, model, load_profile(path))
-    perf = load_profile(path, sidecar.model, sidecar.hardware)
+        return MachineProfile(machine, model, load_profile(path, decode_curve="batch_context"))
+    perf = load_profile(path, sidecar.model, sidecar.hardware, decode_curve="batch_context")
     return MachineProfile(machine or sidecar.machine_type(), model or sidecar.model_spec, perf)

@@ -6,7 +6,9 @@ with that many: prompt_size x batch_size). Decode time is read one of two ways (
 - "batch_size": over the decode batch's size, the median of every row of that batch size (what the columns say);
 - "splitwisesim": as the paper's simulator reads it, over the same prompt_size x batch_size axis as prefill, at x =
   the number of decoding sequences. Its profiled x starts at 128 tokens, so decode steps come out almost flat in
-  the batch size (about 43 ms on a DGX-A100 from 1 to 2048 sequences): the model behind the paper's cluster results.
+  the batch size (about 43 ms on a DGX-A100 from 1 to 2048 sequences): the model behind the paper's cluster results;
+- "batch_context": over the batch size and the sequences' mean context (token_size), for profiles measured on a
+  grid of both (`splitwise profile`'s): attention reads every sequence's KV, so a step grows with the context.
 Beyond the profiled points the nearest segment is extrapolated, never below half the smallest.
 """
 
@@ -66,8 +68,11 @@ class PerfModel:
     token_points: tuple[tuple[float, float], ...]  # (sequences in the decode batch, seconds of the step)
     prompt_power: float = DEFAULT_PROMPT_POWER  # fraction of the machine's rated power while prefilling
     token_power: float = DEFAULT_TOKEN_POWER  # ... while decoding
+    # (batch size, mean context, seconds): where given, decode steps are read over both (the "batch_context" curve)
+    decode_grid: tuple[tuple[float, float, float], ...] = ()
     _prefill: _Curve = field(init=False, repr=False, compare=False)
     _decode: _Curve = field(init=False, repr=False, compare=False)
+    _by_batch: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in ("prompt_points", "token_points"):
@@ -77,6 +82,15 @@ class PerfModel:
             object.__setattr__(self, name, points)
         object.__setattr__(self, "_prefill", _Curve(self.prompt_points))
         object.__setattr__(self, "_decode", _Curve(self.token_points))
+        by_batch: dict[float, list[tuple[float, float]]] = defaultdict(list)
+        for batch, context, seconds in self.decode_grid:
+            by_batch[float(batch)].append((float(context), float(seconds)))
+        object.__setattr__(self, "_by_batch", (tuple(sorted(by_batch)),
+                                               tuple(_Curve(tuple(sorted(by_batch[b]))) for b in sorted(by_batch))))
+
+    @property
+    def context_aware(self) -> bool:
+        return bool(self.decode_grid)
 
     @property
     def name(self) -> str:
@@ -85,27 +99,38 @@ class PerfModel:
     def prefill_s(self, batch_tokens: int) -> float:
         return self._prefill(batch_tokens)
 
-    def decode_s(self, batch_size: int) -> float:
-        return self._decode(batch_size)
+    def decode_s(self, batch_size: int, context_tokens: float | None = None) -> float:
+        """One decode step of batch_size sequences; with a context-aware profile, at their mean context (None:
+        the batch-size curve, the median over the profiled contexts)."""
+        batches, curves = self._by_batch
+        if context_tokens is None or not batches:
+            return self._decode(batch_size)
+        i = min(max(bisect.bisect_right(batches, batch_size), 1), len(batches) - 1) if len(batches) > 1 else 0
+        if len(batches) == 1:
+            return curves[0](context_tokens)
+        b0, b1 = batches[i - 1], batches[i]
+        y0, y1 = curves[i - 1](context_tokens), curves[i](context_tokens)
+        return max(y0 + (y1 - y0) * (batch_size - b0) / (b1 - b0), 0.5 * min(y0, y1))
 
-    def step_s(self, prompt_tokens: int, decode_seqs: int) -> float:
-        """One engine step: prompt tokens (chunks of prompts) and one new token for each decoding sequence.
-        A mixed step costs a prefill over all its tokens, and never less than the decode step alone."""
+    def step_s(self, prompt_tokens: int, decode_seqs: int, decode_context: float | None = None) -> float:
+        """One engine step: prompt tokens (chunks of prompts) and one new token for each decoding sequence (at
+        their mean context). A mixed step costs a prefill over all its tokens, never less than its decodes alone."""
         if prompt_tokens <= 0:
-            return self.decode_s(decode_seqs) if decode_seqs else 0.0
+            return self.decode_s(decode_seqs, decode_context) if decode_seqs else 0.0
         if decode_seqs <= 0:
             return self.prefill_s(prompt_tokens)
-        return max(self.prefill_s(prompt_tokens + decode_seqs), self.decode_s(decode_seqs))
+        return max(self.prefill_s(prompt_tokens + decode_seqs), self.decode_s(decode_seqs, decode_context))
 
     def scaled(self, prompt_factor: float = 1.0, token_factor: float = 1.0, hardware: str | None = None) -> PerfModel:
         """The same curves with step times multiplied (a slower or faster variant of the machine)."""
         return PerfModel(self.model, hardware or self.hardware, self.tensor_parallel,
                          tuple((x, y * prompt_factor) for x, y in self.prompt_points),
                          tuple((x, y * token_factor) for x, y in self.token_points),
-                         self.prompt_power, self.token_power)
+                         self.prompt_power, self.token_power,
+                         tuple((b, c, y * token_factor) for b, c, y in self.decode_grid))
 
 
-DECODE_CURVES = ("batch_size", "splitwisesim")
+DECODE_CURVES = ("batch_size", "splitwisesim", "batch_context")
 
 
 def read_profiles(path: str | Path = PAPER_PROFILES, decode_curve: str = "batch_size") -> dict[tuple[str, str, int], PerfModel]:
@@ -128,12 +153,15 @@ def read_profiles(path: str | Path = PAPER_PROFILES, decode_curve: str = "batch_
 def _model_of(key: tuple[str, str, int], rows: list[dict], decode_curve: str) -> PerfModel:
     prompt: dict[int, list[float]] = defaultdict(list)
     token: dict[int, list[float]] = defaultdict(list)
+    grid: dict[tuple[int, int], list[float]] = defaultdict(list)
     peak, average = [], []
     for row in rows:
         batch = int(row["batch_size"])
         prompt[int(row["prompt_size"]) * batch].append(float(row["prompt_time"]) / 1000)
-        x = batch if decode_curve == "batch_size" else int(row["prompt_size"]) * batch
+        x = int(row["prompt_size"]) * batch if decode_curve == "splitwisesim" else batch
         token[x].append(float(row["token_time"]) / 1000)
+        if decode_curve == "batch_context":
+            grid[batch, int(row.get("token_size") or row["prompt_size"])].append(float(row["token_time"]) / 1000)
         if float(row.get("peak_power") or 0) > 0:
             peak.append(float(row["peak_power"]))
         if float(row.get("average_power") or 0) > 0:
@@ -144,6 +172,7 @@ def _model_of(key: tuple[str, str, int], rows: list[dict], decode_curve: str) ->
         token_points=tuple((x, statistics.median(v)) for x, v in token.items()),
         prompt_power=min(statistics.quantiles(peak, n=10)[-1], 1.0) if len(peak) > 1 else DEFAULT_PROMPT_POWER,
         token_power=statistics.median(average) if average else DEFAULT_TOKEN_POWER,
+        decode_grid=tuple((b, c, statistics.median(v)) for (b, c), v in grid.items()),
     )
 
 

@@ -159,3 +159,25 @@ def test_layerwise_kv_of_a_short_prefill_arrives_when_the_link_has_sent_it_all()
 
 def test_kv_sent_after_the_prefill_arrives_a_whole_transfer_later():
     assert LINK.arrival_s(2e9, 80, prefill_start_s=1.0, prefill_end_s=3.0, layerwise=False) == pytest.approx(5.005)
+
+
+def test_a_context_aware_profile_reads_decode_steps_over_batch_size_and_mean_context():
+    from splitwise.sim.perf_model import PerfModel
+
+    grid = ((1, 100, 0.010), (1, 1100, 0.020), (9, 100, 0.030), (9, 1100, 0.070))
+    perf = PerfModel("m", "h", 1, ((1, 0.1),), ((1, 0.015), (9, 0.05)), decode_grid=grid)
+    assert perf.context_aware
+    assert perf.decode_s(1, 100) == pytest.approx(0.010) and perf.decode_s(9, 1100) == pytest.approx(0.070)
+    assert perf.decode_s(5, 600) == pytest.approx((0.015 + 0.050) / 2)  # linear in both
+    assert perf.decode_s(9) == pytest.approx(0.05)  # without a context: the batch-size curve
+    assert perf.step_s(0, 9, 1100) == pytest.approx(0.070)
+
+
+def test_the_measured_tiny_llama_profile_is_context_aware():
+    from pathlib import Path
+
+    from splitwise.sim.machines import resolve_profile
+
+    perf = resolve_profile(str(Path(__file__).resolve().parents[2] / "bench/profiles/tiny-llama-cpu.csv")).perf
+    assert perf.context_aware
+    assert perf.decode_s(64, 1014) > perf.decode_s(64, 16)
