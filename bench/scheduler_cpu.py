@@ -38,6 +38,22 @@ IDLE_WINDOW_S = 10.0
 FIRST_PROMPT_TOKEN_ID = 300  # past the byte-level tokenizer's bytes and specials
 
 
+def thread_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(the main thread's, the other threads') utime + stime: the event loop's Python, and gRPC's C-core threads."""
+    main = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if int(task.name) == pid:
+            main += seconds
+        else:
+            other += seconds
+    return main, other
+
+
 class TwoSchedulers(Cluster):
     """Scheduler replica 0 runs the code of `tree` (None: this tree's); replica 1 this tree's, under cProfile
     into `cprofile` when given."""
@@ -97,13 +113,20 @@ async def send(address: str, phase: Phase, prompt_tokens: int, seed: int, tag: s
 
 async def measure_phase(address: str, pid: int, idle_per_s: float, phase: Phase, prompt_tokens: int, seed: int,
                         tag: str) -> dict:
-    cpu_start, wall_start = cpu_seconds(pid), time.monotonic()
+    cpu_start, threads_start, wall_start = cpu_seconds(pid), thread_cpu_seconds(pid), time.monotonic()
     ok, tokens = await send(address, phase, prompt_tokens, seed, tag)
     cpu_s, wall_s = cpu_seconds(pid) - cpu_start, time.monotonic() - wall_start
-    busy_s = max(0.0, cpu_s - idle_per_s * wall_s)
+    main_s, other_s = (end - start for end, start in zip(thread_cpu_seconds(pid), threads_start))
     return {"ok": ok, "requests": phase.requests, "tokens": tokens, "cpu_s": cpu_s, "wall_s": wall_s,
-            "busy_cpu_s": busy_s, "ms_per_request": busy_s / max(ok, 1) * 1e3,
-            "requests_per_s": ok / wall_s, "tokens_per_s": tokens / wall_s}
+            "busy_cpu_s": max(0.0, cpu_s - idle_per_s * wall_s), "main_thread_s": main_s, "other_threads_s": other_s}
+
+
+def combined(halves: list[dict]) -> dict:
+    """The sums of a phase's runs on one scheduler, and what they give per request and per second."""
+    total = {key: sum(h[key] for h in halves) for key in halves[0]}
+    return {**total, "ms_per_request": total["busy_cpu_s"] / max(total["ok"], 1) * 1e3,
+            "main_thread_share": total["main_thread_s"] / max(total["main_thread_s"] + total["other_threads_s"], 1e-9),
+            "requests_per_s": total["ok"] / total["wall_s"], "tokens_per_s": total["tokens"] / total["wall_s"]}
 
 
 def ratio(before: float, after: float) -> str:
@@ -130,11 +153,15 @@ def report(args, runs: dict[str, dict], idle: dict[str, float]) -> str:
         row("scheduler idle CPU, ms/s (registry refresh)", [idle[n] * 1e3 for n in names], ".1f"),
         row(f"**CPU per request, max_tokens=1** (ms, less idle; {args.requests} requests)",
             [r["ms_per_request"] for r in short], ".2f"),
+        row("... of it in the event loop's thread (the rest: gRPC's C-core threads), %",
+            [r["main_thread_share"] * 100 for r in short], ".0f", compare=False),
         row("... requests/s served", [r["requests_per_s"] for r in short], ".0f", compare=False),
         row(f"CPU per request, max_tokens={args.long_tokens} (ms, less idle; {args.long_requests} requests)",
             [r["ms_per_request"] for r in long], ".1f"),
         row("**CPU per output token** (us: the long request's extra over the short one's, per token)",
             [per_token[n] for n in names], ".0f"),
+        row("... of the long requests' CPU in the event loop's thread, %",
+            [r["main_thread_share"] * 100 for r in long], ".0f", compare=False),
         row("... output tokens/s served", [r["tokens_per_s"] for r in long], ".0f", compare=False),
         row("requests failed (short + long)", [r["requests"] - r["ok"] + q["requests"] - q["ok"]
                                                for r, q in zip(short, long)], "d", compare=False),
@@ -171,10 +198,17 @@ async def run(args) -> int:
         idle = {n: (cpu_seconds(pid) - s) / IDLE_WINDOW_S for n, (_, pid), s in zip(names, schedulers, starts)}
         runs: dict[str, dict] = {n: {} for n in names}
         for phase in phases:
-            for n, (address, pid) in zip(names, schedulers):
+            # Half of the requests in each of the orders A B B A: what drifts during the phase (the host's other
+            # load, the workers' state) weighs on both schedulers alike.
+            half = Phase(phase.name, phase.requests // 2, phase.max_tokens, phase.concurrency)
+            halves: dict[str, list[dict]] = {n: [] for n in names}
+            for turn, index in enumerate([0, 1, 1, 0]):
+                (address, pid), n = schedulers[index], names[index]
                 print(f"{phase.name}: {n}...", file=sys.stderr)
-                runs[n][phase.name] = await measure_phase(address, pid, idle[n], phase, args.prompt_tokens,
-                                                          args.seed, n.split()[0])
+                halves[n].append(await measure_phase(address, pid, idle[n], half, args.prompt_tokens,
+                                                     args.seed + turn, f"{n.split()[0]}{turn}"))
+            for n in names:
+                runs[n][phase.name] = combined(halves[n])
     finally:
         cluster.stop()
     text = report(args, runs, idle)
