@@ -95,7 +95,7 @@ async def start(config: SchedulerConfig) -> Scheduler:
     model = await asyncio.to_thread(load_model_info, config)
     client = connect(config.redis_url)
     registry = WorkerRegistry(client, load_cluster_key(config.tls_dir))  # lists only entries signed with it
-    channels = ChannelPool(config.grpc_keepalive_s, tls)
+    channels = ChannelPool(config.grpc_keepalive_s, tls, traced=False)  # the dispatcher traces its calls itself
     replica = f"scheduler-{socket.gethostname()}-{os.getpid()}"
     journal = RequestJournal(client, replica, config.request_timeout_s + JOURNAL_SLACK_S)
     view = ClusterView(model.name, registry, config.routing_policy,

@@ -19,7 +19,7 @@ import redis.asyncio as redis
 from services.scheduler.cluster_view import ClusterView
 from services.scheduler.output import OutputStream
 from services.scheduler.worker_calls import WorkerFailed, expect, expect_unless
-from splitwise.channels import ChannelPool, end_stream
+from splitwise.channels import ChannelPool, TracedStream, end_stream
 from splitwise.cluster.journal import RequestJournal
 from splitwise.cluster.kv_index import KVIndex
 from splitwise.cluster.registry import WorkerInfo
@@ -142,6 +142,14 @@ class Dispatcher:
                             f"resuming after {output.completion_tokens} tokens ({kv})" if kind == "resume"
                             else "routing again")
 
+    def _stream(self, address: str, service: str, method: str, request, timeout_s: float):
+        """Starts a worker's server stream: traced by TracedStream on the scheduler's untraced channels."""
+        stub = getattr(worker_pb2_grpc, f"{service}Stub")(self.channels.get(address))
+        if self.channels.traced:
+            return getattr(stub, method)(request, timeout=timeout_s)
+        full_name = worker_pb2.DESCRIPTOR.services_by_name[service].full_name
+        return TracedStream(getattr(stub, method), f"/{full_name}/{method}", request, timeout_s)
+
     def _kv_target(self, prompt_w: WorkerInfo, token_w: WorkerInfo, num_prompt_tokens: int):
         if self.kv.transfer == "relay":
             target = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv.kv_store_address)
@@ -167,12 +175,9 @@ class Dispatcher:
         keep = None
         if self.kv.transfer == "direct" and self.kv.keep and self.kv.kv_store_address and not colocated:
             keep = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv.kv_store_address)
-        decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
-            worker_pb2.DecodeRequest(request_id=worker_rid, num_prompt_tokens=len(ids), sampling=sampling,
-                                     kv_source=target, prompt_token_ids=ids, prefill_here=colocated,
-                                     kv_transport=transport),
-            timeout=timeout_s,
-        )
+        decode = self._stream(token_w.address, "TokenWorker", "Decode", worker_pb2.DecodeRequest(
+            request_id=worker_rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target,
+            prompt_token_ids=ids, prefill_here=colocated, kv_transport=transport), timeout_s)
         prefill = None
         decode_ended = None
         ending: set = set()  # the calls whose worker has sent everything: their streams end by themselves
@@ -184,11 +189,9 @@ class Dispatcher:
                 if reserved.HasField("offer"):
                     target.offer.CopyFrom(reserved.offer)
                 if not colocated:
-                    prefill = worker_pb2_grpc.PromptWorkerStub(self.channels.get(prompt_w.address)).Prefill(
-                        worker_pb2.PrefillRequest(request_id=worker_rid, prompt_token_ids=ids, sampling=sampling,
-                                                  kv_target=target, kv_keep=keep),
-                        timeout=timeout_s,
-                    )
+                    prefill = self._stream(prompt_w.address, "PromptWorker", "Prefill", worker_pb2.PrefillRequest(
+                        request_id=worker_rid, prompt_token_ids=ids, sampling=sampling, kv_target=target,
+                        kv_keep=keep), timeout_s)
                     # The token worker can fail the transfer first (its KV stopped arriving): watch both streams.
                     decode_ended = asyncio.ensure_future(decode.code())
                     first = await expect_unless(prefill, prompt_w, "first_token", decode, token_w, decode_ended)
@@ -252,13 +255,10 @@ class Dispatcher:
         if kept_as is not None:
             source = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv.kv_store_address,
                                          request_id=kept_as)
-        decode = worker_pb2_grpc.TokenWorkerStub(self.channels.get(token_w.address)).Decode(
-            worker_pb2.DecodeRequest(request_id=worker_rid, num_prompt_tokens=len(ids),
-                                     sampling=convert.sampling_to_pb(params), kv_source=source,
-                                     prompt_token_ids=ids, prefill_here=source is None, kv_transport=GRPC,
-                                     output_token_ids=output.token_ids),
-            timeout=timeout_s,
-        )
+        decode = self._stream(token_w.address, "TokenWorker", "Decode", worker_pb2.DecodeRequest(
+            request_id=worker_rid, num_prompt_tokens=len(ids), sampling=convert.sampling_to_pb(params),
+            kv_source=source, prompt_token_ids=ids, prefill_here=source is None, kv_transport=GRPC,
+            output_token_ids=output.token_ids), timeout_s)
         ending: set = set()
         try:
             with self.view.loaded({token_w.worker_id: len(ids) + params.max_tokens}):
