@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from opentelemetry import metrics
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.resources import Resource
 
 # Latency buckets in seconds, from a fast decode step to a long queued request.
@@ -117,7 +117,10 @@ def add_gauge_source(source: GaugeSource) -> Callable[[], None]:
 def setup_metrics(service_name: str) -> MeterProvider:
     """Installs the global meter provider with a Prometheus reader (the one singleton we allow)."""
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()])
+    # No exemplars unless OTEL_METRICS_EXEMPLAR_FILTER asks for them: the Prometheus endpoint does not show them, and
+    # the SDK's default keeps one for every measurement made in a sampled span (a TBT per output token, for one).
+    exemplars = None if os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+    provider = MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()], exemplar_filter=exemplars)
     metrics.set_meter_provider(provider)
     return provider
 
