@@ -10,13 +10,13 @@ import torch
 from splitwise.engine.block_manager import BlockManager
 from splitwise.engine.llm_engine import Engine, EngineConfig
 from splitwise.engine.mock_runner import MockModelRunner
-from splitwise.engine.request_handle import Finished, RequestHandle
 from splitwise.engine.sampling import SamplingParams
 from splitwise.engine.scheduler import ScheduledBatch
 from splitwise.engine.sequence import FinishReason, Sequence
 from splitwise.kv.layout import KVLayout
 from splitwise.model.mock import FIRST_WORD_TOKEN_ID, MOCK_VOCAB_SIZE, load_mock_model
 from splitwise.sim.machines import resolve_profile
+from tests.unit.test_engine import collect
 
 PROFILE = "llama2-70b@dgx-a100"
 FAST = 0.001  # time factor: a modelled 60 ms step takes 60 us
@@ -31,15 +31,6 @@ def prefill_batch(blocks: BlockManager, *prompts: list[int], **seq_options) -> S
     for seq in seqs:
         blocks.grow(seq.block_table, seq.num_tokens)
     return ScheduledBatch(True, seqs, [(0, s.num_tokens) for s in seqs], [True] * len(seqs))
-
-
-async def collect(handle: RequestHandle) -> tuple[list[int], FinishReason]:
-    out = []
-    while True:
-        event = await handle.next_event()
-        if isinstance(event, Finished):
-            return out, event.reason
-        out.append(event.token_id)
 
 
 def test_step_time_is_the_profiles_step_time_times_the_time_factor():
