@@ -37,13 +37,22 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     return cls(**vars(parser.parse_args(argv)))
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None) -> None:
-    """Flags for the fields of `cls` (only `names`, where given), defaulting to their environment variables."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] | None = None,
+                         strict: bool = True) -> None:
+    """Flags for the fields of `cls` (only `names`, where given), defaulting to their environment variables.
+
+    strict: a variable that is not of its field's type raises now (a service stops at start). Otherwise the parser
+    reports it if and when it parses (a subcommand of a CLI whose other commands must not fail on it)."""
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
             continue
         env = f.metadata["env"]
-        default = _convert(os.environ[env], f.type) if env in os.environ else f.default
+        try:
+            default = _convert(os.environ[env], f.type) if env in os.environ else f.default
+        except ValueError:
+            if strict:
+                raise
+            default = os.environ[env]  # argparse converts a string default by the option's type, at parse time
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"{f.metadata['help']} [{env}]")

@@ -158,7 +158,7 @@ def describe(engine: Engine, config: TokenWorkerConfig, hardware: str, device: s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, TokenWorkerConfig, WORKER_OPTIONS)
+    add_config_arguments(parser, TokenWorkerConfig, WORKER_OPTIONS, strict=False)
     parser.add_argument("--hardware", default="", help="the profile's hardware label (default: cpu-<threads>cores, "
                         "or the CUDA device's name)")
     parser.add_argument("--out", default="", help="the profile CSV (its sidecar goes beside it, .json) "

@@ -32,7 +32,7 @@ from splitwise.model.weights import resolve_model
 from splitwise.security.keys import ADMIN_KEY_FILE, API_KEY_FILE
 from splitwise.supervision import read_state
 from tests.e2e.launched_cluster import HEARTBEAT_S, run_streams
-from tests.reference import hf_greedy
+from tests.reference import assert_same_greedy_output, hf_greedy
 
 pytestmark = pytest.mark.e2e
 
@@ -168,8 +168,9 @@ async def test_sigkill_of_a_token_worker_loses_no_stream_and_up_brings_the_worke
             killed_at.append(time.monotonic())
 
         outputs = await run_streams(up.address, prompts, MAX_TOKENS, kill=kill, **options)
-        for i, (output, reference) in enumerate(zip(outputs, references)):
-            assert output == reference, f"stream {i}"
+        folder = resolve_model("tiny-llama", cache_dir)[1]
+        for i, (prompt, output, reference) in enumerate(zip(prompts, outputs, references)):
+            assert_same_greedy_output(folder, prompt, output, reference, what=f"stream {i}")
 
         restarted = await restarted_service(up, "token_worker-0", 1)
         # Back in the registry: a fresh heartbeat from token_worker-0 once the dead process's entry has expired is
@@ -190,8 +191,10 @@ async def test_sigkill_of_a_token_worker_loses_no_stream_and_up_brings_the_worke
         assert up.proc.poll() is None, f"`splitwise up` stopped:\n{up.output}"
         assert "token_worker-0 exited with code -9" in up.output and "token_worker-0 restarted" in up.output
 
-        # The restarted worker serves: the same prompts once more, identical again.
-        assert await run_streams(up.address, prompts, MAX_TOKENS, **options) == references
+        # The restarted worker serves: the same prompts once more, identical again (up to genuine near-ties).
+        again = await run_streams(up.address, prompts, MAX_TOKENS, **options)
+        for i, (prompt, output, reference) in enumerate(zip(prompts, again, references)):
+            assert_same_greedy_output(folder, prompt, output, reference, what=f"stream {i} after the restart")
 
         status = subprocess.run([str(SPLITWISE), "status", "--address", up.address, "--run-dir", str(tmp_path)],
                                 capture_output=True, text=True, timeout=60, env={**os.environ, **{

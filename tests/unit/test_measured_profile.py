@@ -158,3 +158,14 @@ def test_the_shipped_tiny_llama_profile_is_a_measured_profile():
     assert profile.kv_capacity_tokens == machine.kv_capacity_tokens
     assert [x for x, _ in profile.perf.token_points] == [1, 2, 4, 8, 16, 32, 64]
     assert max(x for x, _ in profile.perf.prompt_points) >= machine.max_batch_tokens
+
+
+def test_a_bad_worker_variable_fails_splitwise_profile_alone_not_the_other_commands(monkeypatch, capsys):
+    from splitwise.cli import build_parser
+
+    monkeypatch.setenv("SPLITWISE_KV_MEMORY_BYTES", "lots")
+    parser = build_parser()  # `splitwise up` (whose workers report the variable themselves) still parses
+    assert parser.parse_args(["status"]).command == "status"
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["profile", "--quick"])
+    assert exit_info.value.code == 2 and "invalid int value: 'lots'" in capsys.readouterr().err
