@@ -4,7 +4,7 @@ performance model.
 A request's sequence passes through the same states as on a live worker: a prompt machine prefills it (prompt
 only) and keeps its KV until the transfer ends; a token machine reserves blocks for its prompt at admission, takes
 it into the running batch when the KV has arrived, and decodes it; a mixed machine (or a colocated request) does
-both, with prompts first as the live scheduler orders them.
+both, as the engine's BatchScheduler orders it (prompts first, or mixed batches).
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from splitwise.engine.scheduler import BatchScheduler, ScheduledBatch, batch_wor
 from splitwise.engine.sequence import FinishReason, Sequence, Status
 from splitwise.cluster.registry import WorkerInfo
 from splitwise.sim.machines import MachineProfile
+
+SAMPLED = SampledToken(0, 0.0)  # the simulator samples no real token; one shared instance for every position
+CONTEXT_AWARE_RUN_STEPS = 32  # with step times that grow with the context, runs this long at most
+NO_EOS: frozenset[int] = frozenset()
+
 
 def steps_begun(now: float, start: float, seconds: float) -> int:
     """Steps of a run begun by `now` (at least its first): one that would begin exactly at `now` has not, as new
@@ -37,10 +42,6 @@ class PromptOfLength:
     def __len__(self) -> int:
         return self.length
 
-
-SAMPLED = SampledToken(0, 0.0)
-CONTEXT_AWARE_RUN_STEPS = 32  # with step times that grow with the context, runs this long at most  # the simulator samples no real token; one shared instance for every position
-NO_EOS: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
