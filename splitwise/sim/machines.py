@@ -7,6 +7,7 @@ of a CSV that `splitwise profile` wrote (one model on one machine, measured here
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from splitwise.sim.perf_model import PAPER_PROFILES, PerfModel, load_profile
@@ -95,9 +96,11 @@ def model_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
 
 
+@lru_cache(maxsize=64)
 def paper_profile(model: str, machine_name: str, tensor_parallel: int = 8,
                   decode_curve: str = "batch_size") -> MachineProfile:
-    """The paper's profile of a model on a machine type (tensor parallel over its 8 GPUs by default)."""
+    """The paper's profile of a model on a machine type (tensor parallel over its 8 GPUs by default); read once
+    (profiles are immutable, and a plan builds hundreds of designs)."""
     m = machine(machine_name)
     return MachineProfile(m, model_spec(model),
                           load_profile(PAPER_PROFILES, model, m.hardware, tensor_parallel, decode_curve))
