@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Loads the model as a token worker with these options does, times prefill "
                                          "batches and decode batches on its engine, and writes a profile CSV (the "
                                          "paper's columns) with a sidecar JSON (model shape, KV capacity, host).")
-    from splitwise.sim.profiler import add_arguments as profile_arguments
+    from splitwise.sim.profile_options import add_arguments as profile_arguments
 
     profile_arguments(profile)
     profile.set_defaults(run=_profile)

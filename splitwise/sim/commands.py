@@ -1,4 +1,5 @@
-"""The `splitwise sim` and `splitwise plan` commands."""
+"""The `splitwise sim` and `splitwise plan` commands (their options import no simulator, and so no torch: the CLI
+builds every command's options at start)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from bench.slo import TBT_SAMPLES, format_report, write_csv
-from splitwise.sim.designs import parse_design
+from bench.slo import TBT_SAMPLES
+from splitwise.sim.designs import FAMILIES
 from splitwise.sim.perf_model import DECODE_CURVES
-from splitwise.sim.plan import (FAMILIES, Workload, a100_baseline, best_within, paper_slos, pareto, smallest_for,
-                                table, write_outputs)
-from splitwise.sim.simulator import SimConfig, simulate
-from splitwise.sim.workload import from_trace, poisson, trace_lengths
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +56,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser)
 
 
-def _config(args) -> SimConfig:
+def _config(args):
+    from splitwise.sim.simulator import SimConfig
+
     changes = {}
     if args.exact_view:
         changes["view_refresh_s"] = 0.0
@@ -77,6 +76,12 @@ def _progress(line: str) -> None:
 
 
 def sim_main(args) -> int:
+    from bench.slo import format_report, write_csv
+    from splitwise.sim.designs import parse_design
+    from splitwise.sim.plan import a100_baseline
+    from splitwise.sim.simulator import simulate
+    from splitwise.sim.workload import from_trace, poisson, trace_lengths
+
     try:
         designs = [parse_design(d if "@" in d else f"{d}@{args.model}", args.decode_curve) for d in args.design]
         if args.rate:
@@ -111,6 +116,9 @@ def sim_main(args) -> int:
 
 
 def plan_main(args) -> int:
+    from splitwise.sim.plan import Workload, best_within, paper_slos, pareto, smallest_for, table, write_outputs
+    from splitwise.sim.workload import trace_lengths
+
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown or not families:

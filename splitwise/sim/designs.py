@@ -12,6 +12,15 @@ from dataclasses import dataclass
 from splitwise.sim.machines import MachineProfile, paper_profile
 
 DEFAULT_MODEL = "llama2-70b"
+# name: (prompt machine, token machine), or (machine, None) for a colocated baseline.
+FAMILIES: dict[str, tuple[str, str | None]] = {
+    "Baseline-A100": ("dgx-a100", None),
+    "Baseline-H100": ("dgx-h100", None),
+    "Splitwise-AA": ("dgx-a100", "dgx-a100"),
+    "Splitwise-HH": ("dgx-h100", "dgx-h100"),
+    "Splitwise-HA": ("dgx-h100", "dgx-a100"),
+    "Splitwise-HHcap": ("dgx-h100", "dgx-h100-pcap"),
+}
 
 
 @dataclass(frozen=True)

@@ -17,20 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 from bench.slo import IdleBaseline, RequestResult, write_csv
-from splitwise.sim.designs import ClusterDesign, baseline, splitwise
+from splitwise.sim.designs import FAMILIES, ClusterDesign, baseline, splitwise
 from splitwise.sim.machines import MACHINES, paper_profile
 from splitwise.sim.simulator import SimConfig, SimResult, idle_baseline, simulate
 from splitwise.sim.workload import poisson
 
-# name: (prompt machine, token machine), or (machine, None) for a colocated baseline.
-FAMILIES: dict[str, tuple[str, str | None]] = {
-    "Baseline-A100": ("dgx-a100", None),
-    "Baseline-H100": ("dgx-h100", None),
-    "Splitwise-AA": ("dgx-a100", "dgx-a100"),
-    "Splitwise-HH": ("dgx-h100", "dgx-h100"),
-    "Splitwise-HA": ("dgx-h100", "dgx-a100"),
-    "Splitwise-HHcap": ("dgx-h100", "dgx-h100-pcap"),
-}
 # Token machines' share of a Splitwise design's machines: a coarse grid, then the two midpoints around the best.
 TOKEN_SHARES = (0.1, 0.2, 0.35, 0.5)
 
