@@ -237,6 +237,28 @@ class KVStoreConfig:
     log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
 
 
+@dataclass
+class GatewayConfig:
+    """The OpenAI-compatible HTTP gateway: /v1/chat/completions, /v1/completions and /v1/models in front of the
+    scheduler's gRPC API."""
+
+    listen: str = option("127.0.0.1:8000", "SPLITWISE_GATEWAY_LISTEN", "host:port the HTTP gateway serves on")
+    schedulers: str = option("127.0.0.1:50051", "SPLITWISE_GATEWAY_SCHEDULERS", "the scheduler replicas' host:port, comma-separated: the gateway fails over between them")
+    model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
+    cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
+    engine: str = option("real", "SPLITWISE_ENGINE", ENGINE_HELP)
+    mock_profile: str = option(DEFAULT_MOCK_PROFILE, "SPLITWISE_MOCK_PROFILE", MOCK_PROFILE_HELP)
+    api_key: str = option("", "SPLITWISE_API_KEY", "the public API's key: clients send 'authorization: Bearer KEY' metadata, a missing or wrong key gets UNAUTHENTICATED (empty: no key, allowed on a loopback address only unless --insecure)")
+    admin_key: str = option("", "SPLITWISE_ADMIN_KEY", "the key ClusterStatus takes (it lists every worker and its address); it also works as an API key (empty: ClusterStatus is closed unless --insecure)")
+    insecure: bool = option(False, "SPLITWISE_INSECURE", "run without TLS and cluster authentication (anyone who reaches a port is trusted): for debugging only")
+    tls_ca: str = option("", "SPLITWISE_TLS_CA", "gateway: the CA (PEM) of schedulers that serve the public API over TLS (--public-tls); empty: plaintext")
+    request_timeout_s: float = option(600.0, "SPLITWISE_REQUEST_TIMEOUT_S", "deadline of a request whose client set none")
+    max_body_bytes: int = option(8 << 20, "SPLITWISE_GATEWAY_MAX_BODY_BYTES", "a request body over this many bytes is refused with 413 before it is read")
+    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
+    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
+    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
+
+
 def cache_dir_of(config) -> Path | None:
     return Path(config.cache_dir) if config.cache_dir else None
 
@@ -250,4 +272,4 @@ def resolve_device(device: str) -> str:
 
 
 if __name__ == "__main__":  # prints the README's configuration table
-    print(config_table(SchedulerConfig, PromptWorkerConfig, TokenWorkerConfig, KVStoreConfig))
+    print(config_table(SchedulerConfig, PromptWorkerConfig, TokenWorkerConfig, KVStoreConfig, GatewayConfig))

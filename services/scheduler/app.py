@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
@@ -28,7 +27,7 @@ from splitwise.model.mock import MOCK_CONTEXT_TOKENS, is_mock, mock_tokenizer, s
 from splitwise.model.weights import eos_token_ids, load_tokenizer, read_hf_config, resolve_model
 from splitwise.rpc.v1 import scheduler_pb2, scheduler_pb2_grpc
 from splitwise.security.keys import load_cluster_key
-from splitwise.security.peers import ApiKeyInterceptor
+from splitwise.security.peers import ApiKeyInterceptor, check_public_key
 from splitwise.security.tls import cluster_tls
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
 from splitwise.telemetry.logs import setup_logging
@@ -71,22 +70,9 @@ def load_model_info(config: SchedulerConfig) -> ModelInfo:
 
 
 def check_public_access(config: SchedulerConfig) -> None:
-    """A scheduler reachable from other hosts takes an API key, unless its operator says --insecure."""
     if config.public_tls and not config.tls_dir:
         raise ValueError("--public-tls serves the scheduler's cluster certificate: it needs --tls-dir")
-    host = config.listen.rsplit(":", 1)[0].strip("[]")
-    if not config.api_key and not config.insecure and not is_loopback(host):
-        raise ValueError(f"the scheduler would serve {config.listen} to other hosts with no API key: set "
-                         "SPLITWISE_API_KEY (--api-key), listen on 127.0.0.1, or pass --insecure")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    check_public_key("scheduler", config.listen, config.api_key, config.insecure)
 
 
 async def start(config: SchedulerConfig) -> Scheduler:

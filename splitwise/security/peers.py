@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import inspect
+import ipaddress
 from typing import Awaitable, Callable
 
 import grpc
@@ -91,6 +92,23 @@ def bearer_key(metadata) -> str:
         if key == "authorization" and isinstance(value, str) and value.lower().startswith(BEARER):
             return value[len(BEARER):].strip()
     return ""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_public_key(service: str, listen: str, api_key: str, insecure: bool) -> None:
+    """A public API reachable from other hosts takes an API key, unless its operator says --insecure."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if not api_key and not insecure and not is_loopback(host):
+        raise ValueError(f"the {service} would serve {listen} to other hosts with no API key: set "
+                         "SPLITWISE_API_KEY (--api-key), listen on 127.0.0.1, or pass --insecure")
 
 
 def key_matches(given: str, expected: str) -> bool:

@@ -49,6 +49,14 @@ pool_transitions = _meter.create_counter(
     "splitwise.pool.transitions", unit="{transition}",
     description="Workers moved between pools by this scheduler: borrowed into the mixed pool, or given back",
 )
+http_requests = _meter.create_counter(
+    "splitwise.gateway.requests", unit="{request}",
+    description="Requests the HTTP gateway answered, by route and HTTP status code",
+)
+http_request_duration = _meter.create_histogram(
+    "http.server.request.duration", unit="s", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+    description="Time from an HTTP request's arrival at the gateway to its last byte, by route and status code",
+)
 engine_step_duration = _meter.create_histogram(
     "splitwise.engine.step.duration", unit="s", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
     description="Duration of one engine step (one forward pass) of a worker, by phase (prefill, decode)",

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitwise.config import KVStoreConfig, PromptWorkerConfig, SchedulerConfig, TokenWorkerConfig, parse_config
+from splitwise.config import (GatewayConfig, KVStoreConfig, PromptWorkerConfig, SchedulerConfig, TokenWorkerConfig,
+                              parse_config)
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = (SchedulerConfig, PromptWorkerConfig, TokenWorkerConfig, KVStoreConfig)
+CONFIGS = (SchedulerConfig, PromptWorkerConfig, TokenWorkerConfig, KVStoreConfig, GatewayConfig)
 
 
 def test_readme_documents_every_configuration_variable():
