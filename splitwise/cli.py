@@ -119,7 +119,7 @@ def _up(args) -> int:
         mixed_workers=args.mixed_workers,
         kv_transfer=args.kv_transfer, run_dir=Path(args.run_dir), device=args.device,
         pin_workers=args.pin_workers, insecure=args.insecure, engine=args.engine, mock_profile=args.profile,
-        mock_time_factor=args.time_factor, mock_kv_scale=args.kv_scale,
+        mock_time_factor=args.time_factor, mock_kv_scale=args.kv_scale, http_port=args.http_port,
     ))
 
 
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--token-port", type=int, default=50071, help="first token worker's port (then +1, +2, ...)")
     up.add_argument("--kv-store-port", type=int, default=50081)
     up.add_argument("--mixed-port", type=int, default=50091, help="first mixed worker's port (then +1, +2, ...)")
+    up.add_argument("--http-port", type=int, default=8000,
+                    help="the OpenAI-compatible HTTP gateway's port (/v1/chat/completions, ...); 0: no gateway")
     up.add_argument("--redis-port", type=int, default=6379)
     up.add_argument("--metrics-port", type=int, default=9451,
                     help="Prometheus /metrics ports: schedulers from this one, prompt workers from +10, token workers "

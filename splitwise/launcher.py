@@ -94,6 +94,8 @@ class UpOptions:
     token_port: int = 50071
     kv_store_port: int = 50081
     mixed_port: int = 50091
+    # The OpenAI-compatible HTTP gateway's port (`splitwise up` defaults to 8000); 0: no gateway.
+    http_port: int = 0
     redis_port: int = 6379
     metrics_port: int = 9451  # each kind's Prometheus endpoints from here + METRICS_OFFSETS[kind] (+ i); 0: free ports
     redis_url: str = ""  # use this Redis instead of starting one
@@ -144,6 +146,7 @@ class Cluster:
         self.children: list[Child] = []
         self.redis: subprocess.Popen | None = None
         self.credentials: LocalCredentials | None = None  # made by start() unless insecure
+        self.http_address = ""  # the gateway's host:port, when it runs
 
     def first_ports(self) -> dict[str, tuple[int, int]]:
         """Each kind of service: (its first gRPC port, how many); instance i listens on the first + i."""
@@ -223,6 +226,8 @@ class Cluster:
         if o.prompt_workers + o.mixed_workers < 1 or o.token_workers + o.mixed_workers < 1:
             raise ValueError("each phase needs a worker: a prompt and a token worker, or a mixed one")
         owners: dict[int, str] = {} if o.redis_url else {o.redis_port: "redis"}
+        if o.http_port:
+            owners[o.http_port] = "gateway"
         for kind, (port, count) in self.first_ports().items():
             ports = [port + i for i in range(count)]
             if o.metrics_port:
@@ -230,7 +235,8 @@ class Cluster:
             for p in ports:
                 if p in owners:
                     raise ValueError(f"port {p} would be both {owners[p]}'s and {kind}'s: choose other first ports "
-                                     "(--port, --prompt-port, --token-port, ...; --metrics-port 0 picks free ones)")
+                                     "(--port, --prompt-port, --token-port, --http-port, ...; --metrics-port 0 picks "
+                                     "free ones)")
                 owners[p] = kind
 
     def start(self) -> None:
@@ -274,6 +280,14 @@ class Cluster:
                 "SPLITWISE_KV_TRANSFER": o.kv_transfer,
                 "SPLITWISE_KV_STORE_ADDRESS": kv_store, "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")},
                 scheduler)
+        if o.http_port:
+            gateway = f"{o.host}:{o.http_port}"
+            self._spawn("gateway", "services.gateway", {
+                **common, **scheduler_env(self.credentials), "SPLITWISE_GATEWAY_LISTEN": gateway,
+                "SPLITWISE_GATEWAY_SCHEDULERS": self.address, "SPLITWISE_TLS_CA": "",
+                "SPLITWISE_TRACE_FILE": str(traces / "gateway.jsonl")}, None)
+            self.children[-1].metrics_address = gateway  # it serves /metrics on its own port
+            self.http_address = gateway
 
     @property
     def operator_identity(self) -> ClusterTLS | None:
@@ -324,6 +338,9 @@ class Cluster:
             self._check_alive(deadline, supervisor)
             pending = [address for address in pending if num_workers_seen(address, deadline, admin_key) < expected]
             time.sleep(0.2)
+        while self.http_address and not http_healthy(self.http_address):
+            self._check_alive(deadline, supervisor)
+            time.sleep(0.2)
 
     def _check_alive(self, deadline: float, supervisor: Supervisor | None = None) -> None:
         if supervisor is not None:
@@ -367,6 +384,18 @@ def num_workers_seen(scheduler: str, deadline: float, admin_key: str = "") -> in
         return 0
 
 
+def http_healthy(address: str) -> bool:
+    """True when the gateway at address answers GET /health with 200 (a scheduler it reaches sees the workers)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=2) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def serving(address: str, tls: ClusterTLS | None = None) -> bool:
     """True when the gRPC server at address answers the standard health check with SERVING (as the cluster
     identity tls, for an internal service)."""
@@ -376,6 +405,14 @@ def serving(address: str, tls: ClusterTLS | None = None) -> bool:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
+
+
+def cluster_model_name(options: UpOptions) -> str:
+    """The model id clients name (what /v1/models lists)."""
+    from splitwise.model.mock import mock_model_name
+    from splitwise.model.weights import resolve_model
+
+    return mock_model_name(options.mock_profile) if options.engine == "mock" else resolve_model(options.model)[0]
 
 
 def up(options: UpOptions) -> int:
@@ -423,6 +460,11 @@ def up(options: UpOptions) -> int:
             else:
                 print("  INSECURE: no TLS, no API key, no Redis password: anyone who reaches a port is trusted")
             print(f"try: splitwise generate --address {cluster.address} \"What is the capital of France?\"")
+            if cluster.http_address:
+                key = f"$(cat {options.run_dir}/api-key)" if cluster.credentials else "none"
+                print(f"  or OpenAI's API: curl http://{cluster.http_address}/v1/chat/completions -H \"Authorization: "
+                      f"Bearer {key}\" -H 'Content-Type: application/json' -d '{{\"model\": \"{cluster_model_name(options)}\", "
+                      f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'")
             print("Ctrl-C stops everything.", flush=True)
         while not stop_requested:
             supervisor.check()

@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,7 +29,7 @@ MAX_TOKENS = 40
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, cache_dir):
     run_dir = tmp_path_factory.mktemp("run")
-    names = ("port", "prompt-port", "token-port", "kv-store-port", "redis-port")
+    names = ("port", "prompt-port", "token-port", "kv-store-port", "redis-port", "http-port")
     ports = dict(zip(names, free_port_ranges(*[1] * len(names))))
     args = [sys.executable, "-m", "splitwise.cli", "up", "--run-dir", str(run_dir), "--device", "cpu",
             "--metrics-port", "0"]
@@ -54,7 +55,8 @@ def cluster(tmp_path_factory, cache_dir):
         pytest.fail(f"splitwise up did not come up:\n{output}\n{logs}")
     pids = [int(p) for p in re.findall(r"pid (\d+)", output)]
     metrics = dict(re.findall(r"^\s+(\S+)\s.*metrics http://(\S+)/metrics", output, re.M))
-    yield {"address": f"127.0.0.1:{ports['port']}", "run_dir": run_dir, "pids": pids, "proc": proc, "metrics": metrics}
+    yield {"address": f"127.0.0.1:{ports['port']}", "run_dir": run_dir, "pids": pids, "proc": proc, "metrics": metrics,
+           "http": f"127.0.0.1:{ports['http-port']}", "output": output}
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
@@ -98,6 +100,40 @@ async def test_one_request_is_one_whole_trace_across_the_scheduler_and_worker_pr
     assert [(s["name"], s["kind"], s["service"]) for s in tops(spans)] == [(*SCHEDULER_GENERATE, "scheduler")]
 
 
+async def test_the_openai_sdk_gets_transformers_greedy_output_through_the_http_gateway(cluster, cache_dir):
+    folder = resolve_model("smollm2-135m-instruct", cache_dir)[1]
+    tokenizer = load_tokenizer(folder)
+    key = (cluster["run_dir"] / "api-key").read_text().strip()
+    assert f"curl http://{cluster['http']}/v1/chat/completions" in cluster["output"]
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    async with openai.AsyncOpenAI(base_url=f"http://{cluster['http']}/v1", api_key=key, max_retries=0,
+                                  timeout=300) as client:
+        out = await client.chat.completions.create(model="smollm2-135m-instruct", messages=messages,
+                                                   max_tokens=MAX_TOKENS, temperature=0)
+        stream = await client.chat.completions.create(model="smollm2-135m-instruct", messages=messages,
+                                                      max_tokens=MAX_TOKENS, stream=True)
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    expected = hf_greedy(folder, list(ids), MAX_TOKENS)
+    assert out.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert streamed == out.choices[0].message.content and "Paris" in streamed
+    assert out.usage.completion_tokens == len(expected)
+
+
+async def test_an_http_request_is_one_trace_rooted_at_the_gateway(cluster):
+    key = (cluster["run_dir"] / "api-key").read_text().strip()
+    async with openai.AsyncOpenAI(base_url=f"http://{cluster['http']}/v1", api_key=key, max_retries=0,
+                                  timeout=120) as client:
+        out = await client.completions.create(model="smollm2-135m-instruct", prompt="Hello", max_tokens=4)
+    request_id = out.id.removeprefix("cmpl-")
+    files = sorted((cluster["run_dir"] / "traces").glob("*.jsonl"))
+    spans = await wait_for_whole_trace(files, request_id)
+    assert len({s["trace_id"] for s in spans}) == 1
+    assert [(s["name"], s["kind"], s["service"]) for s in tops(spans)] == [
+        ("POST /v1/completions", "SERVER", "gateway")]
+    assert {"scheduler", "prompt_worker", "token_worker"} <= {s["service"] for s in spans}
+
+
 def test_cli_generate_and_status_talk_to_the_cluster(cluster):
     cli = [sys.executable, "-m", "splitwise.cli"]
     generate = subprocess.run([*cli, "generate", "--address", cluster["address"], "What is the capital of France?"],
@@ -119,7 +155,7 @@ def scrape(address: str) -> dict:
 
 
 async def test_every_process_serves_prometheus_metrics_and_ttft_counts_the_requests_sent(cluster):
-    assert set(cluster["metrics"]) == {"kv_store", "prompt_worker-0", "token_worker-0", "scheduler"}
+    assert set(cluster["metrics"]) == {"kv_store", "prompt_worker-0", "token_worker-0", "scheduler", "gateway"}
     scheduler = cluster["metrics"]["scheduler"]
     count = "gen_ai_server_time_to_first_token_seconds_count"
     before = scrape(scheduler).get(count, 0)
@@ -129,7 +165,8 @@ async def test_every_process_serves_prometheus_metrics_and_ttft_counts_the_reque
     for name, address in cluster["metrics"].items():
         text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
         families = {f.name for f in text_string_to_metric_families(text)}
-        expected = {"scheduler": "splitwise_requests", "kv_store": "splitwise_kv_store_stored_bytes"}.get(name, "splitwise_kv_blocks")
+        expected = {"scheduler": "splitwise_requests", "kv_store": "splitwise_kv_store_stored_bytes",
+                    "gateway": "splitwise_gateway_requests"}.get(name, "splitwise_kv_blocks")
         assert expected in families, (name, sorted(families))
 
 
