@@ -7,6 +7,10 @@ not earlier requests have finished. `--rate-scale k` compresses time (k times th
 and a seed pick what is sent.
 
 Run: splitwise bench replay --trace conv --length-scale 8 --requests 200 [--baseline idle.json] --out DIR
+
+`--api openai` sends the same requests to the OpenAI-compatible HTTP gateway instead (POST /v1/completions with the
+prompt's token ids, streamed, `ignore_eos`, and `logprobs: 0` so that each event says how many tokens it carries),
+so one replay measures either front door.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import aiohttp
 import grpc
 
 from bench.slo import IdleBaseline, RequestResult, format_report, slo_attainment, summarize, write_csv
 from splitwise.client import SplitwiseClient
+from splitwise.security.keys import API_KEY_FILE, configured_key
 
 # Shipped with the package (package-data), so that an installed `splitwise bench replay` finds them.
 TRACE_DIR = Path(__file__).resolve().parent / "data" / "azure-llm-2023"
@@ -120,44 +126,108 @@ class Progress:
             print(file=sys.stderr)
 
 
+class _Timing:
+    """A request's token arrival times, as its client sees them."""
+
+    def __init__(self):
+        self.sent = time.monotonic()
+        self.first = self.last = None
+        self.gaps: list[float] = []
+        self.received = 0
+
+    def tokens(self, count: int) -> None:
+        if not count:
+            return
+        now = time.monotonic()
+        self.received += count
+        if self.first is None:
+            self.first = now
+            count -= 1
+        if count:  # tokens that arrived together share the gap since the last message
+            self.gaps += [(now - self.last) / count] * count
+        self.last = now
+
+    def result(self, request: TraceRequest, error: str) -> RequestResult:
+        end = time.monotonic()
+        if not error and self.received != request.output_tokens:
+            error = f"received {self.received} of {request.output_tokens} tokens"
+        return RequestResult(
+            request_id=f"replay-{request.index}", arrival_s=request.arrival_s, prompt_tokens=request.prompt_tokens,
+            output_tokens=self.received, ttft_s=None if self.first is None else self.first - self.sent,
+            tbt_s=self.gaps, e2e_s=None if error else end - self.sent, error=error)
+
+
 async def _one(client: SplitwiseClient, request: TraceRequest, prompt: list[int], timeout_s: float) -> RequestResult:
-    """Streams one request; times are measured by this client (monotonic), from the request's send."""
-    sent = time.monotonic()
-    first = last = None
-    gaps: list[float] = []
-    received = 0
+    """Streams one request over gRPC; times are measured by this client (monotonic), from the request's send."""
+    timing = _Timing()
     error = ""
     try:
         async for chunk in client.stream(token_ids=prompt, max_tokens=request.output_tokens, ignore_eos=True,
                                          timeout=timeout_s, request_id=f"replay-{request.index}"):
-            if not chunk.token_ids:
-                continue
-            now = time.monotonic()
-            count = len(chunk.token_ids)
-            if first is None:
-                first = now
-                count -= 1
-            if count:  # tokens that arrived together share the gap since the last message
-                gaps += [(now - last) / count] * count
-            last = now
-            received += len(chunk.token_ids)
+            timing.tokens(len(chunk.token_ids))
     except grpc.aio.AioRpcError as e:
         error = f"{e.code().name}: {e.details()}"
-    end = time.monotonic()
-    if not error and received != request.output_tokens:
-        error = f"received {received} of {request.output_tokens} tokens"
-    return RequestResult(
-        request_id=f"replay-{request.index}", arrival_s=request.arrival_s, prompt_tokens=request.prompt_tokens,
-        output_tokens=received, ttft_s=None if first is None else first - sent, tbt_s=gaps,
-        e2e_s=None if error else end - sent, error=error)
+    return timing.result(request, error)
+
+
+class OpenAIClient:
+    """The OpenAI-compatible gateway at host:port, as `replay` drives it: streamed /v1/completions of token ids."""
+
+    def __init__(self, address: str, model: str, api_key: str | None = None):
+        self.url = f"http://{address}/v1/completions"
+        self.model = model
+        key = configured_key("SPLITWISE_API_KEY", API_KEY_FILE) if api_key is None else api_key
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def __aenter__(self) -> "OpenAIClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    async def one(self, request: TraceRequest, prompt: list[int], timeout_s: float) -> RequestResult:
+        timing = _Timing()
+        error = ""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": request.output_tokens, "ignore_eos": True,
+                "stream": True, "logprobs": 0}
+        headers = {**self.headers, "X-Request-Id": f"replay-{request.index}"}
+        try:
+            async with self.session.post(self.url, json=body, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
+                if response.status != 200:
+                    error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                else:
+                    async for line in response.content:
+                        if not line.startswith(b"data: {"):
+                            continue
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            error = f"{event['error'].get('code')}: {event['error'].get('message')}"
+                            break
+                        logprobs = event["choices"][0].get("logprobs") or {}
+                        timing.tokens(len(logprobs.get("tokens") or ()))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            error = f"{type(e).__name__}: {e}"
+        return timing.result(request, error)
 
 
 async def replay(address: str, requests: list[TraceRequest], vocab_size: int, *, seed: int = 0,
-                 timeout_s: float = 600.0, progress: bool = True) -> list[RequestResult]:
-    """Sends each request at its arrival time (open loop) and returns the results in trace order."""
+                 timeout_s: float = 600.0, progress: bool = True, api: str = "grpc",
+                 model: str = "") -> list[RequestResult]:
+    """Sends each request at its arrival time (open loop) and returns the results in trace order. api "grpc": to
+    the scheduler replicas at address; "openai": to the HTTP gateway at address, naming `model`."""
     prompts = [synthetic_prompt(r, vocab_size, seed) for r in requests]
     bar = Progress(len(requests), progress)
-    async with SplitwiseClient(address) as client:
+    if api == "openai":
+        opened = OpenAIClient(address, model)
+        send = opened.one
+    elif api == "grpc":
+        opened = SplitwiseClient(address)
+        send = lambda request, prompt, timeout: _one(opened, request, prompt, timeout)  # noqa: E731
+    else:
+        raise ValueError(f"api must be grpc or openai, got {api!r}")
+    async with opened:
         loop = asyncio.get_running_loop()
         run_start = time.monotonic()
         tasks: list[asyncio.Task] = []
@@ -171,7 +241,7 @@ async def replay(address: str, requests: list[TraceRequest], vocab_size: int, *,
             delay = run_start + request.arrival_s - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = loop.create_task(_one(client, request, prompt, timeout_s))
+            task = loop.create_task(send(request, prompt, timeout_s))
             task.add_done_callback(finished)
             tasks.append(task)
             bar.sent += 1
@@ -189,19 +259,20 @@ def baseline_lengths(requests: list[TraceRequest], points: int = 6) -> list[int]
 
 async def measure_idle_baseline(address: str, vocab_size: int, max_context_tokens: int,
                                 prompt_lengths: list[int] | None = None, output_tokens: int = 32,
-                                repeats: int = 3, seed: int = 0) -> IdleBaseline:
+                                repeats: int = 3, seed: int = 0, api: str = "grpc", model: str = "") -> IdleBaseline:
     """Each request alone on the idle cluster: TTFT by prompt length, TBT by context length (medians)."""
     if prompt_lengths is None:  # the whole context window (workloads pass baseline_lengths instead)
         top = max_context_tokens - output_tokens - 1
         prompt_lengths = sorted({max(1, round(top * f)) for f in (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)})
     warmup = TraceRequest(9_999_999, 0.0, prompt_lengths[0], output_tokens)
-    await replay(address, [warmup], vocab_size, seed=seed, progress=False)  # first-call costs are not latency
+    front = {"api": api, "model": model}
+    await replay(address, [warmup], vocab_size, seed=seed, progress=False, **front)  # first calls cost more
     ttft_points, tbt_points = [], []
     for length in prompt_lengths:
         ttfts, tbts = [], []
         for r in range(repeats):
             request = TraceRequest(10_000_000 + length * 100 + r, 0.0, length, output_tokens)
-            result = (await replay(address, [request], vocab_size, seed=seed, progress=False))[0]
+            result = (await replay(address, [request], vocab_size, seed=seed, progress=False, **front))[0]
             if result.error:
                 raise RuntimeError(f"idle baseline request of {length} tokens failed: {result.error}")
             ttfts.append(result.ttft_s)
@@ -217,21 +288,35 @@ def _median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-async def cluster_model(address: str) -> tuple[str, int, int]:
-    """The model the cluster serves, its vocabulary size and context window (from the local model cache)."""
+async def cluster_model(address: str, api: str = "grpc") -> tuple[str, int, int]:
+    """The model the cluster serves (ClusterStatus, or the gateway's /v1/models), its vocabulary size and context
+    window (from the local model cache)."""
     from splitwise.model.mock import MOCK_CONTEXT_TOKENS, MOCK_VOCAB_SIZE, is_mock
     from splitwise.model.weights import read_hf_config, resolve_model
 
-    async with SplitwiseClient(address) as client:
-        status = await client.cluster_status()
-    if is_mock(status.model):
-        return status.model, MOCK_VOCAB_SIZE, MOCK_CONTEXT_TOKENS
-    hf = read_hf_config(resolve_model(status.model)[1])
-    return status.model, hf["vocab_size"], hf["max_position_embeddings"]
+    if api == "openai":
+        key = configured_key("SPLITWISE_API_KEY", API_KEY_FILE)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{address}/v1/models",
+                                   headers={"Authorization": f"Bearer {key}"} if key else {}) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"GET http://{address}/v1/models: HTTP {response.status}: "
+                                       f"{(await response.text())[:200]}")
+                model = (await response.json())["data"][0]["id"]
+    else:
+        async with SplitwiseClient(address) as client:
+            model = (await client.cluster_status()).model
+    if is_mock(model):
+        return model, MOCK_VOCAB_SIZE, MOCK_CONTEXT_TOKENS
+    hf = read_hf_config(resolve_model(model)[1])
+    return model, hf["vocab_size"], hf["max_position_embeddings"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default="127.0.0.1:50051", help="scheduler host:port (a,b for replicas)")
+    parser.add_argument("--api", choices=["grpc", "openai"], default="grpc",
+                        help="the front door: the scheduler's gRPC API, or the OpenAI-compatible HTTP gateway")
+    parser.add_argument("--address", default="", help="scheduler host:port (a,b for replicas), or with --api openai "
+                        "the gateway's host:port (default 127.0.0.1:50051, or 127.0.0.1:8000)")
     parser.add_argument("--trace", default="conv", help="conv, code, or a CSV with the Azure trace's columns")
     parser.add_argument("--rate-scale", type=float, default=1.0, help="k: arrivals k times as fast as the trace's")
     parser.add_argument("--length-scale", type=float, default=1.0, help="k: prompt and output lengths divided by k")
@@ -248,7 +333,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    model, vocab, context = await cluster_model(args.address)
+    args.address = args.address or ("127.0.0.1:8000" if args.api == "openai" else "127.0.0.1:50051")
+    model, vocab, context = await cluster_model(args.address, args.api)
+    front = {"api": args.api, "model": model}
     requests = load_trace(args.trace, rate_scale=args.rate_scale, length_scale=args.length_scale,
                           start_s=args.start_s, duration_s=args.duration_s, max_requests=args.requests,
                           max_context_tokens=context)
@@ -256,14 +343,14 @@ async def run(args: argparse.Namespace) -> int:
     baseline = None
     if args.measure_baseline:
         print(f"measuring the idle baseline on {model}...", file=sys.stderr)
-        baseline = await measure_idle_baseline(args.address, vocab, context, baseline_lengths(requests))
+        baseline = await measure_idle_baseline(args.address, vocab, context, baseline_lengths(requests), **front)
         (args.out / "baseline.json").write_text(json.dumps(baseline.to_dict(), indent=1))
     elif args.baseline:
         baseline = IdleBaseline.from_dict(json.loads(args.baseline.read_text()))
     span = requests[-1].arrival_s
     print(f"replaying {len(requests)} requests of {args.trace} over {span:.0f}s "
-          f"({len(requests) / max(span, 1e-9):.2f} req/s) against {args.address} ({model})", file=sys.stderr)
-    results = await replay(args.address, requests, vocab, seed=args.seed, timeout_s=args.timeout_s)
+          f"({len(requests) / max(span, 1e-9):.2f} req/s) against {args.address} ({model}, {args.api})", file=sys.stderr)
+    results = await replay(args.address, requests, vocab, seed=args.seed, timeout_s=args.timeout_s, **front)
     write_csv(results, args.out / "requests.csv")
     summary = summarize(results)
     report = slo_attainment(results, baseline) if baseline else None

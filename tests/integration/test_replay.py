@@ -5,8 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.replay import load_trace, measure_idle_baseline, replay
+from bench.replay import cluster_model, load_trace, measure_idle_baseline, replay
 from bench.slo import read_csv, slo_attainment, summarize, write_csv
+from services.gateway import app as gateway_app
+from splitwise.config import GatewayConfig
+from tests import security
 from tests.integration.cluster import local_cluster, wait_for_workers
 
 TRACES = Path(__file__).resolve().parents[1] / "data" / "azure-llm-2023"
@@ -20,6 +23,15 @@ async def cluster(redis_url, cache_dir, trace_file):
     async with local_cluster(isolated, "tiny-llama", cache_dir) as c:
         await wait_for_workers(c)
         yield c
+
+
+@pytest.fixture(scope="module")
+async def gateway(cluster, cache_dir):
+    server = await gateway_app.start(GatewayConfig(listen="127.0.0.1:0", schedulers=cluster.address,
+                                                   model="tiny-llama", cache_dir=str(cache_dir),
+                                                   api_key=security.API_KEY, admin_key=security.ADMIN_KEY))
+    yield server
+    await server.stop()
 
 
 def test_a_trace_window_is_read_scaled_and_clipped_to_the_context():
@@ -37,11 +49,15 @@ def test_a_trace_window_is_read_scaled_and_clipped_to_the_context():
     assert all(r.prompt_tokens + r.output_tokens <= TINY_CONTEXT for r in clipped)
 
 
-@pytest.mark.parametrize("trace", ["conv", "code"])
-async def test_a_short_window_of_each_trace_completes_with_one_consistent_row_per_request(cluster, tmp_path, trace):
+@pytest.mark.parametrize("trace, api", [("conv", "grpc"), ("code", "grpc"), ("conv", "openai")])
+async def test_a_short_window_of_each_trace_completes_with_one_consistent_row_per_request(cluster, gateway, tmp_path,
+                                                                                         trace, api):
     requests = load_trace(str(TRACES / f"{trace}-head.csv"), rate_scale=8, length_scale=8, max_requests=16,
                           max_context_tokens=TINY_CONTEXT)
-    results = await replay(cluster.address, requests, TINY_VOCAB, seed=1, progress=False)
+    address = gateway.address if api == "openai" else cluster.address
+    model, vocab, _ = await cluster_model(address, api)
+    assert model == "tiny-llama" and vocab >= TINY_VOCAB
+    results = await replay(address, requests, TINY_VOCAB, seed=1, progress=False, api=api, model=model)
     assert [r.error for r in results] == [""] * len(requests)
     write_csv(results, tmp_path / "requests.csv")
     rows = read_csv(tmp_path / "requests.csv")
