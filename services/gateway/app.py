@@ -166,6 +166,7 @@ class Gateway:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Request-Id": rid})
         await response.prepare(request)
+        trace.get_current_span().add_event("first_token")
         if shaper.chat:
             await response.write(sse(shaper.role_chunk()))
         chunk = first
