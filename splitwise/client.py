@@ -34,6 +34,8 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
+    # Per token_ids entry, when top_logprobs was asked: its position's most likely (token_id, logprob), best first.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
 
@@ -70,12 +73,13 @@ def build_request(
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
     logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> scheduler_pb2.GenerateRequest:
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages or token_ids")
     sampling = common_pb2.SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=list(stop),
-        ignore_eos=ignore_eos, logprobs=logprobs,
+        ignore_eos=ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs,
     )
     if seed is not None:
         sampling.seed = seed
@@ -176,7 +180,8 @@ class SplitwiseClient:
                     if r.resume_token:  # the first chunk's: it proves a continuation of this stream is ours
                         request.resume_token = r.resume_token
                     yield Chunk(r.request_id, list(r.token_ids), r.text, _finish_reason_name(r.finish_reason),
-                                r.usage.prompt_tokens, r.usage.completion_tokens, list(r.logprobs))
+                                r.usage.prompt_tokens, r.usage.completion_tokens, list(r.logprobs),
+                                [list(zip(top.token_ids, top.logprobs)) for top in r.top_logprobs])
                 return
             except grpc.aio.AioRpcError as e:
                 broken = bool(received)
@@ -200,6 +205,7 @@ class SplitwiseClient:
             out.text += chunk.text
             out.token_ids += chunk.token_ids
             out.logprobs += chunk.logprobs
+            out.top_logprobs += chunk.top_logprobs
             if chunk.finish_reason:
                 out.finish_reason = chunk.finish_reason
                 out.prompt_tokens, out.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens

@@ -133,10 +133,13 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             if keeper is not None:
                 keeper.commit(event)
                 keeper = None  # it has every layer: it goes on alone, whatever happens to this call
-            yield worker_pb2.PrefillEvent(first_token=worker_pb2.FirstToken(
+            first = worker_pb2.FirstToken(
                 token_id=event.token_id, logprob=event.logprob,
                 prefill_ms=(handle.seq.first_token_ns - handle.seq.first_scheduled_ns) / 1e6,
-            ))
+            )
+            if event.top_logprobs:
+                first.top_logprobs.CopyFrom(convert.top_logprobs_to_pb(event.top_logprobs))
+            yield worker_pb2.PrefillEvent(first_token=first)
             stats = await send_task
             yield worker_pb2.PrefillEvent(transfer=worker_pb2.KVTransferSummary(
                 num_bytes=stats.num_bytes, num_layers=stats.num_layers, num_chunks=stats.num_chunks,

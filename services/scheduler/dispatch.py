@@ -198,7 +198,7 @@ class Dispatcher:
                     span.add_event("first_token")
                     if keep is not None or self.kv.transfer == "relay":  # the kv_store has (or gets) the prompt KV
                         progress.kv_kept_as = worker_rid
-                    yield output.add([first.token_id], None, [first.logprob])
+                    yield output.add([first.token_id], None, [first.logprob], [first.top_logprobs])
                     if output.finished:
                         return
                     transfer = await expect_unless(prefill, prompt_w, "transfer", decode, token_w, decode_ended)
@@ -228,7 +228,8 @@ class Dispatcher:
                 span.add_event("first_token")
             if tokens.finish_reason:
                 ending.add(decode)
-            response = output.add(list(tokens.token_ids), tokens.finish_reason or None, list(tokens.logprobs))
+            response = output.add(list(tokens.token_ids), tokens.finish_reason or None, list(tokens.logprobs),
+                                  tokens.top_logprobs)
             if response.token_ids or response.text or output.finished:
                 yield response
         if decode not in ending and output.finish_reason == common_pb2.FINISH_REASON_LENGTH:

@@ -36,8 +36,10 @@ class OutputStream:
         return common_pb2.FINISH_REASON_UNSPECIFIED
 
     def add(self, token_ids: Sequence[int], worker_finish_reason: int | None = None,
-            logprobs: Sequence[float] = ()) -> scheduler_pb2.GenerateResponse:
-        """Takes new tokens (and the worker's finish reason, if it gave one) and returns the message to send."""
+            logprobs: Sequence[float] = (),
+            top_logprobs: Sequence[common_pb2.TopLogprobs] = ()) -> scheduler_pb2.GenerateResponse:
+        """Takes new tokens (and the worker's finish reason, if it gave one) and returns the message to send, which
+        carries every one of them (and their logprobs, when asked): only text is held back, never tokens."""
         self.token_ids += token_ids
         reason = worker_finish_reason or self._own_finish_reason(token_ids)
         delta = self.detokenizer.add(token_ids, final=bool(reason))
@@ -47,6 +49,8 @@ class OutputStream:
         response = scheduler_pb2.GenerateResponse(request_id=self.request_id, token_ids=token_ids, text=delta.text)
         if self.params.logprobs:
             response.logprobs.extend(logprobs)
+        if self.params.top_logprobs:
+            response.top_logprobs.extend(top_logprobs)
         if self.finished:
             response.finish_reason = self.finish_reason
             response.usage.prompt_tokens = self.prompt_tokens

@@ -225,8 +225,10 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                     else:
                         gaps.append(now - last)
                     last = now
-                    yield worker_pb2.DecodeEvent(tokens=worker_pb2.Tokens(token_ids=[event.token_id],
-                                                                          logprobs=[event.logprob]))
+                    tokens = worker_pb2.Tokens(token_ids=[event.token_id], logprobs=[event.logprob])
+                    if event.top_logprobs:
+                        tokens.top_logprobs.append(convert.top_logprobs_to_pb(event.top_logprobs))
+                    yield worker_pb2.DecodeEvent(tokens=tokens)
             finally:  # also when the scheduler ends the stream first (it had what it needed, or was cancelled)
                 if gaps:
                     span.set_attributes({"time_between_tokens_mean_ms": sum(gaps) / len(gaps) * 1e3,

@@ -4,6 +4,7 @@ Each step sleeps until its modelled end (perf.step_s of its prompt tokens and de
 factor, from the step's start, so the runner's own work is absorbed), samples tokens that are a function of the
 token prefix only (a request resumed or recomputed on another worker goes on identically), and exports each layer's
 KV, of the scaled size, at that layer's share of the step. There is no KV cache: received KV is checked and dropped.
+A mock token is certain: its logprob is 0, and asked for top_logprobs, it is the only token listed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def _prefix_end(seq: Sequence, end: int) -> list[int]:
     head = seq.prompt_ids[start:min(end, prompt)]
     tail = [t.token_id for t in seq.output[max(0, start - prompt):max(0, end - prompt)]]
     return head + tail
+
+
+def _mock_sampled(token: int, seq: Sequence) -> SampledToken:
+    top = ((token, MOCK_LOGPROB),) if seq.params.top_logprobs else ()
+    return SampledToken(token, MOCK_LOGPROB, top)
 
 
 class MockModelRunner:
@@ -94,7 +100,7 @@ class MockModelRunner:
         vocab = self.loaded.config.vocab_size
         results: list[SampledToken | Exception | None] = []
         for seq, (_, end), wants in zip(batch.seqs, batch.spans, batch.samples, strict=True):
-            results.append(SampledToken(mock_token(_prefix_end(seq, end), end, vocab), MOCK_LOGPROB) if wants else None)
+            results.append(_mock_sampled(mock_token(_prefix_end(seq, end), end, vocab), seq) if wants else None)
         self._sleep_until(end_at)
         return results
 

@@ -1,4 +1,4 @@
-"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed."""
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seed, logprobs."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ DEFAULT_MAX_TOKENS = 16
 MAX_TOKENS_LIMIT = 1 << 20
 # Below this temperature sampling is greedy (as in vLLM): dividing by it would overflow the logits.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
 
 
 class NonFiniteLogits(ValueError):
@@ -26,6 +27,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # the most likely tokens returned at each position beside the chosen one; needs logprobs
 
     def validate(self) -> None:
         """Raises ValueError with a message a user can act on."""
@@ -41,6 +43,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs: set logprobs to true")
 
     @property
     def greedy(self) -> bool:
@@ -51,6 +57,8 @@ class SamplingParams:
 class SampledToken:
     token_id: int
     logprob: float
+    # The params.top_logprobs most likely (token_id, logprob) at this position, most likely first; () unless asked.
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> SampledToken:
@@ -68,8 +76,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> SampledTo
         raise NonFiniteLogits("the model produced non-finite logits for this request (corrupt KV?)")
     logprobs = torch.log_softmax(logits, dim=-1)
     if params.greedy:
-        token = int(torch.argmax(logits))
-        return SampledToken(token, float(logprobs[token]))
+        return _chosen(int(torch.argmax(logits)), logprobs, params)
     shifted = (logits - logits.max()).clamp_(min=torch.finfo(torch.float32).min)  # finite, even over a range of 6e38
     scaled = shifted / params.temperature
     if params.top_k > 0 and params.top_k < scaled.shape[-1]:
@@ -85,5 +92,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, step: int) -> SampledTo
     if params.seed is not None:
         generator = torch.Generator(device=logits.device)
         generator.manual_seed((params.seed * 1_000_003 + step) % (1 << 63))
-    token = int(torch.multinomial(probs, 1, generator=generator))
-    return SampledToken(token, float(logprobs[token]))
+    return _chosen(int(torch.multinomial(probs, 1, generator=generator)), logprobs, params)
+
+
+def _chosen(token: int, logprobs: torch.Tensor, params: SamplingParams) -> SampledToken:
+    """The token with its log-probability and, when asked, the most likely tokens of the same log-softmax."""
+    if not params.top_logprobs:
+        return SampledToken(token, float(logprobs[token]))
+    top = torch.topk(logprobs, min(params.top_logprobs, logprobs.shape[-1]))
+    return SampledToken(token, float(logprobs[token]), tuple(zip(top.indices.tolist(), top.values.tolist())))

@@ -235,10 +235,13 @@ class KVSender:
                 held = []
             else:  # the first token, after every layer
                 first = item.first if isinstance(item, _Commit) else item
-                yield common_pb2.KVTransferMessage(commit=common_pb2.KVCommit(
+                commit = common_pb2.KVCommit(
                     first_token_id=first.token_id, first_token_logprob=first.logprob,
                     num_chunks=self.stats.num_chunks, num_bytes=self.stats.num_bytes,
-                ))
+                )
+                if first.top_logprobs:
+                    commit.first_token_top_logprobs.CopyFrom(convert.top_logprobs_to_pb(first.top_logprobs))
+                yield common_pb2.KVTransferMessage(commit=commit)
                 self._progress()  # from here, the acknowledgement has progress_timeout_s to come
                 return
 
@@ -373,7 +376,8 @@ class KVReceiver:
                     if not self.committed.done():
                         self.state = TransferState.DONE
                         self.committed.set_result(
-                            SampledToken(msg.commit.first_token_id, msg.commit.first_token_logprob)
+                            SampledToken(msg.commit.first_token_id, msg.commit.first_token_logprob,
+                                         convert.top_logprobs_from_pb(msg.commit.first_token_top_logprobs))
                         )
                     outcome = "ok"
                     return self.stats

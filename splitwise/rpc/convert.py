@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from splitwise.cluster.registry import WorkerInfo
 from splitwise.engine.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from splitwise.kv.chunks import KVChunk
@@ -20,6 +22,7 @@ def sampling_from_pb(msg: common_pb2.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs,
+        top_logprobs=msg.top_logprobs,
     )
 
 
@@ -32,10 +35,19 @@ def sampling_to_pb(params: SamplingParams) -> common_pb2.SamplingParams:
         stop=list(params.stop),
         ignore_eos=params.ignore_eos,
         logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
     )
     if params.seed is not None:
         msg.seed = params.seed
     return msg
+
+
+def top_logprobs_to_pb(top: Sequence[tuple[int, float]]) -> common_pb2.TopLogprobs:
+    return common_pb2.TopLogprobs(token_ids=[t for t, _ in top], logprobs=[lp for _, lp in top])
+
+
+def top_logprobs_from_pb(msg: common_pb2.TopLogprobs) -> tuple[tuple[int, float], ...]:
+    return tuple(zip(msg.token_ids, msg.logprobs))
 
 
 def layout_to_pb(layout: KVLayout) -> common_pb2.KVLayout:

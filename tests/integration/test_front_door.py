@@ -21,6 +21,7 @@ from splitwise.client import SplitwiseClient
 from splitwise.cluster.pools import MEMBERSHIP_KEY
 from splitwise.cluster.registry import KEY_PREFIX, signed_entry
 from splitwise.config import TokenWorkerConfig
+from splitwise.engine.sampling import MAX_TOP_LOGPROBS
 from splitwise.security.keys import load_cluster_key
 from tests import security
 from tests.integration.cluster import METRICS_LISTEN, assert_no_kv_held, local_cluster, wait_for_workers
@@ -125,6 +126,15 @@ async def test_too_many_or_too_long_stop_strings_are_refused_saying_the_limit(cl
     assert f"at most {MAX_STOP_CHARS} characters" in long.details()
     at_the_limits = [f"{i:03d}" + "y" * (MAX_STOP_CHARS - 3) for i in range(MAX_STOP_STRINGS)]
     assert (await client.generate(prompt="Hello", max_tokens=4, stop=at_the_limits, timeout=60)).completion_tokens
+
+
+async def test_top_logprobs_out_of_range_or_without_logprobs_are_refused_saying_why(client):
+    alone = await refused(client.generate(prompt="Hello", top_logprobs=5, timeout=60))
+    too_many = await refused(client.generate(prompt="Hello", logprobs=True, top_logprobs=MAX_TOP_LOGPROBS + 1,
+                                             timeout=60))
+    assert alone.code() == too_many.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "needs logprobs" in alone.details()
+    assert f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]" in too_many.details()
 
 
 async def listed_workers(client) -> set[str]:

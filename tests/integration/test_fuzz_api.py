@@ -43,6 +43,7 @@ FIELDS = {
     "top_p": (st.floats(0.0, 1.0, width=32), st.one_of(st.sampled_from([1e-30, 1e-45]), float32)),
     "top_k": (st.integers(0, 50), int32),
     "seed": (st.one_of(st.none(), st.integers(0, 1000)), int64),
+    "top_logprobs": (st.integers(0, 20), int32),
     "stop": (st.lists(st.text("abc .\n", min_size=1, max_size=3), max_size=2),
              st.lists(st.one_of(text, long_text), max_size=20)),
     "continue_after_token_ids": (st.just([]), st.lists(token_id, min_size=1, max_size=30)),
@@ -65,7 +66,9 @@ def generate_requests(draw) -> scheduler_pb2.GenerateRequest:
     v = {name: draw(FIELDS[name][name in hostile]) for name in FIELDS}
     sampling = common_pb2.SamplingParams(max_tokens=v["max_tokens"], temperature=v["temperature"], top_p=v["top_p"],
                                          top_k=v["top_k"], stop=v["stop"], ignore_eos=draw(st.booleans()),
-                                         logprobs=draw(st.booleans()))
+                                         top_logprobs=v["top_logprobs"])
+    # An ordinary client asking for top_logprobs asks for logprobs too (a hostile one may not).
+    sampling.logprobs = draw(st.booleans()) or (v["top_logprobs"] > 0 and "top_logprobs" not in hostile)
     if v["seed"] is not None:
         sampling.seed = v["seed"]
     request = scheduler_pb2.GenerateRequest(request_id=v["request_id"], model=v["model"], sampling=sampling,

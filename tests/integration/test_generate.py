@@ -8,7 +8,7 @@ import pytest
 from splitwise.client import SplitwiseClient
 from splitwise.model.weights import load_tokenizer
 from tests.integration.cluster import assert_no_kv_held, local_cluster, wait_for_workers
-from tests.reference import hf_greedy
+from tests.reference import assert_top_logprobs_match_transformers, hf_greedy
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fib(n):", "zzz " * 50]
 
@@ -160,3 +160,24 @@ async def test_logprobs_cover_the_prompt_workers_token_and_the_token_workers(cli
     out = await client.generate(prompt="How likely?", max_tokens=5, ignore_eos=True, logprobs=True, timeout=60)
     assert len(out.logprobs) == len(out.token_ids) == 5
     assert all(lp <= 0 for lp in out.logprobs)
+
+
+async def test_top_logprobs_of_the_prompt_workers_token_and_the_token_workers_match_transformers(
+        cluster, client, tokenizer, tiny_folder, monkeypatch):
+    engine = cluster.token_worker.servicer.engine
+    committed = []  # the first token as the KV commit brought it to the token worker
+    start_decoding = engine.start_decoding
+    monkeypatch.setattr(engine, "start_decoding",
+                        lambda handle, first: (committed.append(first), start_decoding(handle, first))[1])
+    ids = tokenizer.encode("Which token comes next?", add_special_tokens=False)
+    out = await client.generate(token_ids=ids, max_tokens=6, ignore_eos=True, logprobs=True, top_logprobs=5,
+                                timeout=60)
+    assert_top_logprobs_match_transformers(tiny_folder, ids, out.token_ids, out.top_logprobs, 5)
+    assert [top[0][1] for top in out.top_logprobs] == out.logprobs
+    assert len(committed) == 1, "the request did not run split"  # its first token came from the prompt worker
+    assert list(committed[0].top_logprobs) == out.top_logprobs[0]
+
+
+async def test_top_logprobs_are_left_out_unless_asked(client):
+    out = await client.generate(prompt="How likely?", max_tokens=3, ignore_eos=True, logprobs=True, timeout=60)
+    assert len(out.logprobs) == 3 and out.top_logprobs == []

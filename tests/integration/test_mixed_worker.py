@@ -7,7 +7,7 @@ import pytest
 from splitwise.client import SplitwiseClient
 from splitwise.model.weights import load_tokenizer, resolve_model
 from tests.integration.cluster import assert_no_kv_held, local_cluster
-from tests.reference import hf_greedy
+from tests.reference import assert_top_logprobs_match_transformers, hf_greedy
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +41,12 @@ async def test_logprobs_of_the_chosen_tokens_on_request(mixed_only):
         out = await client.generate(prompt="probabilities", max_tokens=6, ignore_eos=True, logprobs=True, timeout=60)
     assert plain.logprobs == []
     assert len(out.logprobs) == 6 and all(lp <= 0 for lp in out.logprobs)
+
+
+async def test_top_logprobs_of_a_colocated_request_match_transformers(mixed_only, cache_dir):
+    folder = resolve_model("tiny-llama", cache_dir)[1]
+    ids = load_tokenizer(folder).encode("both phases, one worker", add_special_tokens=False)
+    async with SplitwiseClient(mixed_only.address) as client:
+        out = await client.generate(token_ids=ids, max_tokens=5, ignore_eos=True, logprobs=True, top_logprobs=3,
+                                    timeout=60)
+    assert_top_logprobs_match_transformers(folder, ids, out.token_ids, out.top_logprobs, 3)

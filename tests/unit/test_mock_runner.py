@@ -26,8 +26,9 @@ def runner_for(time_factor: float = FAST, kv_scale: float = 64.0, num_blocks: in
     return MockModelRunner(load_mock_model(PROFILE, time_factor, kv_scale), "cpu", BlockManager(num_blocks, 16))
 
 
-def prefill_batch(blocks: BlockManager, *prompts: list[int], **seq_options) -> ScheduledBatch:
-    seqs = [Sequence(f"r{i}", list(p), SamplingParams(), **seq_options) for i, p in enumerate(prompts)]
+def prefill_batch(blocks: BlockManager, *prompts: list[int], params: SamplingParams = SamplingParams(),
+                  **seq_options) -> ScheduledBatch:
+    seqs = [Sequence(f"r{i}", list(p), params, **seq_options) for i, p in enumerate(prompts)]
     for seq in seqs:
         blocks.grow(seq.block_table, seq.num_tokens)
     return ScheduledBatch(True, seqs, [(0, s.num_tokens) for s in seqs], [True] * len(seqs))
@@ -58,6 +59,15 @@ def test_tokens_depend_on_the_prefix_only():
     assert alone[0].token_id == batched[1].token_id
     assert other[0].token_id != alone[0].token_id
     assert all(FIRST_WORD_TOKEN_ID <= t.token_id < MOCK_VOCAB_SIZE for t in alone + batched + other)
+
+
+def test_a_mock_token_is_certain_and_its_top_logprobs_list_it_alone_when_asked():
+    runner = runner_for()
+    plain = runner.run(prefill_batch(runner.blocks, [10, 11, 12]))[0]
+    asked = runner.run(prefill_batch(runner.blocks, [10, 11, 12],
+                                     params=SamplingParams(logprobs=True, top_logprobs=5)))[0]
+    assert plain.top_logprobs == () and plain.logprob == 0.0
+    assert asked.top_logprobs == ((asked.token_id, 0.0),)
 
 
 def test_exported_kv_is_the_modelled_size_divided_by_the_kv_scale():

@@ -15,6 +15,9 @@ from splitwise.engine.sampling import NonFiniteLogits, SamplingParams, sample
         (SamplingParams(top_p=1.5), "top_p must be in"),
         (SamplingParams(top_k=-1), "top_k must be >= 0"),
         (SamplingParams(stop=("",)), "stop strings"),
+        (SamplingParams(logprobs=True, top_logprobs=-1), r"top_logprobs must be in \[0, 20\]"),
+        (SamplingParams(logprobs=True, top_logprobs=21), r"top_logprobs must be in \[0, 20\]"),
+        (SamplingParams(top_logprobs=5), "top_logprobs=5 needs logprobs"),
     ],
 )
 def test_invalid_sampling_parameters_are_explained(params, message):
@@ -27,6 +30,33 @@ def test_greedy_picks_the_argmax_with_its_logprob():
     token = sample(logits, SamplingParams(), step=0)
     assert token.token_id == 1
     assert token.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[1]))
+
+
+def test_top_logprobs_are_the_topk_of_the_log_softmax_best_first_led_by_the_greedy_choice():
+    logits = torch.randn(1000) * 3
+    token = sample(logits, SamplingParams(logprobs=True, top_logprobs=5), step=0)
+    expected = torch.topk(torch.log_softmax(logits, -1), 5)
+    assert [t for t, _ in token.top_logprobs] == expected.indices.tolist()
+    assert [lp for _, lp in token.top_logprobs] == pytest.approx(expected.values.tolist(), abs=1e-6)
+    assert token.top_logprobs[0] == (token.token_id, pytest.approx(token.logprob))
+    values = [lp for _, lp in token.top_logprobs]
+    assert values == sorted(values, reverse=True)
+
+
+def test_top_logprobs_of_a_sampled_token_come_from_the_untempered_log_softmax():
+    logits = torch.randn(1000)
+    params = SamplingParams(temperature=1.5, top_k=50, seed=3, logprobs=True, top_logprobs=20)
+    for step in range(10):
+        token = sample(logits, params, step)
+        expected = torch.topk(torch.log_softmax(logits, -1), 20)
+        assert [t for t, _ in token.top_logprobs] == expected.indices.tolist()
+        assert token.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[token.token_id]))
+
+
+def test_top_logprobs_are_left_out_unless_asked_and_cut_to_the_vocabulary():
+    logits = torch.tensor([0.1, 3.0, 0.2])
+    assert sample(logits, SamplingParams(logprobs=True), step=0).top_logprobs == ()
+    assert len(sample(logits, SamplingParams(logprobs=True, top_logprobs=20), step=0).top_logprobs) == 3
 
 
 def test_seeded_sampling_is_reproducible_per_step():

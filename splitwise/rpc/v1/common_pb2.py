@@ -25,29 +25,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitwise/v1/common.proto\x12\x0csplitwise.v1\"\xa7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"p\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\"\x97\x01\n\x11KVTransferMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.splitwise.v1.KVHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.splitwise.v1.KVChunkH\x00\x12(\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x16.splitwise.v1.KVCommitH\x00\x42\x06\n\x04kind\"~\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06layout\x18\x02 \x01(\x0b\x32\x16.splitwise.v1.KVLayout\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x0f\n\x07kv_hash\x18\x05 \x01(\t\"}\n\x07KVChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x13\n\x0btoken_start\x18\x02 \x01(\x05\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\x12\x0b\n\x03key\x18\x04 \x01(\x0c\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\x12\x0e\n\x06staged\x18\x07 \x01(\x08\"\x90\x01\n\x10KVTransportOffer\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x10\n\x08shm_name\x18\x03 \x01(\t\x12\x18\n\x10mooncake_session\x18\x04 \x01(\t\x12\x16\n\x0e\x62uffer_address\x18\x05 \x01(\x04\x12\x14\n\x0c\x62uffer_bytes\x18\x06 \x01(\x04\"f\n\x08KVCommit\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x1b\n\x13\x66irst_token_logprob\x18\x02 \x01(\x02\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitwise/v1/common.proto\x12\x0csplitwise.v1\"\xbd\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x10\n\x08logprobs\x18\x08 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\t \x01(\x05\x42\x07\n\x05_seed\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"p\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x02 \x01(\x05\x12\x10\n\x08head_dim\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t\"\x97\x01\n\x11KVTransferMessage\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.splitwise.v1.KVHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.splitwise.v1.KVChunkH\x00\x12(\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x16.splitwise.v1.KVCommitH\x00\x42\x06\n\x04kind\"~\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06layout\x18\x02 \x01(\x0b\x32\x16.splitwise.v1.KVLayout\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x11\n\ttransport\x18\x04 \x01(\t\x12\x0f\n\x07kv_hash\x18\x05 \x01(\t\"}\n\x07KVChunk\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x13\n\x0btoken_start\x18\x02 \x01(\x05\x12\x13\n\x0btoken_count\x18\x03 \x01(\x05\x12\x0b\n\x03key\x18\x04 \x01(\x0c\x12\r\n\x05value\x18\x05 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\x12\x0e\n\x06staged\x18\x07 \x01(\x08\"\x90\x01\n\x10KVTransportOffer\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x10\n\x08shm_name\x18\x03 \x01(\t\x12\x18\n\x10mooncake_session\x18\x04 \x01(\t\x12\x16\n\x0e\x62uffer_address\x18\x05 \x01(\x04\x12\x14\n\x0c\x62uffer_bytes\x18\x06 \x01(\x04\"\xa3\x01\n\x08KVCommit\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x1b\n\x13\x66irst_token_logprob\x18\x02 \x01(\x02\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12;\n\x18\x66irst_token_top_logprobs\x18\x05 \x01(\x0b\x32\x19.splitwise.v1.TopLogprobs\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitwise.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1047
-  _globals['_FINISHREASON']._serialized_end=1196
+  _globals['_FINISHREASON']._serialized_start=1183
+  _globals['_FINISHREASON']._serialized_end=1332
   _globals['_SAMPLINGPARAMS']._serialized_start=44
-  _globals['_SAMPLINGPARAMS']._serialized_end=211
-  _globals['_KVLAYOUT']._serialized_start=213
-  _globals['_KVLAYOUT']._serialized_end=325
-  _globals['_KVTRANSFERMESSAGE']._serialized_start=328
-  _globals['_KVTRANSFERMESSAGE']._serialized_end=479
-  _globals['_KVHEADER']._serialized_start=481
-  _globals['_KVHEADER']._serialized_end=607
-  _globals['_KVCHUNK']._serialized_start=609
-  _globals['_KVCHUNK']._serialized_end=734
-  _globals['_KVTRANSPORTOFFER']._serialized_start=737
-  _globals['_KVTRANSPORTOFFER']._serialized_end=881
-  _globals['_KVCOMMIT']._serialized_start=883
-  _globals['_KVCOMMIT']._serialized_end=985
-  _globals['_USAGE']._serialized_start=987
-  _globals['_USAGE']._serialized_end=1044
+  _globals['_SAMPLINGPARAMS']._serialized_end=233
+  _globals['_TOPLOGPROBS']._serialized_start=235
+  _globals['_TOPLOGPROBS']._serialized_end=285
+  _globals['_KVLAYOUT']._serialized_start=287
+  _globals['_KVLAYOUT']._serialized_end=399
+  _globals['_KVTRANSFERMESSAGE']._serialized_start=402
+  _globals['_KVTRANSFERMESSAGE']._serialized_end=553
+  _globals['_KVHEADER']._serialized_start=555
+  _globals['_KVHEADER']._serialized_end=681
+  _globals['_KVCHUNK']._serialized_start=683
+  _globals['_KVCHUNK']._serialized_end=808
+  _globals['_KVTRANSPORTOFFER']._serialized_start=811
+  _globals['_KVTRANSPORTOFFER']._serialized_end=955
+  _globals['_KVCOMMIT']._serialized_start=958
+  _globals['_KVCOMMIT']._serialized_end=1121
+  _globals['_USAGE']._serialized_start=1123
+  _globals['_USAGE']._serialized_end=1180
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from splitwise.rpc.v1 import common_pb2 as splitwise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitwise/v1/worker.proto\x12\x0csplitwise.v1\x1a\x19splitwise/v1/common.proto\"\x8c\x02\n\x08KVTarget\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.splitwise.v1.KVTarget.Kind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.splitwise.v1.KVLayout\x12-\n\x05offer\x18\x04 \x01(\x0b\x32\x1e.splitwise.v1.KVTransportOffer\x12\x11\n\tlayerwise\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"F\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11KIND_TOKEN_WORKER\x10\x01\x12\x11\n\rKIND_KV_STORE\x10\x02\"\xc2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.splitwise.v1.SamplingParams\x12)\n\tkv_target\x18\x04 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\x12\'\n\x07kv_keep\x18\x05 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\"|\n\x0cPrefillEvent\x12/\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x18.splitwise.v1.FirstTokenH\x00\x12\x33\n\x08transfer\x18\x02 \x01(\x0b\x32\x1f.splitwise.v1.KVTransferSummaryH\x00\x42\x06\n\x04kind\"C\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\"_\n\x11KVTransferSummary\x12\x11\n\tnum_bytes\x18\x01 \x01(\x03\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xf9\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.splitwise.v1.SamplingParams\x12)\n\tkv_source\x18\x04 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0cprefill_here\x18\x06 \x01(\x08\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x18\n\x10output_token_ids\x18\x08 \x03(\x05\"\x9a\x01\n\x0b\x44\x65\x63odeEvent\x12*\n\x08reserved\x18\x01 \x01(\x0b\x32\x16.splitwise.v1.ReservedH\x00\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.splitwise.v1.TokensH\x00\x12/\n\x0bkv_fallback\x18\x03 \x01(\x0b\x32\x18.splitwise.v1.KVFallbackH\x00\x42\x06\n\x04kind\"\x1c\n\nKVFallback\x12\x0e\n\x06reason\x18\x01 \x01(\t\"z\n\x08Reserved\x12&\n\x06layout\x18\x01 \x01(\x0b\x32\x16.splitwise.v1.KVLayout\x12\x17\n\x0freserved_tokens\x18\x02 \x01(\x03\x12-\n\x05offer\x18\x03 \x01(\x0b\x32\x1e.splitwise.v1.KVTransportOffer\"`\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.splitwise.v1.FinishReason\"B\n\x05KVAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05\x32U\n\x0cPromptWorker\x12\x45\n\x07Prefill\x12\x1c.splitwise.v1.PrefillRequest\x1a\x1a.splitwise.v1.PrefillEvent0\x01\x32\x93\x01\n\x0bTokenWorker\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.splitwise.v1.DecodeRequest\x1a\x19.splitwise.v1.DecodeEvent0\x01\x12@\n\x06PushKV\x12\x1f.splitwise.v1.KVTransferMessage\x1a\x13.splitwise.v1.KVAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitwise/v1/worker.proto\x12\x0csplitwise.v1\x1a\x19splitwise/v1/common.proto\"\x8c\x02\n\x08KVTarget\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.splitwise.v1.KVTarget.Kind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.splitwise.v1.KVLayout\x12-\n\x05offer\x18\x04 \x01(\x0b\x32\x1e.splitwise.v1.KVTransportOffer\x12\x11\n\tlayerwise\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"F\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11KIND_TOKEN_WORKER\x10\x01\x12\x11\n\rKIND_KV_STORE\x10\x02\"\xc2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.splitwise.v1.SamplingParams\x12)\n\tkv_target\x18\x04 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\x12\'\n\x07kv_keep\x18\x05 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\"|\n\x0cPrefillEvent\x12/\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x18.splitwise.v1.FirstTokenH\x00\x12\x33\n\x08transfer\x18\x02 \x01(\x0b\x32\x1f.splitwise.v1.KVTransferSummaryH\x00\x42\x06\n\x04kind\"t\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12/\n\x0ctop_logprobs\x18\x04 \x01(\x0b\x32\x19.splitwise.v1.TopLogprobs\"_\n\x11KVTransferSummary\x12\x11\n\tnum_bytes\x18\x01 \x01(\x03\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xf9\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.splitwise.v1.SamplingParams\x12)\n\tkv_source\x18\x04 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0cprefill_here\x18\x06 \x01(\x08\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x18\n\x10output_token_ids\x18\x08 \x03(\x05\"\x9a\x01\n\x0b\x44\x65\x63odeEvent\x12*\n\x08reserved\x18\x01 \x01(\x0b\x32\x16.splitwise.v1.ReservedH\x00\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.splitwise.v1.TokensH\x00\x12/\n\x0bkv_fallback\x18\x03 \x01(\x0b\x32\x18.splitwise.v1.KVFallbackH\x00\x42\x06\n\x04kind\"\x1c\n\nKVFallback\x12\x0e\n\x06reason\x18\x01 \x01(\t\"z\n\x08Reserved\x12&\n\x06layout\x18\x01 \x01(\x0b\x32\x16.splitwise.v1.KVLayout\x12\x17\n\x0freserved_tokens\x18\x02 \x01(\x03\x12-\n\x05offer\x18\x03 \x01(\x0b\x32\x1e.splitwise.v1.KVTransportOffer\"\x91\x01\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.splitwise.v1.FinishReason\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.splitwise.v1.TopLogprobs\"B\n\x05KVAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05\x32U\n\x0cPromptWorker\x12\x45\n\x07Prefill\x12\x1c.splitwise.v1.PrefillRequest\x1a\x1a.splitwise.v1.PrefillEvent0\x01\x32\x93\x01\n\x0bTokenWorker\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.splitwise.v1.DecodeRequest\x1a\x19.splitwise.v1.DecodeEvent0\x01\x12@\n\x06PushKV\x12\x1f.splitwise.v1.KVTransferMessage\x1a\x13.splitwise.v1.KVAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,23 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLEVENT']._serialized_start=538
   _globals['_PREFILLEVENT']._serialized_end=662
   _globals['_FIRSTTOKEN']._serialized_start=664
-  _globals['_FIRSTTOKEN']._serialized_end=731
-  _globals['_KVTRANSFERSUMMARY']._serialized_start=733
-  _globals['_KVTRANSFERSUMMARY']._serialized_end=828
-  _globals['_DECODEREQUEST']._serialized_start=831
-  _globals['_DECODEREQUEST']._serialized_end=1080
-  _globals['_DECODEEVENT']._serialized_start=1083
-  _globals['_DECODEEVENT']._serialized_end=1237
-  _globals['_KVFALLBACK']._serialized_start=1239
-  _globals['_KVFALLBACK']._serialized_end=1267
-  _globals['_RESERVED']._serialized_start=1269
-  _globals['_RESERVED']._serialized_end=1391
-  _globals['_TOKENS']._serialized_start=1393
-  _globals['_TOKENS']._serialized_end=1489
-  _globals['_KVACK']._serialized_start=1491
-  _globals['_KVACK']._serialized_end=1557
-  _globals['_PROMPTWORKER']._serialized_start=1559
-  _globals['_PROMPTWORKER']._serialized_end=1644
-  _globals['_TOKENWORKER']._serialized_start=1647
-  _globals['_TOKENWORKER']._serialized_end=1794
+  _globals['_FIRSTTOKEN']._serialized_end=780
+  _globals['_KVTRANSFERSUMMARY']._serialized_start=782
+  _globals['_KVTRANSFERSUMMARY']._serialized_end=877
+  _globals['_DECODEREQUEST']._serialized_start=880
+  _globals['_DECODEREQUEST']._serialized_end=1129
+  _globals['_DECODEEVENT']._serialized_start=1132
+  _globals['_DECODEEVENT']._serialized_end=1286
+  _globals['_KVFALLBACK']._serialized_start=1288
+  _globals['_KVFALLBACK']._serialized_end=1316
+  _globals['_RESERVED']._serialized_start=1318
+  _globals['_RESERVED']._serialized_end=1440
+  _globals['_TOKENS']._serialized_start=1443
+  _globals['_TOKENS']._serialized_end=1588
+  _globals['_KVACK']._serialized_start=1590
+  _globals['_KVACK']._serialized_end=1656
+  _globals['_PROMPTWORKER']._serialized_start=1658
+  _globals['_PROMPTWORKER']._serialized_end=1743
+  _globals['_TOKENWORKER']._serialized_start=1746
+  _globals['_TOKENWORKER']._serialized_end=1893
 # @@protoc_insertion_point(module_scope)
