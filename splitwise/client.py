@@ -72,6 +72,7 @@ def build_request(
     seed: int | None = None,
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
+    max_tokens_fit_context: bool = False,
     logprobs: bool = False,
     top_logprobs: int = 0,
 ) -> scheduler_pb2.GenerateRequest:
@@ -83,7 +84,8 @@ def build_request(
     )
     if seed is not None:
         sampling.seed = seed
-    request = scheduler_pb2.GenerateRequest(model=model, request_id=request_id, sampling=sampling)
+    request = scheduler_pb2.GenerateRequest(model=model, request_id=request_id, sampling=sampling,
+                                            max_tokens_fit_context=max_tokens_fit_context)
     if prompt is not None:
         request.prompt = prompt
     elif messages is not None:

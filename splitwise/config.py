@@ -253,6 +253,7 @@ class GatewayConfig:
     insecure: bool = option(False, "SPLITWISE_INSECURE", "run without TLS and cluster authentication (anyone who reaches a port is trusted): for debugging only")
     tls_ca: str = option("", "SPLITWISE_TLS_CA", "gateway: the CA (PEM) of schedulers that serve the public API over TLS (--public-tls); empty: plaintext")
     request_timeout_s: float = option(600.0, "SPLITWISE_REQUEST_TIMEOUT_S", "deadline of a request whose client set none")
+    chat_max_tokens: int = option(2048, "SPLITWISE_GATEWAY_CHAT_MAX_TOKENS", "a chat completion that sets no max_tokens generates up to this many, fewer where the context window ends first (a token worker reserves KV for them at admission); completions default to 16, as OpenAI's")
     max_body_bytes: int = option(8 << 20, "SPLITWISE_GATEWAY_MAX_BODY_BYTES", "a request body over this many bytes is refused with 413 before it is read")
     trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
     log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")

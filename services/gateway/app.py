@@ -139,16 +139,17 @@ class Gateway:
     async def generate(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
         self.check_model(parsed.model)
         rid = self.request_id(request)
+        arguments = dict(parsed.arguments, model=parsed.model, request_id=rid, logprobs=parsed.logprobs,
+                         top_logprobs=parsed.top_logprobs)
+        if parsed.endpoint == "chat" and "max_tokens" not in arguments:  # OpenAI's: as many as fit
+            arguments.update(max_tokens=self.config.chat_max_tokens, max_tokens_fit_context=True)
         span = trace.get_current_span()
         span.set_attributes({"splitwise.request_id": rid, "gen_ai.request.model": parsed.model,
-                             "gen_ai.request.max_tokens": parsed.arguments.get("max_tokens", 0),
+                             "gen_ai.request.max_tokens": arguments.get("max_tokens", 0),
                              "splitwise.stream": parsed.stream})
         if parsed.user:
             span.set_attribute("enduser.id", parsed.user)
         shaper = Shaper(parsed, rid, self.model, self.token_text)
-        arguments = dict(parsed.arguments, model=parsed.model, request_id=rid, logprobs=parsed.logprobs)
-        if parsed.top_logprobs:
-            arguments["top_logprobs"] = parsed.top_logprobs
         stream = self.client.stream(**arguments, timeout=self.config.request_timeout_s)
         async with contextlib.aclosing(stream):
             try:

@@ -7,6 +7,7 @@ is refused at once, and a long one holds no other call while it is tokenized.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 
 from splitwise.engine.sampling import SamplingParams
@@ -133,9 +134,13 @@ async def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo) -> 
     check_stop_strings(params.stop)
     if request.continue_after_token_ids:
         check_continuation(request, model, params)
-    check_input_size(request, model, params)
+    # A request that may shrink its max_tokens to fit is sized as if it asked for one token.
+    check_input_size(request, model, dataclasses.replace(params, max_tokens=1) if request.max_tokens_fit_context
+                     else params)
     ids = await prompt_token_ids(request, model)
     limit = model.max_context_tokens
+    if request.max_tokens_fit_context and len(ids) < limit:
+        params = dataclasses.replace(params, max_tokens=min(params.max_tokens, limit - len(ids)))
     if len(ids) + params.max_tokens > limit:
         raise InvalidRequest(
             f"this model's context window is {limit} tokens, but the request needs {len(ids) + params.max_tokens} "

@@ -85,6 +85,40 @@ def gateway_token_text(gateway, token_id: int) -> str:
     return gateway.gateway.token_text(token_id)
 
 
+async def test_top_logprobs_are_the_grpc_paths_led_by_the_chosen_token(gateway, grpc_client):
+    expected = await grpc_client.generate(messages=MESSAGES, max_tokens=8, logprobs=True, top_logprobs=3, timeout=60)
+    async with sdk(gateway) as client:
+        out = await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, logprobs=True,
+                                                   top_logprobs=3)
+        completion = await client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, logprobs=2)
+    content = out.choices[0].logprobs.content
+    assert len(content) == len(expected.token_ids)
+    for entry, token_id, top in zip(content, expected.token_ids, expected.top_logprobs):
+        assert [t.token for t in entry.top_logprobs] == [gateway_token_text(gateway, t) for t, _ in top]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx([lp for _, lp in top], abs=1e-5)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token leads
+    tops = completion.choices[0].logprobs.top_logprobs
+    assert len(tops) == completion.usage.completion_tokens and all(1 <= len(t) <= 2 for t in tops)
+
+
+async def test_a_chat_without_max_tokens_generates_up_to_the_context_window(gateway, grpc_client, tokenizer):
+    """OpenAI's chat default is "as many as fit": capped by SPLITWISE_GATEWAY_CHAT_MAX_TOKENS, and lowered to what
+    the tiny model's 1,024-token window leaves after the prompt, where a fixed max_tokens would be refused."""
+    long_messages = [{"role": "user", "content": "go " * 300}]
+    prompt_tokens = len(tokenizer.apply_chat_template(long_messages, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=False))
+    async with sdk(gateway) as client:
+        out = await client.chat.completions.create(model=MODEL, messages=long_messages,
+                                                   extra_body={"ignore_eos": True})
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model=MODEL, messages=long_messages, max_tokens=1024)
+    assert out.usage.prompt_tokens == prompt_tokens
+    assert out.usage.completion_tokens == 1024 - prompt_tokens and out.choices[0].finish_reason == "length"
+    capped = await grpc_client.generate(prompt="hi", max_tokens=3, max_tokens_fit_context=True, ignore_eos=True,
+                                        timeout=60)
+    assert capped.completion_tokens == 3  # an upper bound, never raised
+
+
 async def test_completion_of_token_ids_equals_transformers(gateway, tiny_folder, tokenizer):
     ids = tokenizer.encode("Once upon a time", add_special_tokens=False)
     expected = hf_greedy(tiny_folder, ids, 20)

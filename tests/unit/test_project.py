@@ -43,14 +43,23 @@ def test_compose_services_report_health_by_grpc_and_prometheus_scrapes_every_one
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     splitwise = {name for name, s in services.items() if "command" in s and s["command"][:2] == ["python", "-m"]}
-    assert splitwise == {"scheduler", "kv_store", "prompt_worker", "token_worker"}
+    assert splitwise == {"scheduler", "kv_store", "prompt_worker", "token_worker", "gateway"}
+    grpc_services = splitwise - {"gateway"}
     assert {"redis", "jaeger", "prometheus"} <= set(services)
     env = compose["x-splitwise"]["environment"]
     assert env["SPLITWISE_METRICS_LISTEN"] == "0.0.0.0:9464"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317"
-    for name in splitwise:
+    for name in grpc_services:
         port = services[name]["environment"][f"SPLITWISE_{name.upper()}_LISTEN"].rsplit(":", 1)[1]
         assert services[name]["healthcheck"]["test"] == ["CMD", "splitwise", "health", f"127.0.0.1:{port}"], name
+    # The gateway: OpenAI's API on 8000, healthy by its /health, talking TLS to the scheduler's public port.
+    gateway = services["gateway"]
+    assert gateway["environment"]["SPLITWISE_GATEWAY_LISTEN"] == "0.0.0.0:8000" and "8000:8000" in gateway["ports"]
+    assert gateway["environment"]["SPLITWISE_GATEWAY_SCHEDULERS"] == "scheduler:50051"
+    assert services["scheduler"]["environment"]["SPLITWISE_PUBLIC_TLS"] == "1"
+    assert gateway["environment"]["SPLITWISE_TLS_CA"] == "/secrets/tls/ca.pem"
+    assert "http://127.0.0.1:8000/health" in " ".join(gateway["healthcheck"]["test"])
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
-    (discovery,) = [d for job in prometheus["scrape_configs"] for d in job["dns_sd_configs"]]
-    assert set(discovery["names"]) == splitwise and discovery["port"] == 9464
+    jobs = {job["job_name"]: d for job in prometheus["scrape_configs"] for d in job["dns_sd_configs"]}
+    assert set(jobs["splitwise"]["names"]) == grpc_services and jobs["splitwise"]["port"] == 9464
+    assert jobs["gateway"]["names"] == ["gateway"] and jobs["gateway"]["port"] == 8000

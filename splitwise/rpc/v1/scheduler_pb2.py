@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from splitwise.rpc.v1 import common_pb2 as splitwise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitwise/v1/scheduler.proto\x12\x0csplitwise.v1\x1a\x19splitwise/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.splitwise.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x90\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.splitwise.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x16.splitwise.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.splitwise.v1.SamplingParams\x12 \n\x18\x63ontinue_after_token_ids\x18\x07 \x03(\x05\x12\x14\n\x0cresume_token\x18\x08 \x01(\tB\x07\n\x05input\"\xf7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.splitwise.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.splitwise.v1.Usage\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x14\n\x0cresume_token\x18\x07 \x01(\t\x12/\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x19.splitwise.v1.TopLogprobs\"\x16\n\x14\x43lusterStatusRequest\"\xdb\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0epending_tokens\x18\x05 \x01(\x03\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\x05\x12\x1a\n\x12kv_capacity_tokens\x18\x07 \x01(\x03\x12\x16\n\x0ekv_used_tokens\x18\x08 \x01(\x03\x12\x17\n\x0fheartbeat_age_s\x18\t \x01(\x01\x12\x0c\n\x04pool\x18\n \x01(\t\"j\n\x0ePoolTransition\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tfrom_pool\x18\x02 \x01(\t\x12\x0f\n\x07to_pool\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tat_unix_s\x18\x05 \x01(\x01\"\xe5\x01\n\x15\x43lusterStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x07workers\x18\x02 \x03(\x0b\x32\x1a.splitwise.v1.WorkerStatus\x12\x1a\n\x12requests_in_flight\x18\x03 \x01(\x05\x12\x18\n\x10kv_transfer_mode\x18\x04 \x01(\t\x12\x36\n\x10pool_transitions\x18\x05 \x03(\x0b\x32\x1c.splitwise.v1.PoolTransition\x12\"\n\x1a\x63luster_requests_in_flight\x18\x06 \x01(\x05\x32\xb2\x01\n\tScheduler\x12K\n\x08Generate\x12\x1d.splitwise.v1.GenerateRequest\x1a\x1e.splitwise.v1.GenerateResponse0\x01\x12X\n\rClusterStatus\x12\".splitwise.v1.ClusterStatusRequest\x1a#.splitwise.v1.ClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitwise/v1/scheduler.proto\x12\x0csplitwise.v1\x1a\x19splitwise/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.splitwise.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xb0\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x06prompt\x18\x03 \x01(\tH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.splitwise.v1.ChatMessagesH\x00\x12+\n\ttoken_ids\x18\x05 \x01(\x0b\x32\x16.splitwise.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.splitwise.v1.SamplingParams\x12 \n\x18\x63ontinue_after_token_ids\x18\x07 \x03(\x05\x12\x14\n\x0cresume_token\x18\x08 \x01(\t\x12\x1e\n\x16max_tokens_fit_context\x18\t \x01(\x08\x42\x07\n\x05input\"\xf7\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.splitwise.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.splitwise.v1.Usage\x12\x10\n\x08logprobs\x18\x06 \x03(\x02\x12\x14\n\x0cresume_token\x18\x07 \x01(\t\x12/\n\x0ctop_logprobs\x18\x08 \x03(\x0b\x32\x19.splitwise.v1.TopLogprobs\"\x16\n\x14\x43lusterStatusRequest\"\xdb\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x16\n\x0epending_tokens\x18\x05 \x01(\x03\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\x05\x12\x1a\n\x12kv_capacity_tokens\x18\x07 \x01(\x03\x12\x16\n\x0ekv_used_tokens\x18\x08 \x01(\x03\x12\x17\n\x0fheartbeat_age_s\x18\t \x01(\x01\x12\x0c\n\x04pool\x18\n \x01(\t\"j\n\x0ePoolTransition\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x11\n\tfrom_pool\x18\x02 \x01(\t\x12\x0f\n\x07to_pool\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x11\n\tat_unix_s\x18\x05 \x01(\x01\"\xe5\x01\n\x15\x43lusterStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x07workers\x18\x02 \x03(\x0b\x32\x1a.splitwise.v1.WorkerStatus\x12\x1a\n\x12requests_in_flight\x18\x03 \x01(\x05\x12\x18\n\x10kv_transfer_mode\x18\x04 \x01(\t\x12\x36\n\x10pool_transitions\x18\x05 \x03(\x0b\x32\x1c.splitwise.v1.PoolTransition\x12\"\n\x1a\x63luster_requests_in_flight\x18\x06 \x01(\x05\x32\xb2\x01\n\tScheduler\x12K\n\x08Generate\x12\x1d.splitwise.v1.GenerateRequest\x1a\x1e.splitwise.v1.GenerateResponse0\x01\x12X\n\rClusterStatus\x12\".splitwise.v1.ClusterStatusRequest\x1a#.splitwise.v1.ClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,17 +40,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=180
   _globals['_TOKENIDS']._serialized_end=203
   _globals['_GENERATEREQUEST']._serialized_start=206
-  _globals['_GENERATEREQUEST']._serialized_end=478
-  _globals['_GENERATERESPONSE']._serialized_start=481
-  _globals['_GENERATERESPONSE']._serialized_end=728
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=730
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=752
-  _globals['_WORKERSTATUS']._serialized_start=755
-  _globals['_WORKERSTATUS']._serialized_end=974
-  _globals['_POOLTRANSITION']._serialized_start=976
-  _globals['_POOLTRANSITION']._serialized_end=1082
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1085
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1314
-  _globals['_SCHEDULER']._serialized_start=1317
-  _globals['_SCHEDULER']._serialized_end=1495
+  _globals['_GENERATEREQUEST']._serialized_end=510
+  _globals['_GENERATERESPONSE']._serialized_start=513
+  _globals['_GENERATERESPONSE']._serialized_end=760
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=762
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=784
+  _globals['_WORKERSTATUS']._serialized_start=787
+  _globals['_WORKERSTATUS']._serialized_end=1006
+  _globals['_POOLTRANSITION']._serialized_start=1008
+  _globals['_POOLTRANSITION']._serialized_end=1114
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=1117
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=1346
+  _globals['_SCHEDULER']._serialized_start=1349
+  _globals['_SCHEDULER']._serialized_end=1527
 # @@protoc_insertion_point(module_scope)
