@@ -85,7 +85,7 @@ async def load(send, args, first_index: int) -> tuple[int, float]:
 def report(lat: dict, loads: dict, args) -> tuple[str, dict]:
     rows, summary = [], {}
     for metric in ("ttft", "tbt"):
-        for q, name in ((0.5, "P50"), (0.99, "P99")):
+        for q, name in ((0.5, "P50"), (0.9, "P90"), (0.99, "P99")):
             g, h = percentile(lat["grpc"][metric], q), percentile(lat["openai"][metric], q)
             summary[f"{metric}_{name.lower()}_added_ms"] = 1000 * (h - g)
             rows.append(f"| {metric.upper()} {name} | {1000 * g:.2f} | {1000 * h:.2f} | {1000 * (h - g):+.2f} |")
