@@ -203,6 +203,8 @@ async def read_json(request: web.Request):
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
 
 
 async def scheduler_serving(channel: grpc.aio.Channel) -> bool:

@@ -81,8 +81,15 @@ def from_grpc(error: grpc.aio.AioRpcError) -> APIError:
 # ---------------------------------------------------------------------------------------------------------------
 # Requests
 
+INT32_MAX = (1 << 31) - 1  # the contract's int32 fields (max_tokens, top_k, token ids)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int32(value: Any) -> bool:
+    return _is_int(value) and -INT32_MAX - 1 <= value <= INT32_MAX
 
 
 def _is_number(value: Any) -> bool:
@@ -145,7 +152,7 @@ _NEVER = {
 def _sampling(body: _Body, max_tokens_field: str) -> dict:
     """The fields both endpoints share: sampling, limits, stop strings."""
     args: dict = {}
-    max_tokens = body.get(max_tokens_field, _is_int, "an integer")
+    max_tokens = body.get(max_tokens_field, _is_int32, "a 32-bit integer")
     if max_tokens is not None:
         if max_tokens < 1:
             raise invalid(f"'{max_tokens_field}' must be at least 1, got {max_tokens}", max_tokens_field)
@@ -160,7 +167,7 @@ def _sampling(body: _Body, max_tokens_field: str) -> dict:
         if not 0 < top_p <= 1:
             raise invalid(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
         args["top_p"] = float(top_p)
-    top_k = body.get("top_k", _is_int, "an integer")  # vLLM's extension
+    top_k = body.get("top_k", _is_int32, "a 32-bit integer")  # vLLM's extension
     if top_k is not None:
         if top_k < -1:
             raise invalid(f"'top_k' must be >= 0 (0 or -1 disables it), got {top_k}", "top_k")
@@ -291,6 +298,8 @@ def parse_completion(raw: Any) -> ParsedRequest:
             raise invalid("'prompt' is empty", "prompt")
         source = {"prompt": prompt}
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        if not all(0 <= t <= INT32_MAX for t in prompt):
+            raise invalid("'prompt' token ids must be non-negative 32-bit integers", "prompt")
         source = {"token_ids": prompt}
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise unsupported("prompt", ": one prompt per request (a string or a list of token ids), not a batch")

@@ -280,6 +280,9 @@ async def test_bad_bodies_and_routes_get_openai_errors(gateway):
         cases = [("POST", "/v1/chat/completions", b"{not json", 400), ("POST", "/v1/chat/completions", b"[1]", 400),
                  ("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400),
                  ("POST", "/v1/chat/completions", b"x" * (9 << 20), 413), ("GET", "/v1/nothing", b"", 404),
+                 ("POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400),
+                 ("POST", "/v1/chat/completions", b"\xff\xfe{", 400),
+                 ("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": [5, 99999]}).encode(), 400),
                  ("GET", "/v1/chat/completions", b"", 405)]
         for method, path, data, status in cases:
             async with session.request(method, base + path, data=data, headers=headers) as response:

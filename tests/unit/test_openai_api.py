@@ -37,6 +37,9 @@ def test_a_completion_takes_text_or_token_ids_one_prompt_at_a_time():
     assert not parse_completion({"model": "m", "prompt": [1, 2]}).logprobs
     assert refused(parse_completion, {"model": "m", "prompt": ["a", "b"]}).param == "prompt"
     assert refused(parse_completion, {"model": "m", "prompt": ""}).param == "prompt"
+    assert refused(parse_completion, {"model": "m", "prompt": [1, 1 << 40]}).param == "prompt"
+    assert refused(parse_completion, {"model": "m", "prompt": [1, -2]}).param == "prompt"
+    assert refused(parse_completion, {"model": "m", "prompt": [1.5]}).param == "prompt"
     assert refused(parse_completion, {"model": "m", "prompt": "x", "echo": True}).param == "echo"
     assert refused(parse_completion, {"model": "m", "prompt": "x", "best_of": 2}).param == "best_of"
     assert refused(parse_completion, {"model": "m", "prompt": "x", "suffix": "y"}).param == "suffix"
@@ -48,6 +51,7 @@ def test_a_completion_takes_text_or_token_ids_one_prompt_at_a_time():
     ("unheard_of", 1), ("max_tokens", 0), ("max_tokens", 1.5), ("max_tokens", True), ("temperature", -1),
     ("temperature", "hot"), ("top_p", 0), ("top_p", 1.5), ("seed", 1 << 64), ("stop", [1]), ("top_logprobs", 3),
     ("top_logprobs", 21), ("logprobs", 1), ("user", "x" * 300), ("stream", "yes"), ("model", 3),
+    ("max_tokens", 1 << 31), ("top_k", 1 << 40), ("temperature", float("nan")), ("top_p", float("inf")),
 ])
 def test_a_field_that_cannot_be_honoured_is_refused_by_name(field, value):
     error = refused(parse_chat, {**CHAT, field: value})
@@ -111,3 +115,38 @@ def test_stream_chunks_and_the_whole_completion_agree():
     assert body["choices"][0]["text"] == "Hello" and body["choices"][0]["finish_reason"] == "length"
     assert body["choices"][0]["logprobs"]["token_logprobs"] == [-0.1, -0.2, -0.3]
     assert body["choices"][0]["logprobs"]["top_logprobs"] is None
+
+
+FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+          "seed", "stop", "logprobs", "top_logprobs", "user", "n", "stream", "stream_options", "ignore_eos", "echo",
+          "frequency_penalty", "presence_penalty", "best_of", "tools", "suffix", "store"]
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_nan=True) | st.text(max_size=8)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["role", "content", "type", "text", "include_usage"]) | st.text(max_size=4), inner,
+        max_size=4), max_leaves=12)
+
+
+def test_any_json_body_is_parsed_or_refused_with_a_400_and_what_is_parsed_builds_a_request():
+    """Hostile bodies: every value in every field. The parser answers a ParsedRequest or an APIError, never another
+    exception, and what it accepts always makes a valid gRPC request (no protobuf range error at send time)."""
+    from hypothesis import given, settings, strategies as st
+
+    from splitwise.client import build_request
+
+    @settings(max_examples=600, deadline=None)
+    @given(st.dictionaries(st.sampled_from(FIELDS), _json_values(), max_size=8), st.sampled_from(["chat", "completion"]))
+    def check(body, endpoint):
+        parse = parse_chat if endpoint == "chat" else parse_completion
+        try:
+            parsed = parse(body)
+        except APIError as e:
+            assert e.status == 400 and e.message
+            return
+        build_request(**parsed.arguments, logprobs=parsed.logprobs, top_logprobs=parsed.top_logprobs)
+
+    check()
