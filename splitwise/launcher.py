@@ -49,10 +49,10 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def port_is_free(port: int) -> bool:
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
             return True
         except OSError:
             return False
@@ -228,6 +228,9 @@ class Cluster:
         owners: dict[int, str] = {} if o.redis_url else {o.redis_port: "redis"}
         if o.http_port:
             owners[o.http_port] = "gateway"
+            if not port_is_free(o.http_port, o.host):
+                raise ValueError(f"port {o.http_port} is in use: the HTTP gateway needs another (--http-port N, or 0 "
+                                 "for no gateway)")
         for kind, (port, count) in self.first_ports().items():
             ports = [port + i for i in range(count)]
             if o.metrics_port:
@@ -313,6 +316,7 @@ class Cluster:
                   "no worker is left for the prompt phase" if not left("prompt_worker", "mixed_worker") else
                   "no worker is left for the token phase" if not left("token_worker", "mixed_worker") else
                   "relay mode needs the kv_store" if "kv_store" in given_up and self.o.kv_transfer == "relay" else
+                  f"the HTTP gateway (--http-port {self.o.http_port}) cannot run" if "gateway" in given_up else
                   None)
         if reason is None:
             return None

@@ -113,3 +113,35 @@ def test_relay_mode_cannot_serve_without_its_kv_store():
     cluster.children = [Child(name, None, None) for name in ("kv_store", "prompt_worker-0", "token_worker-0",
                                                              "scheduler")]
     assert cluster.why_nothing_serves({"kv_store"}).endswith("relay mode needs the kv_store")
+
+
+def test_the_gateway_starts_after_the_schedulers_and_is_told_every_replica(tmp_path, monkeypatch):
+    from splitwise.launcher import free_port_ranges
+
+    (http_port,) = free_port_ranges(1)
+    cluster = Cluster(UpOptions(model="tiny-llama", run_dir=tmp_path, schedulers=2, http_port=http_port,
+                                metrics_port=0))
+    monkeypatch.setattr(cluster, "_launch", lambda child: None)  # nothing runs: the plan is checked
+    monkeypatch.setattr(cluster, "start_redis", lambda: None)
+    cluster.start()
+    gateway = cluster.children[-1]
+    assert gateway.name == "gateway" and gateway.module == "services.gateway"
+    assert gateway.env["SPLITWISE_GATEWAY_SCHEDULERS"] == cluster.address == "127.0.0.1:50051,127.0.0.1:50052"
+    assert gateway.env["SPLITWISE_GATEWAY_LISTEN"] == cluster.http_address == f"127.0.0.1:{http_port}"
+    assert gateway.env["SPLITWISE_API_KEY"] == cluster.credentials.api_key
+    assert gateway.metrics_address == cluster.http_address  # /metrics on its own port
+
+
+def test_a_gateway_port_in_use_is_refused_at_once_and_a_gateway_that_cannot_run_stops_up(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"port {port} is in use: the HTTP gateway needs another"):
+            Cluster(UpOptions(model="tiny-llama", run_dir=tmp_path, http_port=port)).start()
+    cluster = Cluster(UpOptions(model="tiny-llama", http_port=8000))
+    cluster.children = [Child(name, None, None) for name in ("kv_store", "prompt_worker-0", "token_worker-0",
+                                                             "scheduler", "gateway")]
+    assert cluster.why_nothing_serves({"gateway"}).endswith("the HTTP gateway (--http-port 8000) cannot run")
