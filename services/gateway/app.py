@@ -137,6 +137,7 @@ class Gateway:
         return rid or uuid.uuid4().hex
 
     async def generate(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
+        parsed.model = parsed.model or self.model
         self.check_model(parsed.model)
         rid = self.request_id(request)
         arguments = dict(parsed.arguments, model=parsed.model, request_id=rid, logprobs=parsed.logprobs,

@@ -101,7 +101,7 @@ class ParsedRequest:
     """What the gateway does with one request body."""
 
     endpoint: str  # "chat" or "completion"
-    model: str
+    model: str  # "" when the body names none
     stream: bool
     include_usage: bool
     logprobs: bool
@@ -149,13 +149,26 @@ _NEVER = {
 }
 
 
-def _sampling(body: _Body, max_tokens_field: str) -> dict:
+def _max_tokens(body: _Body) -> int | None:
+    """max_completion_tokens (OpenAI's newer name) or max_tokens: either, or both when they agree (some clients
+    send both)."""
+    given = {}
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name, _is_int32, "a 32-bit integer")
+        if value is not None:
+            if value < 1:
+                raise invalid(f"'{name}' must be at least 1, got {value}", name)
+            given[name] = value
+    if len(set(given.values())) > 1:
+        raise invalid("max_completion_tokens and max_tokens differ: give one of them", "max_tokens")
+    return next(iter(given.values()), None)
+
+
+def _sampling(body: _Body) -> dict:
     """The fields both endpoints share: sampling, limits, stop strings."""
     args: dict = {}
-    max_tokens = body.get(max_tokens_field, _is_int32, "a 32-bit integer")
+    max_tokens = _max_tokens(body)
     if max_tokens is not None:
-        if max_tokens < 1:
-            raise invalid(f"'{max_tokens_field}' must be at least 1, got {max_tokens}", max_tokens_field)
         args["max_tokens"] = max_tokens
     temperature = body.get("temperature", _is_number, "a number")
     if temperature is not None:
@@ -210,9 +223,8 @@ def _stream_options(body: _Body, stream: bool) -> bool:
 
 
 def _common(body: _Body, endpoint: str) -> tuple[str, bool, bool, str]:
-    model = body.get("model", lambda v: isinstance(v, str), "a string")
-    if not model:
-        raise invalid("'model' is required: GET /v1/models lists what this server serves", "model")
+    # Optional, as in vLLM: none means the model this server serves (GET /v1/models lists it).
+    model = body.get("model", lambda v: isinstance(v, str), "a string", "")
     stream = bool(body.get("stream", lambda v: isinstance(v, bool), "true or false", False))
     include_usage = _stream_options(body, stream)
     user = body.get("user", lambda v: isinstance(v, str) and len(v) <= MAX_USER_CHARS,
@@ -268,14 +280,7 @@ def parse_chat(raw: Any) -> ParsedRequest:
     body = _Body(raw)
     model, stream, include_usage, user = _common(body, "chat")
     messages = _messages(body)
-    if "max_completion_tokens" in raw and raw.get("max_completion_tokens") is not None:
-        args = _sampling(body, "max_completion_tokens")
-        if raw.get("max_tokens") is not None:
-            raise invalid("give max_completion_tokens or max_tokens, not both", "max_tokens")
-        body.unread.discard("max_tokens")
-    else:
-        args = _sampling(body, "max_tokens")
-        body.unread.discard("max_completion_tokens")
+    args = _sampling(body)
     logprobs = bool(body.get("logprobs", lambda v: isinstance(v, bool), "true or false", False))
     top = body.get("top_logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
                    f"an integer from 0 to {MAX_TOP_LOGPROBS}", 0)
@@ -305,7 +310,7 @@ def parse_completion(raw: Any) -> ParsedRequest:
         raise unsupported("prompt", ": one prompt per request (a string or a list of token ids), not a batch")
     else:
         raise invalid("'prompt' is required: a string or a list of token ids", "prompt")
-    args = _sampling(body, "max_tokens")
+    args = _sampling(body)
     logprobs = body.get("logprobs", lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
                         f"an integer from 0 to {MAX_TOP_LOGPROBS}")
     body.only_default("echo", lambda v: v is False, " (the prompt is not echoed)")

@@ -147,7 +147,8 @@ async def test_streamed_chat_is_the_whole_answer_in_deltas_then_usage_then_done(
 
 
 async def test_raw_sse_ends_with_done_and_completion_stream_matches(gateway, tokenizer):
-    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 12, "stream": True}
+    # No model named: the served one (as vLLM does); max_tokens and max_completion_tokens both sent, agreeing.
+    body = {"prompt": "The capital of France is", "max_tokens": 12, "max_completion_tokens": 12, "stream": True}
     async with aiohttp.ClientSession() as session:
         async with session.post(f"http://{gateway.address}/v1/completions", json=body,
                                 headers={"Authorization": f"Bearer {security.API_KEY}"}) as response:
@@ -156,6 +157,7 @@ async def test_raw_sse_ends_with_done_and_completion_stream_matches(gateway, tok
             lines = [line.decode().strip() async for line in response.content if line.strip()]
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    assert {e["model"] for e in events} == {MODEL}
     text = "".join(e["choices"][0]["text"] for e in events)
     async with sdk(gateway) as client:
         whole = await client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12)

@@ -70,9 +70,12 @@ def test_messages_are_checked_one_by_one():
         "messages[0].content"
     assert refused(parse_chat, {"model": "m", "messages": [{"role": "user", "content": "x", "name": "bob"}]}).param \
         == "messages[0].name"
-    assert refused(parse_chat, {"model": "", "messages": CHAT["messages"]}).param == "model"
+    assert parse_chat({"messages": CHAT["messages"]}).model == ""  # the served model
     assert refused(parse_chat, [CHAT]).message == "the request body must be a JSON object"
     assert refused(parse_chat, {**CHAT, "max_tokens": 3, "max_completion_tokens": 4}).param == "max_tokens"
+    assert parse_chat({**CHAT, "max_tokens": 3, "max_completion_tokens": 3}).arguments["max_tokens"] == 3
+    assert parse_completion({"prompt": "x", "max_completion_tokens": 5}).arguments["max_tokens"] == 5
+    assert refused(parse_completion, {"prompt": "x", "max_completion_tokens": 0}).param == "max_completion_tokens"
     assert refused(parse_chat, {**CHAT, "stream_options": {"include_usage": True}}).param == "stream_options"
 
 
