@@ -453,7 +453,8 @@ def up(options: UpOptions) -> int:
             if cluster.redis is not None:
                 print(f"  {'redis':<16} {options.host + ':' + str(options.redis_port):<22} pid {cluster.redis.pid}")
             for child in cluster.children:
-                print(f"  {child.name:<16} {child.address or '':<22} pid {child.proc.pid:<8} metrics http://{child.metrics_address}/metrics"
+                address = child.address or (cluster.http_address if child.name == "gateway" else "")
+                print(f"  {child.name:<16} {address:<22} pid {child.proc.pid:<8} metrics http://{child.metrics_address}/metrics"
                       + (f"  cores {','.join(map(str, sorted(child.cores)))}" if child.cores else ""))
             print(f"  logs and traces in {options.run_dir.resolve()}; a service that exits is restarted "
                   f"(splitwise status --run-dir {options.run_dir} shows restarts)")

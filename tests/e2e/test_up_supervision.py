@@ -106,11 +106,11 @@ class Up:
 def start_up(run_dir: Path, cache_dir: Path, *flags: str, metrics_port: int = 0, **env: str) -> Up:
     """Runs `splitwise up` (tiny model, CPU) on free ports, with env on top of this process's."""
     resolve_model("tiny-llama", cache_dir)
-    scheduler, prompt, token, kv_store, mixed, redis = free_port_ranges(1, 2, 2, 1, 2, 1)
+    scheduler, prompt, token, kv_store, mixed, redis, http = free_port_ranges(1, 2, 2, 1, 2, 1, 1)
     argv = [str(SPLITWISE), "up", "--model", "tiny-llama", "--device", "cpu", "--run-dir", str(run_dir),
             "--port", str(scheduler), "--prompt-port", str(prompt), "--token-port", str(token),
             "--kv-store-port", str(kv_store), "--mixed-port", str(mixed), "--redis-port", str(redis),
-            "--metrics-port", str(metrics_port), *flags]
+            "--http-port", str(http), "--metrics-port", str(metrics_port), *flags]
     env = {**os.environ, "SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
            "SPLITWISE_HEARTBEAT_S": str(HEARTBEAT_S), **env}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -218,7 +218,7 @@ async def test_mixed_workers_run_both_phases_and_every_service_serves_metrics_wh
         expected = hf_greedy(resolve_model("tiny-llama", cache_dir)[1], prompt, 16)  # up to its end of sequence
         assert out.token_ids[: len(expected)] == expected
         listing = up.listing
-        assert set(listing) == {"kv_store", "mixed_worker-0", "mixed_worker-1", "scheduler"}
+        assert set(listing) == {"kv_store", "mixed_worker-0", "mixed_worker-1", "scheduler", "gateway"}
         assert listing["mixed_worker-1"]["metrics"] == f"http://127.0.0.1:{metrics_port + 41}/metrics"
         assert listing["kv_store"]["metrics"] == f"http://127.0.0.1:{metrics_port + 30}/metrics"
         for name, service in listing.items():
