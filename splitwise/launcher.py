@@ -49,8 +49,12 @@ def die_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+def port_is_free(port: int, host: str = "127.0.0.1", reuse_address: bool = False) -> bool:
+    """reuse_address: as a server that sets SO_REUSEADDR binds (aiohttp, gRPC), for which connections of the last
+    run still in TIME_WAIT do not hold the port."""
     with socket.socket() as s:
+        if reuse_address:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
@@ -228,7 +232,7 @@ class Cluster:
         owners: dict[int, str] = {} if o.redis_url else {o.redis_port: "redis"}
         if o.http_port:
             owners[o.http_port] = "gateway"
-            if not port_is_free(o.http_port, o.host):
+            if not port_is_free(o.http_port, o.host, reuse_address=True):
                 raise ValueError(f"port {o.http_port} is in use: the HTTP gateway needs another (--http-port N, or 0 "
                                  "for no gateway)")
         for kind, (port, count) in self.first_ports().items():
