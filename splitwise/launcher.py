@@ -151,6 +151,7 @@ class Cluster:
         self.redis: subprocess.Popen | None = None
         self.credentials: LocalCredentials | None = None  # made by start() unless insecure
         self.http_address = ""  # the gateway's host:port, when it runs
+        self._metrics_ports: set[int] = set()  # picked for services' /metrics (metrics_port 0)
 
     def first_ports(self) -> dict[str, tuple[int, int]]:
         """Each kind of service: (its first gRPC port, how many); instance i listens on the first + i."""
@@ -165,9 +166,17 @@ class Cluster:
     def metrics_address(self, kind: str, index: int = 0) -> str:
         """Where instance `index` of `kind` serves /metrics: a free port with metrics_port 0 (or for another kind)."""
         if self.o.metrics_port == 0 or kind not in METRICS_OFFSETS:
-            with socket.socket() as s:
-                s.bind((self.o.host, 0))
-                return f"{self.o.host}:{s.getsockname()[1]}"
+            # Outside the kernel's ephemeral range: a port picked by binding port 0 is one that an outgoing
+            # connection may take before the service binds it, and hold through all its restarts.
+            o = self.o
+            taken = {o.redis_port, o.http_port, *self._metrics_ports}
+            taken |= {first + i for first, count in self.first_ports().values() for i in range(count)}
+            candidates = listen_ports()
+            while True:
+                port = random.randrange(candidates.start, candidates.stop)
+                if port not in taken and port_is_free(port, o.host):
+                    self._metrics_ports.add(port)
+                    return f"{o.host}:{port}"
         return f"{self.o.host}:{self.o.metrics_port + METRICS_OFFSETS[kind] + index}"
 
     def _spawn(self, name: str, module: str, env: dict, address: str | None, cores: set[int] | None = None) -> None:

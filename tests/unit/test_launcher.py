@@ -145,3 +145,13 @@ def test_a_gateway_port_in_use_is_refused_at_once_and_a_gateway_that_cannot_run_
     cluster.children = [Child(name, None, None) for name in ("kv_store", "prompt_worker-0", "token_worker-0",
                                                              "scheduler", "gateway")]
     assert cluster.why_nothing_serves({"gateway"}).endswith("the HTTP gateway (--http-port 8000) cannot run")
+
+
+def test_free_metrics_ports_are_outside_the_ephemeral_range_and_distinct(tmp_path):
+    """A port the kernel hands out for outgoing connections could be taken by one before the service binds it."""
+    from splitwise.launcher import listen_ports
+
+    cluster = Cluster(UpOptions(model="tiny-llama", run_dir=tmp_path, metrics_port=0))
+    ports = [int(cluster.metrics_address("token_worker", i).rsplit(":", 1)[1]) for i in range(50)]
+    assert len(set(ports)) == 50 and all(p in listen_ports() for p in ports)
+    assert not set(ports) & {50051, 50061, 50071, 50081, 6379}
