@@ -45,6 +45,8 @@ SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_
 HEALTH_TIMEOUT_S = 1.0  # a scheduler replica that does not answer its health check within this counts as down
 MAX_REQUEST_ID_CHARS = 128  # as the scheduler's; a longer X-Request-Id is refused here
 MAX_BODY = web.AppKey("max_body_bytes", int)
+# A client that sends its headers but not its body (a slow or hostile peer) is answered 408 after this long, not held.
+BODY_READ_TIMEOUT_S = 30.0
 
 
 def load_model(config: GatewayConfig) -> tuple[str, object]:
@@ -196,7 +198,11 @@ def _dumps(value) -> str:
 
 async def read_json(request: web.Request):
     try:
-        raw = await request.read()  # aiohttp refuses a body over client_max_size (413) before reading it all
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            raw = await request.read()  # aiohttp refuses a body over client_max_size (413) before reading it all
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {BODY_READ_TIMEOUT_S:g} s", code="request_timeout") \
+            from None
     except web.HTTPRequestEntityTooLarge:
         raise APIError(413, f"the request body is over {request.app[MAX_BODY]} bytes (SPLITWISE_GATEWAY_MAX_BODY_BYTES)",
                        code="request_too_large") from None

@@ -293,6 +293,18 @@ async def test_bad_bodies_and_routes_get_openai_errors(gateway):
                 assert error["message"] and "type" in error and "param" in error and "code" in error
 
 
+async def test_a_body_that_never_arrives_is_a_408_not_a_held_connection(gateway, monkeypatch):
+    monkeypatch.setattr(gateway_app, "BODY_READ_TIMEOUT_S", 0.5)
+    host, port = gateway.address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {security.API_KEY}\r\n"
+                 "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"".encode())
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 10)
+    assert status.split()[1] == b"408", status
+    writer.close()
+
+
 async def test_health_and_metrics(gateway):
     async with aiohttp.ClientSession() as session:
         async with session.get(f"http://{gateway.address}/health") as response:
