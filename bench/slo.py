@@ -159,15 +159,17 @@ TBT_SAMPLES = ("gaps", "request_mean")
 def slowdowns(results: list[RequestResult], baseline: IdleBaseline, tbt: str = "gaps") -> dict[str, list[float]]:
     """Per ok request, TTFT and E2E over their idle values. TBT, with tbt="gaps" (the default: like the TBT
     distribution), per token gap: the gap over the idle gap at that token's context (the gap before output token
-    k+2, gap k from 0, attends the prompt and k+1 output tokens); with "request_mean", per request: its mean gap
-    over the idle gap at its mean context, as the paper's simulator measures TBT (it keeps no per-token times)."""
+    k+2, gap k from 0, attends the prompt and k+1 output tokens); with "request_mean", per request, as the paper's
+    simulator measures it (it keeps no per-token times): the time after the first token over the number of output
+    tokens, (E2E - TTFT) / n, against the idle gap at the prompt's size; a one-token request counts as 0."""
     if tbt not in TBT_SAMPLES:
         raise ValueError(f"unknown TBT sampling {tbt!r}; choose from {', '.join(TBT_SAMPLES)}")
     ok = [r for r in results if r.ok]
     if tbt == "gaps":
         tbt_values = [gap / baseline.tbt(r.prompt_tokens + k + 1) for r in ok for k, gap in enumerate(r.tbt_s)]
     else:
-        tbt_values = [r.tbt_mean_s / baseline.tbt(r.prompt_tokens + r.output_tokens / 2) for r in ok if r.tbt_s]
+        tbt_values = [(r.e2e_s - r.ttft_s) / r.output_tokens / baseline.tbt(r.prompt_tokens)
+                      for r in ok if r.output_tokens > 0]
     return {
         "ttft": [r.ttft_s / baseline.ttft(r.prompt_tokens) for r in ok],
         "tbt": tbt_values,

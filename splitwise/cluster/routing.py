@@ -45,6 +45,15 @@ def load(worker: WorkerInfo, in_flight_tokens: Mapping[str, int]) -> int:
     return worker.pending_tokens + in_flight_tokens.get(worker.worker_id, 0)
 
 
+def prompt_work(worker: WorkerInfo, in_flight_tokens: Mapping[str, int]) -> int:
+    """Work ahead of a new prompt on the worker: its queued prompt tokens not yet prefilled, one token for each
+    request it holds (each adds a token to every step it shares), and what this scheduler sent it since its
+    heartbeat. KV held is not work: a worker decoding long contexts has no prompt queue for being full (this is
+    the paper's simulator's JSQ measure, its instances' pending tokens)."""
+    queued = max(worker.pending_tokens - worker.kv_used_tokens, 0)
+    return queued + worker.active_requests + in_flight_tokens.get(worker.worker_id, 0)
+
+
 def kv_in_use(worker: WorkerInfo, in_flight_tokens: Mapping[str, int]) -> float:
     """Fraction of the worker's KV memory in use, counting what this scheduler sent it since."""
     used = worker.kv_used_tokens + in_flight_tokens.get(worker.worker_id, 0)
@@ -55,6 +64,12 @@ def join_shortest_queue(workers: Sequence[WorkerInfo], in_flight_tokens: Mapping
     if not workers:
         raise NoWorkerAvailable("no worker of this role is registered")
     return min(workers, key=lambda w: (load(w, in_flight_tokens), w.worker_id))
+
+
+def least_prompt_work(workers: Sequence[WorkerInfo], in_flight_tokens: Mapping[str, int]) -> WorkerInfo:
+    if not workers:
+        raise NoWorkerAvailable("no worker of this role is registered")
+    return min(workers, key=lambda w: (prompt_work(w, in_flight_tokens), load(w, in_flight_tokens), w.worker_id))
 
 
 def least_kv_in_use(workers: Sequence[WorkerInfo], in_flight_tokens: Mapping[str, int]) -> WorkerInfo:
@@ -83,10 +98,10 @@ def jsq(workers: Sequence[WorkerInfo], request: RoutingRequest) -> Route:
 
 
 def cls(workers: Sequence[WorkerInfo], request: RoutingRequest) -> Route:
-    """The paper's cluster-level scheduler: JSQ on pending prompt tokens for the prompt phase, the token worker
-    with the least KV memory in use for the token phase."""
+    """The paper's cluster-level scheduler: JSQ on the prompt work queued (`prompt_work`) for the prompt phase,
+    the token worker with the least KV memory in use for the token phase."""
     prompt, token = candidates(workers, request)
-    return Route(join_shortest_queue(prompt, request.in_flight_tokens), least_kv_in_use(token, request.in_flight_tokens))
+    return Route(least_prompt_work(prompt, request.in_flight_tokens), least_kv_in_use(token, request.in_flight_tokens))
 
 
 def round_robin(workers: Sequence[WorkerInfo], request: RoutingRequest) -> Route:

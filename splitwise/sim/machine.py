@@ -77,6 +77,7 @@ class SimMachine:
     step_overhead_s: float = 0.0  # added to every step: the engine's own work beside the model's compute
     blocks: BlockManager = field(init=False)
     scheduler: BatchScheduler = field(init=False)
+    reserved: int = 0  # sequences holding blocks for KV still on its way (the engine's reserved handles)
     busy: bool = False
     run: list | None = None  # the step in progress: [batch, seconds per step, steps, start], set by the simulator
     stats: MachineStats = field(default_factory=MachineStats)
@@ -93,8 +94,9 @@ class SimMachine:
     def info(self, now: float) -> WorkerInfo:
         queued = sum(s.num_tokens - s.num_cached for s in self.scheduler.waiting)
         used = (self.blocks.num_used + self._run_blocks(now)) * self.blocks.block_size
+        active = len(self.scheduler.waiting) + len(self.scheduler.running) + self.reserved
         return WorkerInfo(self.worker_id, self.role, self.worker_id, self.model, "", pending_tokens=queued + used,
-                          kv_capacity_tokens=self.blocks.capacity_tokens, kv_used_tokens=used)
+                          active_requests=active, kv_capacity_tokens=self.blocks.capacity_tokens, kv_used_tokens=used)
 
     def _run_blocks(self, now: float) -> int:
         """Blocks that the steps of a decode run begun by `now` hold in the engine, not yet in the block tables
@@ -124,11 +126,13 @@ class SimMachine:
             return False
         self.blocks.grow(seq.block_table, len(seq.prompt_ids))
         seq.status = Status.RESERVED
+        self.reserved += 1
         return True
 
     def start_decoding(self, seq: Sequence) -> FinishReason | None:
         """The reserved sequence's KV has arrived, with its first token: it joins the running batch, unless that
         token was its last."""
+        self.reserved -= 1
         seq.num_cached = len(seq.prompt_ids)
         seq.output.append(SAMPLED)
         reason = seq.finish_reason_now(NO_EOS, self.limits.max_context)

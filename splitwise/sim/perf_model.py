@@ -70,6 +70,7 @@ class PerfModel:
     token_power: float = DEFAULT_TOKEN_POWER  # ... while decoding
     # (batch size, mean context, seconds): where given, decode steps are read over both (the "batch_context" curve)
     decode_grid: tuple[tuple[float, float, float], ...] = ()
+    decode_curve: str = "batch_size"  # how token_points were read from the profile (DECODE_CURVES)
     _prefill: _Curve = field(init=False, repr=False, compare=False)
     _decode: _Curve = field(init=False, repr=False, compare=False)
     _by_batch: tuple = field(init=False, repr=False, compare=False)
@@ -112,6 +113,14 @@ class PerfModel:
         y0, y1 = curves[i - 1](context_tokens), curves[i](context_tokens)
         return max(y0 + (y1 - y0) * (batch_size - b0) / (b1 - b0), 0.5 * min(y0, y1))
 
+    def decode_alone_s(self, context_tokens: float) -> float:
+        """A decode step of one request alone at this context: the reference of the TBT SLO. Read as the curve was:
+        the paper's simulator reads its token curve at x = the request's prompt size (`splitwisesim`); a measured
+        grid at batch 1 and this context (`batch_context`); else batch 1."""
+        if self.decode_curve == "splitwisesim":
+            return self._decode(context_tokens)
+        return self.decode_s(1, context_tokens if self.context_aware else None)
+
     def step_s(self, prompt_tokens: int, decode_seqs: int, decode_context: float | None = None) -> float:
         """One engine step: prompt tokens (chunks of prompts) and one new token for each decoding sequence (at
         their mean context). A mixed step costs a prefill over all its tokens, never less than its decodes alone."""
@@ -127,7 +136,7 @@ class PerfModel:
                          tuple((x, y * prompt_factor) for x, y in self.prompt_points),
                          tuple((x, y * token_factor) for x, y in self.token_points),
                          self.prompt_power, self.token_power,
-                         tuple((b, c, y * token_factor) for b, c, y in self.decode_grid))
+                         tuple((b, c, y * token_factor) for b, c, y in self.decode_grid), self.decode_curve)
 
 
 DECODE_CURVES = ("batch_size", "splitwisesim", "batch_context")
@@ -173,6 +182,7 @@ def _model_of(key: tuple[str, str, int], rows: list[dict], decode_curve: str) ->
         prompt_power=min(statistics.quantiles(peak, n=10)[-1], 1.0) if len(peak) > 1 else DEFAULT_PROMPT_POWER,
         token_power=statistics.median(average) if average else DEFAULT_TOKEN_POWER,
         decode_grid=tuple((b, c, statistics.median(v)) for (b, c), v in grid.items()),
+        decode_curve=decode_curve,
     )
 
 

@@ -136,10 +136,13 @@ class SimResult:
 
 
 def idle_baseline(profile: MachineProfile) -> IdleBaseline:
-    """A request alone on a machine of this profile: its prefill, then one-sequence decode steps."""
+    """A request alone on a machine of this profile: its prefill, then one-sequence decode steps (at its context,
+    where the profile is read by context: see `PerfModel.decode_alone_s`)."""
     perf = profile.perf
-    return IdleBaseline(ttft_points=tuple((int(x), perf.prefill_s(x)) for x, _ in perf.prompt_points),
-                        tbt_points=((1, perf.decode_s(1)),))
+    ttft = tuple((int(x), perf.prefill_s(x)) for x, _ in perf.prompt_points)
+    if perf.decode_curve == "batch_size":
+        return IdleBaseline(ttft_points=ttft, tbt_points=((1, perf.decode_s(1)),))
+    return IdleBaseline(ttft_points=ttft, tbt_points=tuple((x, perf.decode_alone_s(x)) for x, _ in ttft))
 
 
 class Simulator:

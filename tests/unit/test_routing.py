@@ -26,6 +26,19 @@ def test_cls_counts_what_this_scheduler_sent_since_the_last_heartbeat():
     assert (chosen.prompt_worker.worker_id, chosen.token_worker.worker_id) == ("p0", "t0")
 
 
+def test_cls_prompt_phase_counts_queued_prompt_tokens_and_requests_not_the_kv_they_hold():
+    # m0 decodes 4 requests with long contexts and has nothing queued; m1 holds less KV but 600 prompt tokens
+    # wait there. JSQ on pending tokens (KV held included) would pick m1, behind the 600 tokens.
+    m0 = WorkerInfo("m0", "mixed", "m0:1", "m", "fp", pending_tokens=8_000, active_requests=4,
+                    kv_capacity_tokens=100_000, kv_used_tokens=8_000)
+    m1 = WorkerInfo("m1", "mixed", "m1:1", "m", "fp", pending_tokens=1_600, active_requests=2,
+                    kv_capacity_tokens=100_000, kv_used_tokens=1_000)
+    assert route([m0, m1], "m", 100, {}, "cls").prompt_worker.worker_id == "m0"
+    assert route([m0, m1], "m", 100, {}, "jsq").prompt_worker.worker_id == "m1"
+    # what this scheduler sent since the heartbeats counts as queued
+    assert route([m0, m1], "m", 100, {"m0": 700}, "cls").prompt_worker.worker_id == "m1"
+
+
 def test_jsq_joins_the_shortest_queue_for_both_phases():
     chosen = route(PROMPTS + TOKENS, "m", 100, {}, "jsq")
     assert (chosen.prompt_worker.worker_id, chosen.token_worker.worker_id) == ("p1", "t0")

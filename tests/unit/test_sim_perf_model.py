@@ -75,6 +75,19 @@ def test_decode_by_batch_size_grows_with_the_batch_and_splitwisesim_reading_is_a
     assert splitwisesim.decode_s(2048) == pytest.approx(splitwisesim.decode_s(1), rel=0.1)
 
 
+def test_the_tbt_reference_is_read_as_the_decode_curve_is():
+    """SplitwiseSim's reference for a request's TBT is its token curve read at the request's prompt size; by the
+    batch-size reading it is one sequence's step, whatever the prompt."""
+    from splitwise.sim.simulator import idle_baseline
+    splitwisesim = paper_profile("llama2-70b", "dgx-a100", decode_curve="splitwisesim")
+    by_batch = paper_profile("llama2-70b", "dgx-a100", decode_curve="batch_size")
+    for prompt in (128, 2048, 8192):
+        assert idle_baseline(splitwisesim).tbt(prompt) == pytest.approx(splitwisesim.perf.decode_s(prompt))
+        assert idle_baseline(by_batch).tbt(prompt) == pytest.approx(by_batch.perf.decode_s(1))
+    assert idle_baseline(splitwisesim).tbt(8192) > 1.1 * idle_baseline(splitwisesim).tbt(128)
+    assert splitwisesim.perf.scaled(1.3).decode_curve == "splitwisesim"
+
+
 def test_power_capped_h100_prefills_1_3x_slower_and_decodes_as_fast():
     h100 = paper_profile("llama2-70b", "dgx-h100").perf
     capped = paper_profile("llama2-70b", "dgx-h100-pcap").perf

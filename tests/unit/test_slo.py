@@ -104,6 +104,16 @@ def test_slowdowns_of_three_requests_by_hand():
     assert s["e2e"] == pytest.approx([0.2407 / (0.1 + 2 * 0.01015), 0.2402 / (0.2 + 0.0201), 3.0])
 
 
+def test_request_mean_tbt_is_the_time_after_the_first_token_over_the_output_tokens_as_splitwisesim_measures():
+    # SplitwiseSim: tbt = (response time - TTFT) / token_size, against its token time at the prompt's size.
+    a = result("a", 100, 0.2, [0.0101, 0.0306])  # 3 tokens, 0.0407 s after the first; idle gap at 100: 0.010
+    b = result("b", 200, 0.2, [0.0402])  # 2 tokens, 0.0402 s after the first; idle gap at 200: 0.020
+    c = result("c", 400, 0.9, [])  # 1 token: nothing after the first
+    s = slowdowns([a, b, c], BASELINE, tbt="request_mean")
+    assert s["tbt"] == pytest.approx([0.0407 / 3 / 0.010, 0.0402 / 2 / 0.020, 0.0])
+    assert s["ttft"] == slowdowns([a, b, c], BASELINE)["ttft"]
+
+
 def test_attainment_holds_when_every_request_runs_at_idle_speed():
     report = slo_attainment([flat_request(i) for i in range(100)], FLAT)
     assert report.all_met and report.failed == 0 and len(report.checks) == 9
