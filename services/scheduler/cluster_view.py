@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Awaitable, Callable
@@ -11,6 +10,7 @@ from typing import Awaitable, Callable
 import redis.asyncio as redis
 
 from splitwise.cluster.aio import keeps_cancellation
+from splitwise.cluster.in_flight import InFlightLedger
 from splitwise.cluster.pools import PoolPolicy, PoolStore, Transition, plan, with_pools
 from splitwise.cluster.registry import WorkerInfo, WorkerRegistry
 from splitwise.cluster.routing import POLICIES, ConditionalDisaggregation, Route, route, token_phase
@@ -43,7 +43,7 @@ class ClusterView:
         self.membership: dict[str, str] = {}  # borrowed workers -> their pool now
         self.transitions: list[Transition] = []
         self.workers: list[WorkerInfo] = []  # as routing sees them: each in its current pool
-        self.in_flight_tokens: dict[str, int] = {}  # sent to each worker by this scheduler, not yet finished
+        self.in_flight = InFlightLedger()  # what this scheduler sent each worker since its last heartbeat
         self.refreshed_at = time.monotonic()  # the last successful refresh
         self.stale = False
 
@@ -51,6 +51,7 @@ class ClusterView:
     async def refresh(self) -> None:
         """Reads the registry and the pools, and moves a worker between pools if the load calls for it."""
         declared = await self.registry.workers()
+        self.in_flight.reported(declared)
         membership = await self.pools.membership() if self.pools else {}
         if self.pools and self.pool_policy.enabled:
             transitions = await self.pools.transitions(KEEP_TRANSITIONS_SHOWN)
@@ -142,16 +143,15 @@ class ClusterView:
                 f"route.{name}.pending_tokens": worker.pending_tokens,
                 f"route.{name}.in_flight_tokens": self.in_flight_tokens.get(worker.worker_id, 0)}
 
-    @contextlib.contextmanager
+    @property
+    def in_flight_tokens(self) -> dict[str, int]:
+        """Tokens this scheduler sent each worker that the worker's last heartbeat read does not report yet."""
+        return self.in_flight.tokens
+
     def loaded(self, tokens_by_worker: dict[str, int]):
-        """Counts tokens sent to workers as in flight until the block ends (routing adds them to their load)."""
-        for worker_id, tokens in tokens_by_worker.items():
-            self.in_flight_tokens[worker_id] = self.in_flight_tokens.get(worker_id, 0) + tokens
-        try:
-            yield
-        finally:
-            for worker_id, tokens in tokens_by_worker.items():
-                self.in_flight_tokens[worker_id] -= tokens
+        """Counts tokens sent to workers in their load (routing adds them) until a heartbeat written after now
+        reports them, or the block ends: never twice."""
+        return self.in_flight.sent(tokens_by_worker, time.time())
 
     def gauges(self):
         """Pool sizes and queued tokens as this scheduler sees the registry, and how old that view is, for the

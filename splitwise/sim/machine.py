@@ -96,7 +96,7 @@ class SimMachine:
         used = (self.blocks.num_used + self._run_blocks(now)) * self.blocks.block_size
         active = len(self.scheduler.waiting) + len(self.scheduler.running) + self.reserved
         return WorkerInfo(self.worker_id, self.role, self.worker_id, self.model, "", pending_tokens=queued + used,
-                          active_requests=active, kv_capacity_tokens=self.blocks.capacity_tokens, kv_used_tokens=used)
+                          active_requests=active, heartbeat_at=now, kv_capacity_tokens=self.blocks.capacity_tokens, kv_used_tokens=used)
 
     def _run_blocks(self, now: float) -> int:
         """Blocks that the steps of a decode run begun by `now` hold in the engine, not yet in the block tables

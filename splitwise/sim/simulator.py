@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from bench.slo import IdleBaseline, RequestResult, SLOReport, slo_attainment, summarize
+from splitwise.cluster.in_flight import InFlightLedger
 from splitwise.cluster.pools import PoolPolicy, plan, with_pools
 from splitwise.cluster.routing import ConditionalDisaggregation, NoWorkerAvailable, route
 from splitwise.config import SchedulerConfig, TokenWorkerConfig
@@ -85,6 +86,7 @@ class _Request:
     prefill_start_s: float | None = None
     waiting_since_s: float = 0.0
     dropped: str = ""
+    send: int | None = None  # its tokens in the scheduler's in-flight ledger
 
 
 @dataclass
@@ -169,7 +171,7 @@ class Simulator:
         self._backlog: list[_Request] = []
         self._view: list | None = None
         self._view_at = -math.inf
-        self._in_flight: dict[str, int] = {}
+        self._in_flight = InFlightLedger()
         self._routed = 0
 
     def _clock(self) -> float:
@@ -216,17 +218,22 @@ class Simulator:
             return [m.info(self.now) for m in self.machines], {}
         if self.now - self._view_at >= refresh:
             self._view, self._view_at = [m.info(self.now) for m in self.machines], self.now
-        return self._view, self._in_flight
+            self._in_flight.reported(self._view)
+        return self._view, self._in_flight.tokens
 
-    def _load(self, state: _Request, sign: int) -> None:
-        """Counts a request's tokens in flight on its workers from routing to its first token (live: `loaded`)."""
+    def _sent(self, state: _Request) -> None:
+        """Counts a request's tokens in flight on its workers until the next view reports them or it ends, as the
+        live scheduler does (`ClusterView.loaded`)."""
         if self.config.view_refresh_s <= 0:
             return
-        r, flight = state.request, self._in_flight
-        p, t = state.prompt_machine.worker_id, state.token_machine.worker_id
-        flight[p] = flight.get(p, 0) + sign * r.prompt_tokens
-        if t != p:
-            flight[t] = flight.get(t, 0) + sign * (r.prompt_tokens + r.output_tokens)
+        r = state.request
+        state.send = self._in_flight.add({state.prompt_machine.worker_id: r.prompt_tokens,
+                                          state.token_machine.worker_id: r.prompt_tokens + r.output_tokens}, self.now)
+
+    def _ended(self, state: _Request) -> None:
+        if state.send is not None:
+            self._in_flight.end(state.send)
+            state.send = None
 
     def _arrive(self, state: _Request) -> None:
         request = state.request
@@ -256,13 +263,13 @@ class Simulator:
         self._owner[state.token_seq] = state
         if chosen.colocated:
             state.prompt_machine = token_machine
-            self._load(state, +1)
+            self._sent(state)
             token_machine.submit(state.token_seq)
             self._touch(token_machine)
             self._kick(token_machine)
             return
         state.prompt_machine = self.by_id[chosen.prompt_worker.worker_id]
-        self._load(state, +1)
+        self._sent(state)
         state.waiting_since_s = self.now
         self._admit_split(state)
 
@@ -287,7 +294,7 @@ class Simulator:
             if self.now - state.waiting_since_s > RESERVE_GIVE_UP_S:
                 state.dropped = f"no KV memory on {state.token_machine.worker_id} for {RESERVE_GIVE_UP_S:.0f}s"
                 del self._owner[state.token_seq]
-                self._load(state, -1)
+                self._ended(state)
                 continue
             self._admit_split(state)
 
@@ -332,7 +339,6 @@ class Simulator:
             state = self._owner[seq]
             if state.first_token_s is None:
                 state.first_token_s = first_end
-                self._load(state, -1)
             else:
                 state.gaps.append(first_end - state.last_token_s)
             if steps > 1:
@@ -367,6 +373,7 @@ class Simulator:
 
     def _done(self, state: _Request) -> None:
         state.done_s = self.now
+        self._ended(state)
         self._owner.pop(state.token_seq, None)
 
     # -- results ----------------------------------------------------------------------------------------------
