@@ -29,7 +29,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing-policy", default=None, help="cls (default, the live scheduler's), jsq, round_robin, random")
     parser.add_argument("--tbt", choices=TBT_SAMPLES, default="gaps",
                         help="TBT SLO samples: gaps (every token gap, as `splitwise bench replay` measures) or "
-                             "request_mean (each request's mean gap, as the paper's simulator measures)")
+                             "request_mean (per request, (E2E - TTFT) / output tokens against the token curve at its "
+                             "prompt size, as the paper's simulator measures)")
     parser.add_argument("--out", default="", help="folder for the CSV files and plots")
 
 
