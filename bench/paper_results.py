@@ -3,7 +3,8 @@ docs/cluster-design.md and writes its plots.
 
 Run as the paper's simulator measured: the scheduler sees the machines' state exactly, machines batch prompts
 and decodes together (mixed batches), TBT is sampled per request as SplitwiseSim samples it, and decode steps are
-read from the profile as SplitwiseSim reads them (`--curve splitwisesim`). Each of these is an option of `splitwise sim` / `plan`.
+read from the profile as SplitwiseSim reads them (`--curve splitwisesim`). Each of these is an option of
+`splitwise sim` / `plan`.
 
 1. SplitwiseSim's published cluster sizes at their rates (code 130 req/s, conversation 180 req/s): do they meet the
    nine SLOs? (full size, both readings of the decode profile)
