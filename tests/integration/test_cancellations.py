@@ -258,10 +258,16 @@ async def test_randomly_cancelled_requests_leave_no_kv_on_workers_and_none_in_kv
 
             # The cluster still serves, correctly, a short prompt and one whose KV goes layer by layer.
             prompts = [plans[0].prompt_ids[:20], tuple(VOCAB[i % 200] for i in range(LAYERWISE_MIN_TOKENS + 5))]
-            outs = [await client.generate(token_ids=prompt, max_tokens=12, timeout=30) for prompt in prompts]
+            served = [f"served-after-{kv_transfer}-{i}" for i in range(len(prompts))]
+            outs = [await client.generate(token_ids=prompt, max_tokens=12, request_id=rid, timeout=30)
+                    for rid, prompt in zip(served, prompts)]
         await wait_until_nothing_held(lambda: held_by_services(cluster), IDLE_WITHIN_S)
-        # Their KV is kept and indexed for the TTL; after it, nothing is, of any request.
-        assert len(await held_in_kv_store(cluster, kv_index)) == 2, "the served requests' KV is not kept and indexed"
+        # Their KV is kept (a complete transfer each) and indexed for the TTL; after it, nothing is, of any request.
+        store = cluster.kv_store.servicer
+        assert all(rid in store.transfers and store.transfers[rid].complete for rid in served), \
+            f"the served requests' KV is not kept: {sorted(store.transfers)[:5]}"
+        indexed = {e.key for e in await kv_index.entries() if e.holder == cluster.kv_store.address}
+        assert set(served) <= indexed, f"the served requests' KV is not indexed: {sorted(indexed)[:5]}"
         for prompt, out in zip(prompts, outs):
             assert out.token_ids == hf_greedy(folder, list(prompt), 12)
         await wait_until_nothing_held(lambda: held_in_kv_store(cluster, kv_index), KV_STORE_TTL_S + 1.0)

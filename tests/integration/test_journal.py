@@ -53,11 +53,20 @@ async def test_a_request_is_journaled_with_its_workers_tokens_and_outcome(cluste
         assert (await sw.cluster_status()).cluster_requests_in_flight == 0
 
 
-async def test_a_refused_request_is_journaled_as_invalid(cluster):
+async def test_a_request_refused_at_admission_writes_no_journal_entry(cluster):
+    """A request refused before admission (here: max_tokens past any context) costs Redis nothing: a hostile
+    client cannot fill the journal with refused requests. The journal writes in order in the background, so a
+    request admitted after it and journaled to its end shows that every earlier write has landed."""
     c, client = cluster
     async with SplitwiseClient(c.address) as sw:
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await sw.generate(token_ids=[1, 2], max_tokens=1 << 30, request_id="too-long", timeout=10)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    # Refused at admission, before the journal opens: nothing is written for it.
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await sw.generate(token_ids=[1, 2], max_tokens=2, ignore_eos=True, request_id="after-it", timeout=30)
+    for _ in range(100):
+        if (await entry(client, "after-it")).get("state") == "done":
+            break
+        await asyncio.sleep(0.02)
+    assert (await entry(client, "after-it"))["state"] == "done"
     assert await entry(client, "too-long") == {}
+    assert await client.keys(KEY_PREFIX + "too-long*") == []

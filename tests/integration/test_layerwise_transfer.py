@@ -8,6 +8,23 @@ import pytest
 from splitwise.client import SplitwiseClient
 from tests.integration.cluster import local_cluster
 
+# How long a layer sent layer-wise may take to land on the token worker (the compute thread waits for it).
+LAYER_LANDS_WITHIN_S = 5.0
+
+
+def landed_layers(receivers) -> set[int]:
+    return set().union(*(r.layers_received for r in list(receivers.values())))
+
+
+def wait_for_a_layer(receivers, layer: int) -> set[int]:
+    """Holds the compute thread until `layer` has landed on the token worker, or LAYER_LANDS_WITHIN_S pass."""
+    deadline = time.monotonic() + LAYER_LANDS_WITHIN_S
+    while time.monotonic() < deadline:
+        if layer in (landed := landed_layers(receivers)):
+            return landed
+        time.sleep(0.001)
+    return landed_layers(receivers)
+
 
 @pytest.fixture(scope="module")
 async def cluster(redis_url, cache_dir, trace_file):
@@ -26,14 +43,7 @@ async def test_layer_kv_reaches_the_token_worker_before_the_next_layer_is_comput
     def model(token_ids, batch, cache_keys, cache_values, on_layer_kv=None):
         def after_layer(layer, keys, values):
             on_layer_kv(layer, keys, values)
-            # Hold the compute thread until this layer has landed on the token worker (or 5 s pass).
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                landed = set().union(*(r.layers_received for r in list(receivers.values())))
-                if layer in landed:
-                    break
-                time.sleep(0.001)
-            layers_received_at[layer] = landed
+            layers_received_at[layer] = wait_for_a_layer(receivers, layer)
 
         return original(token_ids, batch, cache_keys, cache_values, after_layer if on_layer_kv else None)
 
@@ -53,6 +63,7 @@ async def test_layer_kv_reaches_the_token_worker_before_the_next_layer_is_comput
 
 async def test_a_prompt_below_the_layerwise_threshold_ships_its_kv_after_the_prefill(cluster, tokenizer_free_ids):
     runner = cluster.prompt_worker.servicer.engine.runner
+    num_layers = cluster.prompt_worker.servicer.layout.num_layers
     receivers = cluster.token_worker.servicer.receivers
     layers_received_at = {}
     original = runner.model
@@ -60,8 +71,11 @@ async def test_a_prompt_below_the_layerwise_threshold_ships_its_kv_after_the_pre
     def model(token_ids, batch, cache_keys, cache_values, on_layer_kv=None):
         def after_layer(layer, keys, values):
             on_layer_kv(layer, keys, values)
-            time.sleep(0.01)  # time enough for a layer sent now to land
-            layers_received_at[layer] = set().union(*(r.layers_received for r in list(receivers.values())))
+            # At the last layer, hold the prefill as long as a layer sent layer-wise takes to land (what the test
+            # above allows): had any layer been sent during the prefill, it would be on the token worker by then.
+            if layer == num_layers - 1:
+                wait_for_a_layer(receivers, 0)
+            layers_received_at[layer] = landed_layers(receivers)
 
         return original(token_ids, batch, cache_keys, cache_values, after_layer if on_layer_kv else None)
 

@@ -74,21 +74,39 @@ async def test_greedy_generation_equals_transformers(tiny, prompt):
 async def test_requests_of_different_lengths_join_and_leave_a_running_batch(tiny, mixed_batches):
     loaded, tokenizer = tiny
     engine = make_engine(loaded, mixed_batches=mixed_batches)
+    steps = []  # (prefill, request ids prefilling, request ids decoding) of every step the engine ran
+    run = engine.runner.run
+
+    def recording(batch):
+        prompts = len(batch.seqs) - batch.decodes if batch.prefill else 0
+        steps.append((batch.prefill, {s.request_id for s in batch.seqs[:prompts]},
+                      {s.request_id for s in batch.seqs[prompts:]}))
+        return run(batch)
+
+    engine.runner.run = recording
     try:
         prompts = [f"request {i}: " + "xy" * (7 * i) for i in range(8)]
-        handles = []
+        handles, firsts = [], []
         for i, prompt in enumerate(prompts):
             params = SamplingParams(max_tokens=8 + 5 * i, ignore_eos=i % 2 == 0)
             handles.append(engine.submit(f"r{i}", tokenizer.encode(prompt, add_special_tokens=False), params))
-            await asyncio.sleep(0.01 * i)  # later requests arrive while earlier ones decode
+            firsts.append((await handles[-1].next_event()).token_id)  # the next arrives while this one decodes
         outs = await asyncio.gather(*(collect(h) for h in handles))
-        for i, (prompt, (out, _)) in enumerate(zip(prompts, outs)):
+        for i, (prompt, first, (out, _)) in enumerate(zip(prompts, firsts, outs)):
             ids = tokenizer.encode(prompt, add_special_tokens=False)
             reference = hf_greedy(loaded.folder, ids, 8 + 5 * i)
-            assert out[: len(reference)] == reference, i
+            assert ([first] + out)[: len(reference)] == reference, i
         assert engine.blocks.num_free == engine.blocks.num_blocks
     finally:
         engine.stop()
+    decoding = [ids for prefill, _, ids in steps if ids]
+    # Joined: r1 decoded beside r0, and r7 beside some earlier request. Left: r7 decoded on after r0 was done.
+    assert any({"r0", "r1"} <= ids for ids in decoding)
+    assert any("r7" in ids and len(ids) > 1 for ids in decoding)
+    last_r0 = max(i for i, ids in enumerate(decoding) if "r0" in ids)
+    assert any("r7" in ids for ids in decoding[last_r0 + 1:])
+    mixed = [step for step in steps if step[0] and step[1] and step[2]]
+    assert bool(mixed) == mixed_batches  # mixed steps: a prompt prefilled while running sequences decode
 
 
 async def test_prompts_longer_than_the_batch_budget_are_chunked_and_still_exact(tiny):
