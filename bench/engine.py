@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.replay import trace_path
+from splitwise.replay import trace_path
 from splitwise.engine.llm_engine import Engine, EngineConfig, Finished
 from splitwise.engine.sampling import SamplingParams
 from splitwise.model.weights import load_model

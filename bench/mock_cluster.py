@@ -19,8 +19,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.replay import TraceRequest, load_trace, replay
-from bench.slo import format_report, summarize, write_csv
+from splitwise.replay import TraceRequest, load_trace, replay
+from splitwise.slo import format_report, summarize, write_csv
 from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model import DEFAULT_MOCK_PROFILE
 from splitwise.model.mock import MOCK_CONTEXT_TOKENS, MOCK_VOCAB_SIZE, load_mock_model

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.replay import OpenAIClient, TraceRequest, _one, synthetic_prompt
+from splitwise.replay import OpenAIClient, TraceRequest, _one, synthetic_prompt
 from splitwise.client import SplitwiseClient
 from splitwise.launcher import Cluster, UpOptions, cluster_model_name, free_port_ranges
 from splitwise.model import DEFAULT_MOCK_PROFILE

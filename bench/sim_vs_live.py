@@ -28,8 +28,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.replay import baseline_lengths, cluster_model, load_trace, measure_idle_baseline, replay
-from bench.slo import PERCENTILES, RequestResult, percentile, write_csv
+from splitwise.replay import baseline_lengths, cluster_model, load_trace, measure_idle_baseline, replay
+from splitwise.slo import PERCENTILES, RequestResult, percentile, write_csv
 from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.sim.designs import ClusterDesign, Pool
 from splitwise.sim.machines import resolve_profile

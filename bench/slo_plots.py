@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.slo import RequestResult, goodput
+from splitwise.slo import RequestResult, goodput
 
 
 def _figure(width: float, height: float, columns: int = 1):

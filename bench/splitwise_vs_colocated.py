@@ -29,8 +29,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.replay import baseline_lengths, load_trace, measure_idle_baseline, replay
-from bench.slo import IdleBaseline, goodput, read_csv, slo_attainment, summarize, write_csv
+from splitwise.replay import baseline_lengths, load_trace, measure_idle_baseline, replay
+from splitwise.slo import IdleBaseline, goodput, read_csv, slo_attainment, summarize, write_csv
 from bench.slo_plots import plot_goodput, plot_latency_cdfs
 from splitwise.launcher import Cluster, UpOptions
 from splitwise.model.weights import read_hf_config, resolve_model

@@ -10,7 +10,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from splitwise.security.tls import ClusterTLS, secure_channel
-from splitwise.server import DEFAULT_KEEPALIVE_S, channel_options
+from splitwise.rpc.options import DEFAULT_KEEPALIVE_S, channel_options
 from splitwise.telemetry.tracing import client_interceptors, tracer
 
 

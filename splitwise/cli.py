@@ -103,7 +103,7 @@ def print_status(status) -> None:
 
 
 def _bench_replay(args) -> int:
-    from bench.replay import run
+    from splitwise.replay import run
 
     return asyncio.run(run(args))
 
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay = bench_sub.add_parser("replay", help="replay an Azure LLM trace open-loop; latencies, SLOs, goodput",
                                   description="Replays the Azure LLM inference traces against a running cluster "
                                               "through the public API (open loop), and reports latencies and SLOs.")
-    from bench.replay import add_arguments as replay_arguments
+    from splitwise.replay import add_arguments as replay_arguments
 
     replay_arguments(replay)
     replay.set_defaults(run=_bench_replay)

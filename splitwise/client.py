@@ -14,7 +14,7 @@ import grpc
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from splitwise.security.keys import ADMIN_KEY_FILE, API_KEY_FILE, configured_key
 from splitwise.security.peers import bearer_metadata
-from splitwise.server import DEFAULT_KEEPALIVE_S, channel_options
+from splitwise.rpc.options import DEFAULT_KEEPALIVE_S, channel_options
 from splitwise.telemetry.tracing import client_interceptors
 
 log = logging.getLogger(__name__)

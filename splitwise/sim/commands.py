@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.slo import TBT_SAMPLES
+from splitwise.slo import TBT_SAMPLES
 from splitwise.sim.designs import FAMILIES
 from splitwise.sim.perf_model import DECODE_CURVES
 
@@ -77,7 +77,7 @@ def _progress(line: str) -> None:
 
 
 def sim_main(args) -> int:
-    from bench.slo import format_report, write_csv
+    from splitwise.slo import format_report, write_csv
     from splitwise.sim.designs import parse_design
     from splitwise.sim.plan import a100_baseline
     from splitwise.sim.simulator import simulate

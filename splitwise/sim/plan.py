@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.slo import IdleBaseline, RequestResult, write_csv
+from splitwise.slo import IdleBaseline, RequestResult, write_csv
 from splitwise.sim.designs import FAMILIES, ClusterDesign, baseline, splitwise
 from splitwise.sim.machines import MACHINES, paper_profile
 from splitwise.sim.simulator import SimConfig, SimResult, idle_baseline, simulate

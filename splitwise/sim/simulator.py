@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from bench.slo import IdleBaseline, RequestResult, SLOReport, slo_attainment, summarize
+from splitwise.slo import IdleBaseline, RequestResult, SLOReport, slo_attainment, summarize
 from splitwise.cluster.in_flight import InFlightLedger
 from splitwise.cluster.pools import PoolPolicy, plan, with_pools
 from splitwise.cluster.routing import ConditionalDisaggregation, NoWorkerAvailable, route

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from bench.replay import load_trace
+from splitwise.replay import load_trace
 
 
 @dataclass(frozen=True)

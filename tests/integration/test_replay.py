@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.replay import cluster_model, load_trace, measure_idle_baseline, replay
-from bench.slo import read_csv, slo_attainment, summarize, write_csv
+from splitwise.replay import cluster_model, load_trace, measure_idle_baseline, replay
+from splitwise.slo import read_csv, slo_attainment, summarize, write_csv
 from services.gateway import app as gateway_app
 from splitwise.config import GatewayConfig
 from tests import security

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitwise.launcher import free_port_ranges
-from splitwise.server import channel_options
+from splitwise.rpc.options import channel_options
 
 SERVER = """
 import asyncio, sys

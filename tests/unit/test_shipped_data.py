@@ -5,21 +5,21 @@ import re
 import tomllib
 from pathlib import Path
 
-from bench.replay import load_trace, trace_path
+from splitwise.replay import load_trace, trace_path
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTSIDE_THE_REPOSITORY = re.compile(r"\.\./shared|[\"']shared[\"']\s*/|parents\[\d\]\s*/\s*[\"']shared")
 
 
-def test_the_azure_traces_ship_in_the_bench_package_whole_with_their_source_and_licence():
-    bench = ROOT / "bench"
+def test_the_azure_traces_ship_in_the_splitwise_package_whole_with_their_source_and_licence():
+    package = ROOT / "splitwise"
     assert {trace: len(load_trace(trace)) for trace in ("code", "conv")} == {"code": 8819, "conv": 19366}
     for trace in ("code", "conv"):
-        assert trace_path(trace).resolve().is_relative_to(bench), trace_path(trace)
+        assert trace_path(trace).resolve().is_relative_to(package), trace_path(trace)
     readme = (trace_path("conv").parent / "README.md").read_text()
     assert "CC-BY 4.0" in readme and "github.com/Azure/AzurePublicDataset" in readme
-    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["bench"]
-    shipped = {path for pattern in package_data for path in bench.glob(pattern)}
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["splitwise"]
+    shipped = {path for pattern in package_data for path in package.glob(pattern)}
     assert {trace_path("code"), trace_path("conv"), trace_path("conv").parent / "README.md"} <= shipped
 
 

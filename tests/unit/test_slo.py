@@ -1,4 +1,4 @@
-"""bench/slo.py and bench/slo_plots.py: percentiles, idle baselines, slowdowns, the paper's nine SLOs and goodput, on hand-made latencies."""
+"""splitwise/slo.py and bench/slo_plots.py: percentiles, idle baselines, slowdowns, the paper's nine SLOs and goodput, on hand-made latencies."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.slo import (PAPER_SLOS, IdleBaseline, RequestResult, format_report, goodput, percentile, read_csv,
+from splitwise.slo import (PAPER_SLOS, IdleBaseline, RequestResult, format_report, goodput, percentile, read_csv,
                        slo_attainment, slowdowns, summarize, write_csv)
 from bench.slo_plots import plot_goodput, plot_latency_cdfs
 

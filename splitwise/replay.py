@@ -29,7 +29,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-from bench.slo import IdleBaseline, RequestResult, format_report, slo_attainment, summarize, write_csv
+from splitwise.slo import IdleBaseline, RequestResult, format_report, slo_attainment, summarize, write_csv
 from splitwise.client import SplitwiseClient
 from splitwise.security.keys import API_KEY_FILE, configured_key
 
@@ -48,7 +48,7 @@ class TraceRequest:
 
 
 def trace_path(trace: str) -> Path:
-    """`conv` / `code` (the Azure 2023 traces shipped in bench/data), or a CSV path."""
+    """`conv` / `code` (the Azure 2023 traces shipped in splitwise/data), or a CSV path."""
     path = Path(trace)
     if path.suffix == ".csv" or path.exists():
         return path
