@@ -12,8 +12,8 @@ from splitwise.config import cache_dir_of, default_worker_id, resolve_device
 from splitwise.engine.llm_engine import Engine, EngineConfig, StepRecord
 from splitwise.engine.mock_runner import MockModelRunner
 from splitwise.kv.layout import KVLayout
-from splitwise.kv.staging import remove_stale_segments
-from splitwise.kv.transport import WorkerTransports
+from splitwise.kv.transport.shm import remove_stale_segments
+from splitwise.kv.transport.registry import WorkerTransports
 from splitwise.model.mock import is_mock, load_mock_model, served_model_name
 from splitwise.model.weights import load_model
 from splitwise.security.keys import load_cluster_key

@@ -21,7 +21,7 @@ def mooncake_missing() -> str:
     """'' when the Mooncake Transfer Engine loads here, as the workers load it; else why not, and the fix."""
     if importlib.util.find_spec("mooncake") is None:
         return f"{MOONCAKE_MISSING_PREFIX}: mooncake-transfer-engine is not installed (pip install -e '.[rdma]')"
-    from splitwise.kv.mooncake import MooncakeUnavailable, _transfer_engine_class
+    from splitwise.kv.transport.mooncake import MooncakeUnavailable, _transfer_engine_class
 
     try:
         _transfer_engine_class()

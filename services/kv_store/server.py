@@ -12,6 +12,7 @@ import grpc
 import redis.asyncio as redis
 
 from splitwise.cluster.kv_index import KVIndex
+from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 from splitwise.telemetry.tracing import record_error, rpc_span
 
@@ -140,6 +141,8 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             if self.transfers.get(transfer.request_id) is not transfer:
                 raise TransferRefused(grpc.StatusCode.ABORTED, "the KV transfer was deleted or replaced meanwhile")
             kind = msg.WhichOneof("kind")
+            if kind == "abort":
+                raise TransferRefused(convert.status_code(msg.abort.code), f"the sender gave up: {msg.abort.reason}")
             if kind not in ("chunk", "commit"):
                 raise TransferRefused(grpc.StatusCode.INVALID_ARGUMENT, "a KV transfer has one header, at its start")
             size = msg.ByteSize()

@@ -14,12 +14,14 @@ from splitwise.engine.block_manager import KVCapacityError
 from splitwise.engine.llm_engine import Engine
 from splitwise.engine.request_handle import Finished, RequestFailed, RequestHandle
 from splitwise.engine.sequence import Sequence
-from splitwise.kv.staging import StagedLayout
-from splitwise.kv.transfer import KVSender, KVTransferError
-from splitwise.kv.transport import WorkerTransports
+from splitwise.kv.transport.base import KVTransferError
+from splitwise.kv.transport.registry import WorkerTransports
+from splitwise.kv.transport.sender import KVSender
+from splitwise.kv.transport.staged import StagedLayout
 from splitwise.kv.layout import KVLayout
 from splitwise.rpc import convert
 from splitwise.rpc.errors import capacity_status, engine_status
+from splitwise.rpc.kv_stream import kv_stream
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
 from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span, tracer
 
@@ -90,15 +92,15 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         if target.kind != worker_pb2.KVTarget.KIND_KV_STORE and target.HasField("offer"):
             writer = self.transports.writer(convert.offer_from_pb(target.offer),
                                             StagedLayout(self.layout, len(ids)).total_bytes)
-        sender = KVSender(self.channels.get(target.address), target.kind, rid, self.layout, ids,
+        sender = KVSender(*kv_stream(self.channels.get(target.address), target.kind), rid, self.layout, ids,
                           self.kv_chunk_bytes, self.kv_progress_timeout_s, writer,
                           layerwise=target.layerwise or not target.HasField("layout"))
         keeper = None
         on_layer_kv = sender.on_layer_kv
         if request.HasField("kv_keep") and request.kv_keep.address:
             # Serialized: the layers are only copied during the prefill and encoded after it, off its path.
-            keeper = KVSender(self.channels.get(request.kv_keep.address), worker_pb2.KVTarget.KIND_KV_STORE, rid,
-                              self.layout, ids, self.kv_chunk_bytes, self.kv_progress_timeout_s, layerwise=False,
+            keeper = KVSender(*kv_stream(self.channels.get(request.kv_keep.address), worker_pb2.KVTarget.KIND_KV_STORE),
+                              rid, self.layout, ids, self.kv_chunk_bytes, self.kv_progress_timeout_s, layerwise=False,
                               span_name="kv_transfer.keep")
             on_layer_kv = _both(sender.on_layer_kv, keeper.on_layer_kv)
         submitted_ns = time.time_ns()

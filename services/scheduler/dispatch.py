@@ -25,7 +25,7 @@ from splitwise.cluster.kv_index import KVIndex
 from splitwise.cluster.registry import WorkerInfo
 from splitwise.cluster.routing import NoWorkerAvailable
 from splitwise.engine.sampling import SamplingParams
-from splitwise.kv.transport import GRPC, choose_transport
+from splitwise.kv.transport.registry import GRPC, choose_transport
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from splitwise.telemetry import metrics

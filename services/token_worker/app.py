@@ -39,6 +39,7 @@ class TokenWorker:
         await drain(self.servicer.engine, grace_s, self.servicer.receivers)
         await self.service.stop(1.0)
         await self.channels.close()
+        self.servicer.transports.close()  # pooled staging segments go
         self.servicer.engine.stop()
 
 

@@ -17,9 +17,10 @@ from splitwise.engine.request_handle import Finished, RequestFailed, RequestHand
 from splitwise.engine.sampling import SampledToken
 from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import KVIntegrityError
-from splitwise.kv.staging import StagedLayout
-from splitwise.kv.transfer import KVReceiver, KVTransferError
-from splitwise.kv.transport import TransferState, WorkerTransports
+from splitwise.kv.transport.base import KVTransferError, TransferState
+from splitwise.kv.transport.receiver import KVReceiver
+from splitwise.kv.transport.registry import WorkerTransports
+from splitwise.kv.transport.staged import StagedLayout
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.rpc import convert
 from splitwise.rpc.errors import capacity_status, engine_status, transfer_status
@@ -115,7 +116,7 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                 receiver = self.receivers[rid] = KVReceiver(
                     lambda layer, start, k, v: self.engine.write_kv(handle, layer, start, k, v),
                     self.layout, ids, owner=handle, staging=staging)
-                offer = convert.offer_to_pb(self.transports.offer(staging))
+                offer = convert.offer_to_pb(receiver.offer())
             yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
                 layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids), offer=offer))
             if not request.prefill_here:
@@ -138,7 +139,7 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                     self.engine.resume_decoding(handle, output, prompt_kv_arrived=False)
                     yield worker_pb2.DecodeEvent(kv_fallback=worker_pb2.KVFallback(reason=str(e)))
                 else:
-                    receiver.close()  # the KV is in its blocks now: the staging buffer goes at once
+                    receiver.close()  # the KV is in its blocks now: the staging buffer goes back at once
                     if output:  # resumed: recompute the tokens streamed before, then go on
                         self.engine.resume_decoding(handle, output)
                     else:
@@ -187,7 +188,7 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                         problem = f"KV transfer stalled: nothing arrived for {self.kv_progress_timeout_s}s"
                     else:
                         continue
-                    receiver.fail(KVTransferError(problem, grpc.StatusCode.DEADLINE_EXCEEDED))
+                    receiver.expire(problem)
                     if fallible:
                         span.set_attribute("kv.unavailable", problem)
                         raise KeptKVUnavailable(problem)

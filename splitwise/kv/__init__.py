@@ -1,1 +1,2 @@
-"""KV cache on the wire: layout agreement, bounded checksummed chunks, and the gRPC stream transport."""
+"""KV cache between workers: layout agreement (layout), what the KV is of (binding), bounded checksummed
+chunks (chunks), and the transfer itself behind one small interface (transport/)."""

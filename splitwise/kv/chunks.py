@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from splitwise.kv.layout import KVLayout
+from splitwise.kv.transport.staged import checksum
 
 DEFAULT_MAX_CHUNK_BYTES = 1 << 20
 
@@ -24,16 +24,12 @@ class KVChunk:
     token_count: int
     key: bytes
     value: bytes
-    crc32: int
+    xxh3: int  # transport.staged.checksum of key then value
     staged: bool = False  # the bytes are in the receiver's staging buffer, not in key and value
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-
-
-def checksum(key: bytes, value: bytes) -> int:
-    return zlib.crc32(value, zlib.crc32(key))
 
 
 def split_layer(
@@ -67,7 +63,7 @@ def decode_chunk(chunk: KVChunk, layout: KVLayout, num_tokens: int) -> tuple[tor
     expected = chunk.token_count * layout.bytes_per_token_per_layer // 2
     if len(chunk.key) != expected or len(chunk.value) != expected:
         raise KVIntegrityError(f"chunk carries {len(chunk.key)}+{len(chunk.value)} bytes, expected {expected} each")
-    if checksum(chunk.key, chunk.value) != chunk.crc32:
+    if checksum(chunk.key, chunk.value) != chunk.xxh3:
         raise KVIntegrityError(f"checksum mismatch in layer {chunk.layer} tokens [{chunk.token_start}, {end})")
     shape = (layout.num_kv_heads, chunk.token_count, layout.head_dim)
     keys, values = (

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import grpc
+
 from splitwise.cluster.registry import WorkerInfo
 from splitwise.engine.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from splitwise.kv.chunks import KVChunk
 from splitwise.kv.layout import KVLayout
-from splitwise.kv.transport import TransportOffer
+from splitwise.kv.transport.base import TransportOffer
 from splitwise.rpc.v1 import common_pb2, scheduler_pb2
+
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """A gRPC status code sent as its number; UNAVAILABLE for OK, unset or unknown numbers."""
+    for code in grpc.StatusCode:
+        if code.value[0] == value and code != grpc.StatusCode.OK:
+            return code
+    return grpc.StatusCode.UNAVAILABLE
 
 
 def sampling_from_pb(msg: common_pb2.SamplingParams) -> SamplingParams:
@@ -72,14 +83,14 @@ def chunk_to_pb(chunk: KVChunk) -> common_pb2.KVTransferMessage:
             token_count=chunk.token_count,
             key=chunk.key,
             value=chunk.value,
-            crc32=chunk.crc32,
+            xxh3=chunk.xxh3,
             staged=chunk.staged,
         )
     )
 
 
 def chunk_from_pb(msg: common_pb2.KVChunk) -> KVChunk:
-    return KVChunk(msg.layer, msg.token_start, msg.token_count, msg.key, msg.value, msg.crc32, msg.staged)
+    return KVChunk(msg.layer, msg.token_start, msg.token_count, msg.key, msg.value, msg.xxh3, msg.staged)
 
 
 def worker_to_pb(worker: WorkerInfo, now: float, pool: str = "") -> scheduler_pb2.WorkerStatus:

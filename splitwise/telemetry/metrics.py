@@ -73,7 +73,30 @@ kv_transfer_duration = _meter.create_histogram(
     description="Duration of one request's KV transfer, from its first layer to its commit",
 )
 kv_transfers = _meter.create_counter(
-    "splitwise.kv.transfers", unit="{transfer}", description="KV transfers, by direction, transport and outcome (ok, failed)",
+    "splitwise.kv.transfers", unit="{transfer}",
+    description="KV transfers, by direction, transport and outcome (ok, failed, expired, cancelled)",
+)
+kv_transport_failures = _meter.create_counter(
+    "splitwise.kv.transport.failures", unit="{transfer}",
+    description="KV transfers that failed in the transport (a refused, broken, corrupt or stalled stream or write)",
+)
+kv_leases_expired = _meter.create_counter(
+    "splitwise.kv.leases.expired", unit="{transfer}",
+    description="KV reservations whose lease ran out: their KV did not start arriving, or stalled, in time",
+)
+kv_messages_per_transfer = _meter.create_histogram(
+    "splitwise.kv.transfer.messages", unit="{message}", explicit_bucket_boundaries_advisory=(
+        1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+    description="Messages (or staged descriptors) carrying KV in one transfer",
+)
+kv_bytes_per_message = _meter.create_histogram(
+    "splitwise.kv.transfer.message.size", unit="By", explicit_bucket_boundaries_advisory=tuple(
+        4096 * 4 ** i for i in range(9)),
+    description="KV bytes per message or staged descriptor of a transfer",
+)
+kv_cpu_seconds = _meter.create_histogram(
+    "splitwise.kv.transfer.cpu", unit="s", explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
+    description="CPU one side spent on a transfer's bytes (copies, checksums, the write into KV blocks)",
 )
 
 # Gauges are read when Prometheus scrapes: each service registers a source that reports its state then.

@@ -23,7 +23,7 @@ import redis.asyncio as redis
 
 from splitwise.client import SplitwiseClient, build_request
 from splitwise.cluster.kv_index import KVIndex
-from splitwise.kv.staging import SHM_DIR
+from splitwise.kv.transport.shm import SHM_DIR
 from splitwise.model.weights import resolve_model
 from splitwise.rpc.v1 import scheduler_pb2_grpc
 from tests.security import public_channel
@@ -139,9 +139,13 @@ async def scheduler_outcomes(cluster) -> Counter:
     return Counter({name[len(prefix):-1]: int(value) for name, value in samples.items() if name.startswith(prefix)})
 
 
-def staging_segments() -> list[str]:
-    """This process's KV staging segments in /dev/shm (every service of the test runs in it)."""
-    return sorted(p.name for p in SHM_DIR.glob(f"splitwise-kv-{os.getpid()}-*"))
+def staging_segments(cluster) -> list[str]:
+    """This process's KV staging segments in /dev/shm (every service of the test runs in it) that a request
+    holds: not those the workers' pools keep for their next request."""
+    workers = [w for w in (cluster.prompt_worker, cluster.token_worker) if w is not None]
+    pooled = {name for worker in workers for backend in worker.servicer.transports.backends.values()
+              if hasattr(backend, "pool") for name in backend.pool.free_names}
+    return sorted(p.name for p in SHM_DIR.glob(f"splitwise-kv-{os.getpid()}-*") if p.name not in pooled)
 
 
 def rpc_handlers_running() -> Counter:
@@ -162,7 +166,7 @@ def held_by_services(cluster) -> list[str]:
         held.append(f"token worker: {len(token.receivers)} KV receivers, e.g. {sorted(token.receivers)[:3]}")
     if prompt.keeping:
         held.append(f"prompt worker: {len(prompt.keeping)} KV copies still on their way to the kv_store")
-    if segments := staging_segments():
+    if segments := staging_segments(cluster):
         held.append(f"{len(segments)} staging segments in {SHM_DIR}, e.g. {segments[:3]}")
     if scheduler.requests_in_flight:
         held.append(f"scheduler: {scheduler.requests_in_flight} requests in flight")

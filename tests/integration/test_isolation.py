@@ -8,7 +8,7 @@ import torch
 
 from splitwise.client import SplitwiseClient
 from splitwise.engine.request_handle import RequestHandle
-from splitwise.kv.transfer import KVSender
+from splitwise.kv.transport.sender import KVSender
 from tests.integration.cluster import assert_no_kv_held, local_cluster, wait_for_workers
 from tests.reference import hf_greedy
 

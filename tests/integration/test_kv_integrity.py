@@ -6,12 +6,13 @@ import grpc
 import pytest
 
 from splitwise.client import SplitwiseClient
-from splitwise.kv.transfer import KVSender, KVTransferError
+from splitwise.kv.transport.base import KVTransferError
+from splitwise.kv.transport.sender import KVSender
 from tests.integration.cluster import assert_no_kv_held, local_cluster
 from tests.prerequisites import needs_mooncake
 from tests.traces import wait_for_whole_trace
 
-TRANSPORTS = ["grpc", "shm", pytest.param("mooncake", marks=needs_mooncake())]
+TRANSPORTS = ["grpc", "shm", "fake", pytest.param("mooncake", marks=needs_mooncake())]
 
 
 @pytest.fixture(scope="module", params=TRANSPORTS)

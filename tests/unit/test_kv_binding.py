@@ -8,7 +8,7 @@ import torch
 from splitwise.kv.binding import KVBindingMismatch, kv_hash
 from splitwise.kv.chunks import KVIntegrityError, split_layer
 from splitwise.kv.layout import KVLayout
-from splitwise.kv.transfer import KVReceiver
+from splitwise.kv.transport.receiver import KVReceiver
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2
 

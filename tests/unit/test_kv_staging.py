@@ -1,17 +1,29 @@
-"""The staging buffer: where each layer's bytes go, their checksum, and a segment that closes under a writer."""
+"""The staged transports: where each layer's bytes go, their checksum, the receiver's segment pool, and a segment
+that closes under a writer."""
 
 import subprocess
 import sys
 import threading
 
+import pytest
 import torch
 
 from splitwise.kv.layout import KVLayout
-from splitwise.kv.staging import (SHM_DIR, SharedSegment, ShmStaging, ShmWriter, StagedLayout, byte_view,
-                                  region_checksum, remove_stale_segments, stage_layer)
-from splitwise.kv.transport import GRPC, MOONCAKE, SHM, choose_transport, parse_transports
+from splitwise.kv.transport.base import TransferState
+from splitwise.kv.transport.fake import FakeBackend
+from splitwise.kv.transport.registry import GRPC, TRANSPORTS, choose_transport, parse_transports
+from splitwise.kv.transport.shm import (SHM_DIR, SegmentPool, SharedSegment, ShmBackend, host_id,
+                                        remove_stale_segments, segment_size)
+from splitwise.kv.transport.staged import StagedLayout, byte_view, region_checksum, stage_layer
 
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=4, dtype="float32", model_fingerprint="m")
+
+
+@pytest.fixture
+def shm():
+    backend = ShmBackend(host_id())
+    yield backend
+    backend.close()
 
 
 def test_a_layers_token_range_is_two_contiguous_ranges_keys_then_values():
@@ -22,26 +34,30 @@ def test_a_layers_token_range_is_two_contiguous_ranges_keys_then_values():
     assert (k_off, v_off, length, v_length) == (1 * 20 * row + 4 * row, 1 * 20 * row + 10 * row + 4 * row, 3 * row, 3 * row)
 
 
-def test_what_the_sender_stages_the_receiver_reads_back_with_the_same_checksum():
+@pytest.mark.parametrize("backend_name", ["shm", "fake"])
+def test_what_the_sender_stages_the_receiver_reads_back_with_the_same_checksum(backend_name):
+    backend = ShmBackend(host_id()) if backend_name == "shm" else FakeBackend("")
     staged = StagedLayout(LAYOUT, num_tokens=10)
-    staging = ShmStaging(staged.total_bytes)
-    writer = ShmWriter(staging.name, staged.total_bytes)
+    staging = backend.staging(staged.total_bytes)
+    writer = backend.writer(staging.offer(), staged.total_bytes)
     keys, values = torch.randn(2, 6, 4), torch.randn(2, 6, 4)  # [kv_heads, tokens, head_dim]
-    crc = stage_layer(writer.buffer, staged, 2, 4, keys, values)
+    digest = stage_layer(writer.buffer, staged, 2, 4, keys, values)
     (k_off, length), (v_off, _) = staged.ranges(2, 4, 6)
-    assert region_checksum(staging.tensor, k_off, v_off, length) == crc
+    assert region_checksum(staging.tensor, k_off, v_off, length) == digest
     assert torch.equal(byte_view(staging.tensor, k_off, length, LAYOUT), keys.transpose(0, 1))
     assert torch.equal(byte_view(staging.tensor, v_off, length, LAYOUT), values.transpose(0, 1))
     staging.tensor[k_off] ^= 1  # one flipped bit
-    assert region_checksum(staging.tensor, k_off, v_off, length) != crc
+    assert region_checksum(staging.tensor, k_off, v_off, length) != digest
     writer.close()
     staging.close()
+    backend.close()
 
 
-def test_closing_the_segments_while_a_thread_still_stages_layers_does_not_crash():
+def test_closing_the_segment_while_a_thread_still_stages_layers_does_not_crash(shm):
     staged = StagedLayout(LAYOUT, num_tokens=4096)
-    staging = ShmStaging(staged.total_bytes)
-    writer = ShmWriter(staging.name, staged.total_bytes)
+    staging = shm.staging(staged.total_bytes)
+    path = staging.segment.path
+    writer = shm.writer(staging.offer(), staged.total_bytes)
     keys, values = torch.randn(2, 4096, 4), torch.randn(2, 4096, 4)
     buffer = writer.buffer  # what an encoding thread holds while the request is cancelled
     started, stop = threading.Event(), threading.Event()
@@ -55,20 +71,68 @@ def test_closing_the_segments_while_a_thread_still_stages_layers_does_not_crash(
     thread.start()
     started.wait(10)
     writer.close()
-    staging.close()
+    staging.close()  # not clean: the sender may still write, so the segment is unlinked, never pooled
+    shm.close()
     stage_layer(buffer, staged, 1, 0, keys, values)  # still mapped for whoever holds a view
     stop.set()
     thread.join(10)
-    assert not staging.segment.path.exists()
+    assert not path.exists() and shm.pool.free_names == []
+
+
+def test_a_segment_serves_the_next_request_only_after_a_clean_commit(shm):
+    size = StagedLayout(LAYOUT, num_tokens=100).total_bytes
+    first = shm.staging(size)
+    name = first.segment.name
+    first.close(clean=True)
+    assert shm.pool.free_names == [name]
+    second = shm.staging(size)
+    assert second.segment.name == name and shm.pool.reused == 1
+    second.close(clean=False)  # a cancelled transfer: its sender may still be writing into it
+    assert shm.pool.free_names == [] and not (SHM_DIR / name).exists()
+    third = shm.staging(size)
+    assert third.segment.name != name and shm.pool.created == 2
+    third.close(clean=True)
+
+
+def test_the_pool_keeps_at_most_its_byte_limit_of_free_segments():
+    pool = SegmentPool(max_free_bytes=segment_size(1))
+    a, b = pool.take(10), pool.take(10)
+    pool.give_back(a)
+    pool.give_back(b)  # over the limit: unlinked instead of kept
+    assert pool.free_names == [a.name] and not b.path.exists() and a.path.exists()
+    assert segment_size(1) == 1 << 20 and segment_size((1 << 20) + 1) == 2 << 20
+    pool.close()
+    assert not a.path.exists()
+
+
+def test_the_sender_refuses_an_offer_it_cannot_use(shm):
+    staging = shm.staging(4096)
+    offer = staging.offer()
+    with pytest.raises(ValueError, match="another host"):
+        ShmBackend("another-host").writer(offer, 4096)
+    with pytest.raises(ValueError, match="holds"):
+        shm.writer(offer, offer.buffer_bytes + 1)
+    staging.close()
+
+
+def test_transfer_states_are_ordered_and_a_failure_is_below_every_live_state():
+    assert TransferState.FAILED < TransferState.WAITING < TransferState.TRANSFERRING < TransferState.DONE
+    assert min(TransferState.DONE, TransferState.TRANSFERRING) is TransferState.TRANSFERRING
+    assert min(TransferState.WAITING, TransferState.FAILED) is TransferState.FAILED
 
 
 def test_transport_choice_prefers_shared_memory_on_one_host_then_mooncake_then_grpc():
+    assert TRANSPORTS == ("shm", "fake", "mooncake", GRPC)
     everything = parse_transports("shm,mooncake")
-    assert everything == (SHM, MOONCAKE, GRPC)
-    assert choose_transport(everything, "host-a", everything, "host-a") == SHM
-    assert choose_transport(everything, "host-a", everything, "host-b") == MOONCAKE
-    assert choose_transport(everything, "", everything, "") == MOONCAKE  # unknown hosts never share memory
+    assert everything == ("shm", "mooncake", GRPC)
+    assert choose_transport(everything, "host-a", everything, "host-a") == "shm"
+    assert choose_transport(everything, "host-a", everything, "host-b") == "mooncake"
+    assert choose_transport(everything, "", everything, "") == "mooncake"  # unknown hosts never share memory
     assert choose_transport((GRPC,), "host-a", everything, "host-a") == GRPC
+    assert choose_transport(("fake", GRPC), "p", ("fake", GRPC), "p") == "fake"
+    assert choose_transport(("fake", GRPC), "p", ("fake", GRPC), "q") == GRPC
+    with pytest.raises(ValueError, match="unknown KV transports"):
+        parse_transports("shm,rdma")
 
 
 def test_segments_of_dead_processes_are_removed_and_live_ones_kept():

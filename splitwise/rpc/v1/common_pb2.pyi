@@ -66,14 +66,24 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class KVTransferMessage(_message.Message):
-    __slots__ = ("header", "chunk", "commit")
+    __slots__ = ("header", "chunk", "commit", "abort")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
     header: KVHeader
     chunk: KVChunk
     commit: KVCommit
-    def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., chunk: _Optional[_Union[KVChunk, _Mapping]] = ..., commit: _Optional[_Union[KVCommit, _Mapping]] = ...) -> None: ...
+    abort: KVAbort
+    def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., chunk: _Optional[_Union[KVChunk, _Mapping]] = ..., commit: _Optional[_Union[KVCommit, _Mapping]] = ..., abort: _Optional[_Union[KVAbort, _Mapping]] = ...) -> None: ...
+
+class KVAbort(_message.Message):
+    __slots__ = ("reason", "code")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    code: int
+    def __init__(self, reason: _Optional[str] = ..., code: _Optional[int] = ...) -> None: ...
 
 class KVHeader(_message.Message):
     __slots__ = ("request_id", "layout", "num_tokens", "transport", "kv_hash")
@@ -90,22 +100,22 @@ class KVHeader(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., transport: _Optional[str] = ..., kv_hash: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("layer", "token_start", "token_count", "key", "value", "crc32", "staged")
+    __slots__ = ("layer", "token_start", "token_count", "key", "value", "xxh3", "staged")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    XXH3_FIELD_NUMBER: _ClassVar[int]
     STAGED_FIELD_NUMBER: _ClassVar[int]
     layer: int
     token_start: int
     token_count: int
     key: bytes
     value: bytes
-    crc32: int
+    xxh3: int
     staged: bool
-    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., crc32: _Optional[int] = ..., staged: _Optional[bool] = ...) -> None: ...
+    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., xxh3: _Optional[int] = ..., staged: _Optional[bool] = ...) -> None: ...
 
 class KVTransportOffer(_message.Message):
     __slots__ = ("transport", "host_id", "shm_name", "mooncake_session", "buffer_address", "buffer_bytes")

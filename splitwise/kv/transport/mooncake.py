@@ -10,6 +10,8 @@ import logging
 
 import torch
 
+from splitwise.kv.transport.base import TransportOffer
+
 log = logging.getLogger(__name__)
 
 
@@ -77,12 +79,13 @@ class MooncakeStaging:
         self.tensor = self.registered.tensor
         self.session = engine.session
 
-    @property
-    def address(self) -> int:
-        return self.registered.address
+    def offer(self) -> TransportOffer:
+        return TransportOffer("mooncake", mooncake_session=self.session, buffer_address=self.registered.address,
+                              buffer_bytes=self.registered.size)
 
-    def close(self) -> None:
+    def close(self, clean: bool = False) -> None:
         self.registered.close()
+        self.tensor = None
 
 
 class MooncakeWriter:
@@ -103,3 +106,26 @@ class MooncakeWriter:
 
     def close(self) -> None:
         self.local.close()
+        self.buffer = None
+
+
+class MooncakeBackend:
+    name = "mooncake"
+    rank = 2
+    needs_same_host = False
+
+    def __init__(self, advertise_host: str, protocol: str = "tcp"):
+        self.engine = MooncakeEngine(advertise_host, protocol)
+        log.warning("KV transport mooncake: its transfer engine listens on every interface and authenticates no peer, "
+                    "whatever --listen says (README: Security); offer it only on a trusted network")
+
+    def staging(self, size: int) -> MooncakeStaging:
+        return MooncakeStaging(self.engine, size)
+
+    def writer(self, offer: TransportOffer, size: int) -> MooncakeWriter:
+        if offer.buffer_bytes < size:
+            raise ValueError(f"the receiver's buffer holds {offer.buffer_bytes} bytes, the KV {size}")
+        return MooncakeWriter(self.engine, offer.mooncake_session, offer.buffer_address, size)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,42 @@
+"""The KV control stream at the rpc edge: the gRPC calls a KVSender streams through, and their failures as
+KVTransferError, so that `splitwise.kv` itself never builds a stub."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+import grpc
+
+from splitwise.kv.transport.base import KVTransferError
+from splitwise.kv.transport.sender import OpenStream
+from splitwise.rpc.v1 import common_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+
+def transfer_error(e: grpc.aio.AioRpcError) -> KVTransferError:
+    """The receiver's status, as the sender reports it."""
+    code = e.code()
+    if code == grpc.StatusCode.INTERNAL and "Internal error from Core" in (e.details() or ""):
+        # grpcio's asyncio client says so when a stream write fails as the peer goes away (grpc/grpc#36066):
+        # for the scheduler that is an unreachable receiver.
+        code = grpc.StatusCode.UNAVAILABLE
+    return KVTransferError(f"KV transfer failed: {code.name}: {e.details()}", code)
+
+
+def kv_stream(channel: grpc.aio.Channel, target_kind: int) -> tuple[OpenStream, str]:
+    """(how to open the target's stream, its name), as KVSender takes them: a token worker's PushKV, or the
+    kv_store relay's Put."""
+    if target_kind == worker_pb2.KVTarget.KIND_KV_STORE:
+        target, method = "kv_store", kv_store_pb2_grpc.KVStoreStub(channel).Put
+    else:
+        target, method = "token_worker", worker_pb2_grpc.TokenWorkerStub(channel).PushKV
+
+    async def open_stream(messages: AsyncIterator[common_pb2.KVTransferMessage]):
+        call = method(messages)  # no deadline: the sender watches progress instead
+        try:
+            return await call
+        except grpc.aio.AioRpcError as e:
+            raise transfer_error(e) from e
+        finally:
+            call.cancel()  # a no-op once the call ended; ends the stream when the sender gave up on it
+
+    return open_stream, target
