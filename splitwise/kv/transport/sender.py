@@ -211,11 +211,9 @@ class KVSender:
             self._error = KVTransferError(f"KV transfer stalled: the {self.transport} write of layer {encoded.layer} "
                                           f"did not return within {self.progress_timeout_s}s",
                                           grpc.StatusCode.DEADLINE_EXCEEDED)
-        elif isinstance(flush.exception(), (ConnectionError, OSError)):
+        elif flush.exception() is not None:  # whatever the backend raised, this layer did not land
             self._error = KVTransferError(f"KV transfer failed: {self.transport} write of layer "
                                           f"{encoded.layer}: {flush.exception()}")
-        else:
-            flush.result()
 
     def _commit_message(self, first: SampledToken) -> common_pb2.KVTransferMessage:
         commit = common_pb2.KVCommit(
