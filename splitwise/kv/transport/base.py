@@ -10,6 +10,8 @@ from typing import Protocol
 import grpc
 import torch
 
+from splitwise.telemetry import metrics
+
 
 class TransferState(enum.IntEnum):
     """Ordered as SGLang's KVPoll: the least advanced of several transfers is their `min`, and a failure is below
@@ -57,6 +59,22 @@ class TransferStats:
                 "kv.bandwidth_mbps": self.num_bytes * 8 / 1e6 / max(self.seconds, 1e-9)}
 
 
+def record_transfer(direction: str, transport: str, stats: TransferStats, outcome: str) -> None:
+    """Counters and histograms of a transfer that ended; `outcome` ok, failed, expired (lease) or cancelled."""
+    attributes = {"direction": direction, "transport": transport}
+    metrics.kv_transferred.add(stats.num_bytes, attributes)
+    metrics.kv_transfers.add(1, {**attributes, "outcome": outcome})
+    if outcome == "failed":
+        metrics.kv_transport_failures.add(1, attributes)
+    elif outcome == "expired":
+        metrics.kv_leases_expired.add(1, attributes)
+    if outcome == "ok":
+        metrics.kv_transfer_duration.record(stats.seconds, attributes)
+        metrics.kv_messages_per_transfer.record(stats.num_chunks, attributes)
+        metrics.kv_bytes_per_message.record(stats.num_bytes / max(stats.num_chunks, 1), attributes)
+        metrics.kv_cpu_seconds.record(stats.cpu_seconds, attributes)
+
+
 class StagingBuffer(Protocol):
     """Receiver side of a staged transport: one request's buffer, readable as the uint8 `tensor`."""
 
@@ -90,6 +108,10 @@ class Backend(Protocol):
     name: str
     rank: int
     needs_same_host: bool  # only between workers that share memory
+
+    @classmethod
+    def start(cls, host: str, advertise_host: str, mooncake_protocol: str) -> "Backend":
+        """The backend in a worker: from its host identity, the address it advertises, its Mooncake protocol."""
 
     def staging(self, size: int) -> StagingBuffer:
         """A receiver's buffer of `size` bytes for one request (OSError or RuntimeError when it cannot have one)."""

@@ -84,6 +84,10 @@ class FakeBackend:
     def __init__(self, host: str):
         self.faults = Faults()
 
+    @classmethod
+    def start(cls, host: str, advertise_host: str, mooncake_protocol: str) -> "FakeBackend":
+        return cls(host)
+
     def staging(self, size: int) -> FakeStaging:
         if self.faults.refuse_staging:
             raise OSError("fake transport: staging refused (injected)")

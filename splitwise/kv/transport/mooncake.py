@@ -119,6 +119,10 @@ class MooncakeBackend:
         log.warning("KV transport mooncake: its transfer engine listens on every interface and authenticates no peer, "
                     "whatever --listen says (README: Security); offer it only on a trusted network")
 
+    @classmethod
+    def start(cls, host: str, advertise_host: str, mooncake_protocol: str) -> "MooncakeBackend":
+        return cls(advertise_host, mooncake_protocol)
+
     def staging(self, size: int) -> MooncakeStaging:
         return MooncakeStaging(self.engine, size)
 

@@ -22,9 +22,9 @@ from splitwise.engine.sampling import SampledToken
 from splitwise.kv.binding import KVBindingMismatch, kv_hash
 from splitwise.kv.chunks import KVChunk, KVIntegrityError, check_chunk_bounds, decode_chunk
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
-from splitwise.kv.transport.base import KVTransferError, StagingBuffer, TransferState, TransferStats, TransportOffer
+from splitwise.kv.transport.base import (KVTransferError, StagingBuffer, TransferState, TransferStats, TransportOffer,
+                                         record_transfer)
 from splitwise.kv.transport.registry import GRPC
-from splitwise.kv.transport.sender import record_transfer
 from splitwise.kv.transport.staged import StagedLayout, byte_view, region_checksum
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2

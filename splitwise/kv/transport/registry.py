@@ -10,7 +10,7 @@ tests (fake). The scheduler picks the transport per worker pair from what each w
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Sequence
 
 from splitwise.kv.transport.base import Backend, StagedWriter, StagingBuffer, TransportOffer
 from splitwise.kv.transport.fake import FakeBackend
@@ -20,23 +20,8 @@ from splitwise.kv.transport.shm import ShmBackend, host_id
 log = logging.getLogger(__name__)
 
 GRPC = "grpc"
-
-
-class _Start:
-    """How a backend starts in a worker: from its host identity, the address it advertises, its Mooncake protocol."""
-
-    def __init__(self, rank: int, needs_same_host: bool, start: Callable[[str, str, str], Backend]):
-        self.rank = rank
-        self.needs_same_host = needs_same_host
-        self.start = start
-
-
-BACKENDS: dict[str, _Start] = {
-    ShmBackend.name: _Start(ShmBackend.rank, ShmBackend.needs_same_host, lambda host, _a, _p: ShmBackend(host)),
-    FakeBackend.name: _Start(FakeBackend.rank, FakeBackend.needs_same_host, lambda host, _a, _p: FakeBackend(host)),
-    MooncakeBackend.name: _Start(MooncakeBackend.rank, MooncakeBackend.needs_same_host,
-                                 lambda _h, address, protocol: MooncakeBackend(address, protocol)),
-}
+# The staged backends, each started in a worker by its `start` (base.Backend).
+BACKENDS: dict[str, type[Backend]] = {backend.name: backend for backend in (ShmBackend, FakeBackend, MooncakeBackend)}
 TRANSPORTS = (*sorted(BACKENDS, key=lambda name: BACKENDS[name].rank), GRPC)  # fastest first
 
 
@@ -95,10 +80,6 @@ class WorkerTransports:
         except (OSError, RuntimeError) as e:
             log.warning("cannot stage %d bytes for %s (%s): the transfer goes over gRPC", size, transport, e)
             return None
-
-    @staticmethod
-    def offer(staging: StagingBuffer | None) -> TransportOffer:
-        return TransportOffer() if staging is None else staging.offer()
 
     def writer(self, offer: TransportOffer, size: int) -> StagedWriter | None:
         """The sender's side of the receiver's offer, or None when it cannot be used from here (then gRPC)."""

@@ -27,12 +27,11 @@ from splitwise.engine.sampling import SampledToken
 from splitwise.kv.binding import kv_hash
 from splitwise.kv.chunks import KVChunk, split_layer
 from splitwise.kv.layout import KVLayout
-from splitwise.kv.transport.base import KVTransferError, StagedWriter, TransferState, TransferStats
+from splitwise.kv.transport.base import KVTransferError, StagedWriter, TransferState, TransferStats, record_transfer
 from splitwise.kv.transport.registry import GRPC
 from splitwise.kv.transport.staged import StagedLayout, stage_layer
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2
-from splitwise.telemetry import metrics
 from splitwise.telemetry.tracing import record_cancelled, record_error, tracer
 
 # Opens the control stream to the receiver and resolves when the receiver acknowledged the commit; raises
@@ -40,22 +39,6 @@ from splitwise.telemetry.tracing import record_cancelled, record_error, tracer
 OpenStream = Callable[[AsyncIterator[common_pb2.KVTransferMessage]], Awaitable[object]]
 
 _DONE = object()
-
-
-def record_transfer(direction: str, transport: str, stats: TransferStats, outcome: str) -> None:
-    """Counters and histograms of a transfer that ended; `outcome` ok, failed, expired (lease) or cancelled."""
-    attributes = {"direction": direction, "transport": transport}
-    metrics.kv_transferred.add(stats.num_bytes, attributes)
-    metrics.kv_transfers.add(1, {**attributes, "outcome": outcome})
-    if outcome == "failed":
-        metrics.kv_transport_failures.add(1, attributes)
-    elif outcome == "expired":
-        metrics.kv_leases_expired.add(1, attributes)
-    if outcome == "ok":
-        metrics.kv_transfer_duration.record(stats.seconds, attributes)
-        metrics.kv_messages_per_transfer.record(stats.num_chunks, attributes)
-        metrics.kv_bytes_per_message.record(stats.num_bytes / max(stats.num_chunks, 1), attributes)
-        metrics.kv_cpu_seconds.record(stats.cpu_seconds, attributes)
 
 
 @dataclass

@@ -213,6 +213,10 @@ class ShmBackend:
         self._mappings: OrderedDict[str, SharedSegment] = OrderedDict()
         self._lock = threading.Lock()
 
+    @classmethod
+    def start(cls, host: str, advertise_host: str, mooncake_protocol: str) -> "ShmBackend":
+        return cls(host)
+
     def staging(self, size: int) -> ShmStaging:
         return ShmStaging(self.pool, self.host, size)
 
