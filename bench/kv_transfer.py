@@ -118,15 +118,14 @@ class Setup:
 
 def start_cluster(setup: Setup, run_dir: Path) -> Cluster:
     env = {"SPLITWISE_NUM_THREADS": "1", "SPLITWISE_LOG_LEVEL": "WARNING", **setup.env}
-    if setup.colocated:
-        env["SPLITWISE_TOKEN_WORKER_ROLE"] = "mixed"
-    else:
+    if not setup.colocated:
         env["SPLITWISE_KV_TRANSPORTS"] = setup.transport
         env["SPLITWISE_KV_LAYERWISE_MIN_TOKENS"] = "0" if setup.layerwise else SERIALIZED
     options = UpOptions(model=MODEL, device="cpu", run_dir=run_dir, scheduler_port=free_port(),
                         prompt_port=free_port(), token_port=free_port(), kv_store_port=free_port(),
-                        redis_port=free_port(), metrics_port=0, prompt_workers=0 if setup.colocated else 1,
-                        extra_env=env, insecure=setup.insecure)
+                        redis_port=free_port(), mixed_port=free_port(), metrics_port=0,
+                        prompt_workers=0 if setup.colocated else 1, token_workers=0 if setup.colocated else 1,
+                        mixed_workers=1 if setup.colocated else 0, extra_env=env, insecure=setup.insecure)
     cluster = Cluster(options)
     cluster.start()
     cluster.wait_healthy()
@@ -200,7 +199,7 @@ def main() -> None:
             run_dir = Path(tmp) / setup.name.replace(" ", "-")
             log(f"{setup.name}: starting a cluster...")
             cluster = start_cluster(setup, run_dir)
-            address = cluster.children[-1].address
+            address = cluster.address
             key = cluster.credentials.api_key if cluster.credentials else ""
             transport = setup.transport + (f" {PLAINTEXT}" if setup.insecure else "")
             try:

@@ -43,14 +43,16 @@ class Setup:
     name: str
     prompt_workers: int
     token_workers: int
+    mixed_workers: int = 0
     env: dict = field(default_factory=dict)
 
 
 # Colocated first: its idle baseline (each request alone on one idle worker) is every configuration's reference.
 SETUPS = [
-    Setup("colocated", 0, 2, {"SPLITWISE_TOKEN_WORKER_ROLE": "mixed"}),
-    Setup("splitwise", 1, 1, {"SPLITWISE_POOL_BORROW_PROMPT_TOKENS": "0"}),
-    Setup("splitwise+mixed", 1, 1, {"SPLITWISE_POOL_BORROW_PROMPT_TOKENS": "512", "SPLITWISE_POOL_COOLDOWN_S": "1"}),
+    Setup("colocated", 0, 0, 2),
+    Setup("splitwise", 1, 1, env={"SPLITWISE_POOL_BORROW_PROMPT_TOKENS": "0"}),
+    Setup("splitwise+mixed", 1, 1,
+          env={"SPLITWISE_POOL_BORROW_PROMPT_TOKENS": "512", "SPLITWISE_POOL_COOLDOWN_S": "1"}),
 ]
 
 
@@ -62,8 +64,9 @@ def start(setup: Setup, args, run_dir: Path) -> Cluster:
     base_port = args.base_port
     options = UpOptions(
         model=args.model, device="cpu", run_dir=run_dir, scheduler_port=base_port, prompt_port=base_port + 10,
-        token_port=base_port + 20, kv_store_port=base_port + 30, redis_port=base_port + 40, metrics_port=0,
-        prompt_workers=setup.prompt_workers, token_workers=setup.token_workers, startup_timeout_s=600,
+        token_port=base_port + 20, kv_store_port=base_port + 30, redis_port=base_port + 40,
+        mixed_port=base_port + 50, metrics_port=0, prompt_workers=setup.prompt_workers,
+        token_workers=setup.token_workers, mixed_workers=setup.mixed_workers, startup_timeout_s=600,
         pin_workers=args.pin, extra_env={"SPLITWISE_NUM_THREADS": "1", "SPLITWISE_LOG_LEVEL": "WARNING",
                                          "SPLITWISE_KV_KEEP": str(args.kv_keep).lower(), **setup.env})
     cluster = Cluster(options)
@@ -79,7 +82,7 @@ def engine_steps(cluster: Cluster) -> dict[str, dict[str, float]]:
     """Each worker's engine steps so far, from its metrics endpoint: count, seconds and tokens by phase."""
     found = {}
     for child in cluster.children:
-        if not child.name.startswith(("prompt_worker", "token_worker")):
+        if not child.name.startswith(("prompt_worker", "token_worker", "mixed_worker")):
             continue
         text = urllib.request.urlopen(f"http://{child.metrics_address}/metrics", timeout=10).read().decode()
         steps = {f"{phase}_{what}": 0.0 for phase in ("prefill", "decode") for what in ("steps", "s", "tokens")}
