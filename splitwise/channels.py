@@ -63,6 +63,9 @@ class TracedStream:
     def details(self):
         return self.call.details()
 
+    def trailing_metadata(self):
+        return self.call.trailing_metadata()
+
     def done(self) -> bool:
         return self.call.done()
 

@@ -20,7 +20,7 @@ from splitwise.kv.transport.sender import KVSender
 from splitwise.kv.transport.staged import StagedLayout
 from splitwise.kv.layout import KVLayout
 from splitwise.rpc import convert
-from splitwise.rpc.errors import capacity_status, engine_status
+from splitwise.rpc.errors import abort_transfer, capacity_status, engine_status
 from splitwise.rpc.kv_stream import kv_stream
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
 from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span, tracer
@@ -128,8 +128,9 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             if isinstance(event, Finished):  # aborted before its first token
                 failed = send_task.done() and not send_task.cancelled() and send_task.exception()
                 record_error(span, failed or "aborted")
-                code = failed.code if isinstance(failed, KVTransferError) else grpc.StatusCode.ABORTED
-                await context.abort(code, str(failed or "prefill aborted"))
+                if isinstance(failed, KVTransferError):
+                    await abort_transfer(context, failed)
+                await context.abort(grpc.StatusCode.ABORTED, str(failed or "prefill aborted"))
             self._record_compute_spans(submitted_ns, handle.seq)
             sender.commit(event)
             if keeper is not None:
@@ -149,7 +150,7 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             ))
         except KVTransferError as e:
             record_error(span, e)
-            await context.abort(e.code, str(e))
+            await abort_transfer(context, e)
         except asyncio.CancelledError:
             record_cancelled(span, "scheduler")
             raise

@@ -130,12 +130,12 @@ class Dispatcher:
                 last_failure = e
                 if kept_kv_missing:  # the worker is fine, the kept KV is not: recompute the prompt instead
                     progress.kv_kept_as = None
-                else:  # gone, or full for now: this request goes elsewhere
-                    avoided.add(e.worker.worker_id)
+                else:  # gone, or full for now, or at fault for a failed transfer: this request goes elsewhere
+                    avoided.add(e.culprit.worker_id)
                 kind = "resume" if output.completion_tokens else "retry"
                 kv = "kv_store" if kind == "resume" and progress.kv_kept_as else "recompute"
-                span.add_event(kind, {"worker": e.worker.worker_id, "error": str(e), "attempt": attempt,
-                                      "output.tokens": output.completion_tokens, "kv": kv})
+                span.add_event(kind, {"worker": e.worker.worker_id, "avoided": e.culprit.worker_id, "error": str(e),
+                                      "attempt": attempt, "output.tokens": output.completion_tokens, "kv": kv})
                 if kind == "retry":  # (a resume is counted once the token worker says where its KV comes from)
                     metrics.recoveries.add(1, {"kind": kind, "kv": kv})
                 log.warning("request %s: %s; %s", rid, e,

@@ -7,6 +7,8 @@ import asyncio
 import grpc
 
 from splitwise.cluster.registry import WorkerInfo
+from splitwise.rpc.errors import failure_detail
+from splitwise.rpc.v1 import common_pb2
 
 # When one side of a KV transfer reports it broken, how long the other side's stream has to say why: a prompt
 # worker that died, or a token worker that refused the KV (a checksum, a layout) or went away.
@@ -14,9 +16,11 @@ SENDER_FAILURE_GRACE_S = 1.0
 
 
 class WorkerFailed(Exception):
-    """A worker call failed; `code` is the status the client gets."""
+    """A worker call failed; `code` is the status the client gets, `detail` the kind of failure the worker named
+    (its status detail; empty when it named none), `culprit` the worker to avoid for the rest of the request."""
 
-    def __init__(self, worker: WorkerInfo, code: grpc.StatusCode, details: str):
+    def __init__(self, worker: WorkerInfo, code: grpc.StatusCode, details: str,
+                 detail: common_pb2.FailureDetail | None = None):
         if code == grpc.StatusCode.UNKNOWN:  # an exception the worker did not map: grpcio's text names its class
             code, details = grpc.StatusCode.INTERNAL, "failed unexpectedly (its log has the details)"
         elif code == grpc.StatusCode.ALREADY_EXISTS:  # the engine holds a request of this id: another replica's
@@ -24,10 +28,23 @@ class WorkerFailed(Exception):
         super().__init__(f"{worker.role} worker {worker.worker_id}: {details}")
         self.worker = worker
         self.code = code
-        # The worker is up, but could not pull the request's KV from the kv_store (token workers say so).
-        self.kv_store_failed = "kv_store relay" in (details or "")
-        # The worker is up and answered, but its KV transfer broke: the receiving end knows why (prompt workers).
-        self.kv_transfer_failed = (details or "").startswith("KV transfer")
+        self.detail = detail if detail is not None else common_pb2.FailureDetail()
+        self.culprit = worker  # unless the failure is its peer's (set where both ends are known)
+
+    @property
+    def kv_transfer_failed(self) -> bool:
+        """The worker answered, but the request's KV transfer failed."""
+        return self.detail.reason == common_pb2.FailureDetail.REASON_KV_TRANSFER
+
+    @property
+    def kv_store_failed(self) -> bool:
+        """The worker is up, but the KV it was to read from the kv_store is not to be had."""
+        return self.kv_transfer_failed and self.detail.fault == common_pb2.FailureDetail.FAULT_KV_STORE
+
+    @property
+    def sender_at_fault(self) -> bool:
+        """The transfer failed for its sender's own reason: its write failed, it gave up, or it went away."""
+        return self.kv_transfer_failed and self.detail.fault == common_pb2.FailureDetail.FAULT_SENDER
 
 
 async def expect(call, who: WorkerInfo, kind: str | tuple[str, ...]):
@@ -36,7 +53,7 @@ async def expect(call, who: WorkerInfo, kind: str | tuple[str, ...]):
     try:
         msg = await call.read()
     except grpc.aio.AioRpcError as e:
-        raise WorkerFailed(who, e.code(), e.details()) from e
+        raise WorkerFailed(who, e.code(), e.details(), failure_detail(e.trailing_metadata())) from e
     if msg is grpc.aio.EOF or msg.WhichOneof("kind") not in kinds:
         got = "the end of the stream" if msg is grpc.aio.EOF else msg.WhichOneof("kind")
         raise WorkerFailed(who, grpc.StatusCode.INTERNAL, f"expected {' or '.join(kinds)}, got {got}")
@@ -51,11 +68,11 @@ async def expect_unless(call, who: WorkerInfo, kind: str, other, other_worker: W
         await asyncio.wait({read, other_ended}, return_when=asyncio.FIRST_COMPLETED)
         if read.done():
             failed = read.exception()
-            if not (isinstance(failed, WorkerFailed) and failed.kv_transfer_failed):
+            if not (isinstance(failed, WorkerFailed) and failed.kv_transfer_failed) or failed.sender_at_fault:
                 return read.result()
-            # The sender is up and says its transfer broke, often only as "the peer went away" (grpcio hides
-            # the receiver's status when a write races its abort): the receiver's own stream says why, a
-            # corrupt chunk (DATA_LOSS) or its death, and that is the failure to act on.
+            # The sender is up and says its transfer broke, not by its own fault, often only as "the peer went
+            # away" (grpcio hides the receiver's status when a write races its abort): the receiver's own stream
+            # says why, a corrupt chunk (DATA_LOSS) or its death, and that is the failure to act on.
             await asyncio.wait({other_ended}, timeout=SENDER_FAILURE_GRACE_S)
             if not other_ended.done() or other_ended.result() == grpc.StatusCode.OK:
                 raise failed
@@ -68,12 +85,18 @@ async def expect_unless(call, who: WorkerInfo, kind: str, other, other_worker: W
         read.cancel()
         await asyncio.gather(read, return_exceptions=True)
         raise
-    if read.done() and isinstance(read.exception(), WorkerFailed) and not read.exception().kv_transfer_failed:
-        raise read.exception()
+    sender_failed = read.exception() if read.done() else None
+    if isinstance(sender_failed, WorkerFailed) and (not sender_failed.kv_transfer_failed
+                                                   or sender_failed.sender_at_fault):
+        raise sender_failed
     read.cancel()
     await asyncio.gather(read, return_exceptions=True)  # the stream's reader must be idle before its end is read
     code = other_ended.result()
     details = await other.details()
+    detail = failure_detail(await other.trailing_metadata())
     if code == grpc.StatusCode.OK:
         code, details = grpc.StatusCode.INTERNAL, "the decode stream ended before the KV arrived"
-    raise WorkerFailed(other_worker, code, details)
+    failed = WorkerFailed(other_worker, code, details, detail)
+    if failed.sender_at_fault:  # the receiver saw its sender fail (it gave up, or went away): avoid the sender
+        failed.culprit = who
+    raise failed

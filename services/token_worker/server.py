@@ -17,13 +17,13 @@ from splitwise.engine.request_handle import Finished, RequestFailed, RequestHand
 from splitwise.engine.sampling import SampledToken
 from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import KVIntegrityError
-from splitwise.kv.transport.base import KVTransferError, TransferState
+from splitwise.kv.transport.base import Fault, KVTransferError, TransferState
 from splitwise.kv.transport.receiver import KVReceiver
 from splitwise.kv.transport.registry import WorkerTransports
 from splitwise.kv.transport.staged import StagedLayout
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.rpc import convert
-from splitwise.rpc.errors import capacity_status, engine_status, transfer_status
+from splitwise.rpc.errors import abort_transfer, capacity_status, engine_status
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
 from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span, tracer
 
@@ -193,13 +193,13 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                         span.set_attribute("kv.unavailable", problem)
                         raise KeptKVUnavailable(problem)
                     record_error(span, problem)
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, problem)
+                    await abort_transfer(context, KVTransferError(problem, grpc.StatusCode.DEADLINE_EXCEEDED))
                 except (KVIntegrityError, KVLayoutMismatch, KVTransferError) as e:
                     if fallible:
                         span.set_attribute("kv.unavailable", str(e))
                         raise KeptKVUnavailable(str(e)) from e
                     record_error(span, e)
-                    await context.abort(transfer_status(e), f"KV transfer failed: {e}")
+                    await abort_transfer(context, e, f"KV transfer failed: {e}")
             span.set_attributes({"kv.transport": receiver.transport, **receiver.stats.attributes()})
             return first
 
@@ -255,7 +255,8 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
             except grpc.aio.AioRpcError as e:
                 # NOT_FOUND stays so: the scheduler tells a KV that is not there from a worker that is gone.
                 code = grpc.StatusCode.NOT_FOUND if e.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
-                raise KVTransferError(f"kv_store relay: {e.code().name}: {e.details()}", code) from e
+                raise KVTransferError(f"kv_store relay: {e.code().name}: {e.details()}", code,
+                                      Fault.KV_STORE) from e
 
         try:
             await receiver.consume(messages())
@@ -280,9 +281,9 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
             stats = await receiver.consume(_chain(first, request_iterator))
         except (KVIntegrityError, KVLayoutMismatch, KVTransferError) as e:
             record_error(span, e)
-            await context.abort(transfer_status(e), str(e))
+            await abort_transfer(context, e)
         except BaseException:
-            receiver.fail(KVTransferError("the KV sender went away mid-transfer"))
+            receiver.fail(KVTransferError("the KV sender went away mid-transfer", fault=Fault.SENDER))
             raise
         span.set_attributes({"kv.transport": receiver.transport, **stats.attributes()})
         return worker_pb2.KVAck(request_id=rid, num_bytes=stats.num_bytes, num_chunks=stats.num_chunks)

@@ -7,19 +7,23 @@ from typing import AsyncIterator
 
 import grpc
 
-from splitwise.kv.transport.base import KVTransferError
+from splitwise.kv.transport.base import Fault, KVTransferError
 from splitwise.kv.transport.sender import OpenStream
+from splitwise.rpc.errors import failure_detail, fault_of
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 
 def transfer_error(e: grpc.aio.AioRpcError) -> KVTransferError:
-    """The receiver's status, as the sender reports it."""
+    """The receiver's status, as the sender reports it: at the receiver's fault (it refused the KV, or went away)
+    unless the receiver's own status detail names another end, or none."""
     code = e.code()
     if code == grpc.StatusCode.INTERNAL and "Internal error from Core" in (e.details() or ""):
         # grpcio's asyncio client says so when a stream write fails as the peer goes away (grpc/grpc#36066):
         # for the scheduler that is an unreachable receiver.
         code = grpc.StatusCode.UNAVAILABLE
-    return KVTransferError(f"KV transfer failed: {code.name}: {e.details()}", code)
+    detail = failure_detail(e.trailing_metadata())
+    fault = fault_of(detail) if detail.reason == common_pb2.FailureDetail.REASON_KV_TRANSFER else Fault.RECEIVER
+    return KVTransferError(f"KV transfer failed: {code.name}: {e.details()}", code, fault)
 
 
 def kv_stream(channel: grpc.aio.Channel, target_kind: int) -> tuple[OpenStream, str]:

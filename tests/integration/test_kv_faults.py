@@ -7,9 +7,13 @@ import asyncio
 import grpc
 import pytest
 
+from services.prompt_worker import app as prompt_app
 from splitwise.client import SplitwiseClient
+from splitwise.config import PromptWorkerConfig
 from splitwise.kv.transport.fake import Faults
-from tests.integration.cluster import assert_no_kv_held, local_cluster
+from tests import security
+from tests.integration.cluster import (METRICS_LISTEN, STEADY_REGISTRY_TTL_S, assert_no_kv_held, local_cluster,
+                                       wait_for_workers)
 from tests.integration.test_contract import scrape
 
 PROMPT = list(range(10, 60))
@@ -101,6 +105,31 @@ async def test_a_receiver_that_cannot_stage_takes_the_kv_over_the_grpc_stream(cl
     samples = await asyncio.to_thread(scrape, cluster.prompt_worker.service.metrics.address)
     assert samples["splitwise_kv_transfers_total{direction=send,outcome=ok,transport=grpc}"] >= 1
     await assert_no_kv_held(cluster)
+
+
+async def test_a_sender_whose_writes_fail_is_avoided_and_the_token_worker_is_kept(cluster, sender_faults, redis_url,
+                                                                                cache_dir):
+    """The failure names its cause in a structured status detail (the sender's fault), so the scheduler routes the
+    request again to another prompt worker and keeps the one token worker, which only saw its sender fail."""
+    expected = (await generate(cluster)).token_ids
+    second = await prompt_app.start(PromptWorkerConfig(
+        listen="127.0.0.1:0", device="cpu", model="tiny-llama", cache_dir=str(cache_dir), redis_url=redis_url,
+        metrics_listen=METRICS_LISTEN, tls_dir=str(security.tls_dir()), registry_ttl_s=STEADY_REGISTRY_TTL_S,
+        kv_transports="fake", kv_progress_timeout_s=STALL_TIMEOUT_S))
+    try:
+        await wait_for_workers(cluster, count=3)
+        before = await asyncio.to_thread(failures, cluster)
+        sender_faults.fail_at_layer = 1  # every transfer of the module's prompt worker fails
+        for _ in range(8):  # until one request was routed to the failing worker first
+            result = await generate(cluster)
+            assert result.token_ids == expected
+            if await asyncio.to_thread(failures, cluster) > before:
+                break
+        else:
+            pytest.fail("no request was routed to the failing prompt worker")
+    finally:
+        await second.stop(grace_s=1.0)
+    await assert_no_kv_held(cluster, within_s=5.0)
 
 
 async def test_after_every_fault_the_next_request_is_served(cluster):

@@ -23,12 +23,25 @@ class TransferState(enum.IntEnum):
     DONE = 3          # committed: every layer arrived and was verified
 
 
-class KVTransferError(Exception):
-    """A KV transfer that could not complete; the message says why, `code` how the receiver refused it."""
+class Fault(enum.Enum):
+    """Which end of a transfer caused its failure, as far as the end that saw it knows. The scheduler avoids the
+    worker at fault; a worker that only saw its peer fail stays usable."""
 
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE):
+    UNKNOWN = "unknown"
+    SENDER = "sender"      # its own write failed, it gave up, or it went away mid-transfer
+    RECEIVER = "receiver"  # it refused the KV, or went away
+    KV_STORE = "kv_store"  # the kv_store a worker was to read the KV from (a kept copy, or the relay)
+
+
+class KVTransferError(Exception):
+    """A KV transfer that could not complete; the message says why, `code` how the receiver refused it, `fault`
+    which end caused it."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+                 fault: Fault = Fault.UNKNOWN):
         super().__init__(message)
         self.code = code
+        self.fault = fault
 
 
 @dataclass(frozen=True)

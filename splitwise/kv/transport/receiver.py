@@ -22,8 +22,8 @@ from splitwise.engine.sampling import SampledToken
 from splitwise.kv.binding import KVBindingMismatch, kv_hash
 from splitwise.kv.chunks import KVChunk, KVIntegrityError, check_chunk_bounds, decode_chunk
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
-from splitwise.kv.transport.base import (KVTransferError, StagingBuffer, TransferState, TransferStats, TransportOffer,
-                                         record_transfer)
+from splitwise.kv.transport.base import (Fault, KVTransferError, StagingBuffer, TransferState, TransferStats,
+                                         TransportOffer, record_transfer)
 from splitwise.kv.transport.registry import GRPC
 from splitwise.kv.transport.staged import StagedLayout, byte_view, region_checksum
 from splitwise.rpc import convert
@@ -135,8 +135,8 @@ class KVReceiver:
                     return self.stats
                 elif kind == "abort":
                     raise KVTransferError(f"the sender gave up: {msg.abort.reason or 'no reason given'}",
-                                          convert.status_code(msg.abort.code))
-            raise KVTransferError("KV stream ended before its commit")
+                                          convert.status_code(msg.abort.code), Fault.SENDER)
+            raise KVTransferError("KV stream ended before its commit", fault=Fault.SENDER)
         except Exception as e:
             self.fail(e)
             raise
@@ -197,7 +197,7 @@ class KVReceiver:
         transport = header.transport or GRPC
         if transport != GRPC and (self.staging is None or self.staging.transport != transport):
             raise KVTransferError(f"the sender chose transport {transport!r}, which this reservation did not offer",
-                                  grpc.StatusCode.FAILED_PRECONDITION)
+                                  grpc.StatusCode.FAILED_PRECONDITION, Fault.SENDER)
         self.transport = transport
 
     def _check_commit(self, commit: common_pb2.KVCommit) -> None:

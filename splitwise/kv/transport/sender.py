@@ -27,7 +27,8 @@ from splitwise.engine.sampling import SampledToken
 from splitwise.kv.binding import kv_hash
 from splitwise.kv.chunks import KVChunk, split_layer
 from splitwise.kv.layout import KVLayout
-from splitwise.kv.transport.base import KVTransferError, StagedWriter, TransferState, TransferStats, record_transfer
+from splitwise.kv.transport.base import (Fault, KVTransferError, StagedWriter, TransferState, TransferStats,
+                                         record_transfer)
 from splitwise.kv.transport.registry import GRPC
 from splitwise.kv.transport.staged import StagedLayout, stage_layer
 from splitwise.rpc import convert
@@ -193,10 +194,10 @@ class KVSender:
         if not flush.done():
             self._error = KVTransferError(f"KV transfer stalled: the {self.transport} write of layer {encoded.layer} "
                                           f"did not return within {self.progress_timeout_s}s",
-                                          grpc.StatusCode.DEADLINE_EXCEEDED)
+                                          grpc.StatusCode.DEADLINE_EXCEEDED, Fault.SENDER)
         elif flush.exception() is not None:  # whatever the backend raised, this layer did not land
             self._error = KVTransferError(f"KV transfer failed: {self.transport} write of layer "
-                                          f"{encoded.layer}: {flush.exception()}")
+                                          f"{encoded.layer}: {flush.exception()}", fault=Fault.SENDER)
 
     def _commit_message(self, first: SampledToken) -> common_pb2.KVTransferMessage:
         commit = common_pb2.KVCommit(

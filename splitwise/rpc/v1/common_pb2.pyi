@@ -85,6 +85,30 @@ class KVAbort(_message.Message):
     code: int
     def __init__(self, reason: _Optional[str] = ..., code: _Optional[int] = ...) -> None: ...
 
+class FailureDetail(_message.Message):
+    __slots__ = ("reason", "fault")
+    class Reason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REASON_UNSPECIFIED: _ClassVar[FailureDetail.Reason]
+        REASON_KV_TRANSFER: _ClassVar[FailureDetail.Reason]
+    REASON_UNSPECIFIED: FailureDetail.Reason
+    REASON_KV_TRANSFER: FailureDetail.Reason
+    class Fault(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        FAULT_UNKNOWN: _ClassVar[FailureDetail.Fault]
+        FAULT_SENDER: _ClassVar[FailureDetail.Fault]
+        FAULT_RECEIVER: _ClassVar[FailureDetail.Fault]
+        FAULT_KV_STORE: _ClassVar[FailureDetail.Fault]
+    FAULT_UNKNOWN: FailureDetail.Fault
+    FAULT_SENDER: FailureDetail.Fault
+    FAULT_RECEIVER: FailureDetail.Fault
+    FAULT_KV_STORE: FailureDetail.Fault
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FAULT_FIELD_NUMBER: _ClassVar[int]
+    reason: FailureDetail.Reason
+    fault: FailureDetail.Fault
+    def __init__(self, reason: _Optional[_Union[FailureDetail.Reason, str]] = ..., fault: _Optional[_Union[FailureDetail.Fault, str]] = ...) -> None: ...
+
 class KVHeader(_message.Message):
     __slots__ = ("request_id", "layout", "num_tokens", "transport", "kv_hash")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
