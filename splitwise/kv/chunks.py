@@ -26,6 +26,7 @@ class KVChunk:
     value: bytes
     xxh3: int  # transport.staged.checksum of key then value
     staged: bool = False  # the bytes are in the receiver's staging buffer, not in key and value
+    num_layers: int = 1  # staged only: layers [layer, layer + num_layers) of the token range, one checksum
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:

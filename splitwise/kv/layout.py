@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +29,10 @@ class KVLayout:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    @property
+    @functools.cached_property
     def bytes_per_token_per_layer(self) -> int:
         """K and V of one token in one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.torch_dtype).element_size()
+        return 2 * self.num_kv_heads * self.head_dim * self.torch_dtype.itemsize
 
     def mismatch(self, other: "KVLayout") -> str | None:
         """Why KV in `other` cannot be used here, or None when it can."""

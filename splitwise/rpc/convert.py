@@ -85,12 +85,14 @@ def chunk_to_pb(chunk: KVChunk) -> common_pb2.KVTransferMessage:
             value=chunk.value,
             xxh3=chunk.xxh3,
             staged=chunk.staged,
+            num_layers=chunk.num_layers if chunk.num_layers != 1 else 0,
         )
     )
 
 
 def chunk_from_pb(msg: common_pb2.KVChunk) -> KVChunk:
-    return KVChunk(msg.layer, msg.token_start, msg.token_count, msg.key, msg.value, msg.xxh3, msg.staged)
+    return KVChunk(msg.layer, msg.token_start, msg.token_count, msg.key, msg.value, msg.xxh3, msg.staged,
+                   msg.num_layers or 1)
 
 
 def worker_to_pb(worker: WorkerInfo, now: float, pool: str = "") -> scheduler_pb2.WorkerStatus:
@@ -112,9 +114,10 @@ def offer_to_pb(offer: TransportOffer) -> common_pb2.KVTransportOffer:
     return common_pb2.KVTransportOffer(
         transport=offer.transport, host_id=offer.host_id, shm_name=offer.shm_name,
         mooncake_session=offer.mooncake_session, buffer_address=offer.buffer_address, buffer_bytes=offer.buffer_bytes,
+        layer_runs=offer.layer_runs,
     )
 
 
 def offer_from_pb(msg: common_pb2.KVTransportOffer) -> TransportOffer:
     return TransportOffer(msg.transport or "grpc", msg.host_id, msg.shm_name, msg.mooncake_session,
-                          msg.buffer_address, msg.buffer_bytes)
+                          msg.buffer_address, msg.buffer_bytes, msg.layer_runs)

@@ -58,7 +58,10 @@ async def test_one_request_is_one_trace_whose_spans_form_a_tree(cluster, trace_f
     (send,) = [s for s in in_trace if s["name"] == "kv_transfer.send"]
     assert send["attributes"]["kv.layers"] == 4 and send["attributes"]["kv.bytes"] > 0
     assert send["attributes"]["kv.transport"] == "shm" and send["attributes"]["kv.bandwidth_mbps"] > 0  # one host
-    assert len([e for e in send["events"] if e["name"] == "kv.layer_sent"]) == 4
+    # An event per message: a layer, or (serialized, staged) a run of layers, each layer in exactly one of them.
+    sent = [e["attributes"] for e in send["events"] if e["name"] == "kv.layer_sent"]
+    assert sorted(layer for a in sent for layer in range(a["kv.layer"], a["kv.layer"] + a.get("kv.layers", 1))) == [
+        0, 1, 2, 3]
     (generate,) = [s for s in in_trace if s["name"] == "/splitwise.v1.Scheduler/Generate" and s["kind"] == "SERVER"]
     assert generate["attributes"]["output.tokens"] == 5 and generate["attributes"]["time_to_first_token_ms"] > 0
     (decode,) = [s for s in in_trace if s["name"] == "token_worker.decode"]

@@ -12,6 +12,7 @@ these tokens), each chunk's bounds and checksum, and the commit's counts against
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import AsyncIterator, Callable
 
@@ -25,7 +26,7 @@ from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.kv.transport.base import (Fault, KVTransferError, StagingBuffer, TransferState, TransferStats,
                                          TransportOffer, record_transfer)
 from splitwise.kv.transport.registry import GRPC
-from splitwise.kv.transport.staged import StagedLayout, byte_view, region_checksum
+from splitwise.kv.transport.staged import StagedLayout, byte_view, ranges_checksum, run_ranges
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2
 
@@ -56,6 +57,8 @@ class KVReceiver:
         self._layers_seen: set[int] = set()
         self._consuming = False
         self._expired = False
+        self._reader: asyncio.Task | None = None  # the task awaiting the stream's next message, while it waits
+        self._interrupted = False  # fail() cancelled that wait
 
     @property
     def layers_received(self) -> frozenset[int]:
@@ -65,6 +68,10 @@ class KVReceiver:
         if not self.committed.done():
             self.state = TransferState.FAILED
             self.committed.set_exception(error)
+            reader = self._reader
+            if reader is not None and reader is not asyncio.current_task():  # the stream is refused at once
+                self._interrupted = True
+                reader.cancel()
 
     def expire(self, problem: str) -> None:
         """The reservation's lease ran out (the KV did not start arriving, or stalled, in time): the transfer
@@ -78,7 +85,9 @@ class KVReceiver:
 
     def offer(self) -> TransportOffer:
         """Where the sender writes this transfer's bytes (nowhere but the stream, for gRPC)."""
-        return TransportOffer() if self.staging is None else self.staging.offer()
+        if self.staging is None:
+            return TransportOffer()
+        return dataclasses.replace(self.staging.offer(), layer_runs=True)
 
     def poll(self) -> TransferState:
         return self.state
@@ -115,12 +124,13 @@ class KVReceiver:
                     start = start or time.perf_counter()
                     chunk = convert.chunk_from_pb(msg.chunk)
                     cpu = time.thread_time()
-                    keys, values = self._chunk_tensors(chunk)
-                    self.sink(chunk.layer, chunk.token_start, keys, values)
+                    for layer, keys, values in self._chunk_layers(chunk):
+                        self.sink(layer, chunk.token_start, keys, values)
+                        self._layers_seen.add(layer)
                     self.stats.cpu_seconds += time.thread_time() - cpu
-                    self._layers_seen.add(chunk.layer)
                     self.stats.num_chunks += 1
-                    self.stats.num_bytes += chunk.token_count * self.layout.bytes_per_token_per_layer
+                    layers_bytes = chunk.num_layers * self.layout.bytes_per_token_per_layer
+                    self.stats.num_bytes += chunk.token_count * layers_bytes
                 elif kind == "commit":
                     self._check_commit(msg.commit)
                     self.stats.num_layers = len(self._layers_seen)
@@ -149,40 +159,53 @@ class KVReceiver:
     async def _until_failed(self, messages: AsyncIterator[common_pb2.KVTransferMessage]):
         """The messages, until the receiver fails (timed out, or its request ended): then the stream is refused,
         and nothing more is written into blocks that may already belong to another request."""
+        # No task or wait per message (a layer-wise transfer is a message per layer, on the decode core): the
+        # read is awaited directly, and fail() cancels it.
         iterator = aiter(messages)
+        task = asyncio.current_task()
         while True:
             if self.committed.done():
                 raise KVTransferError("the reservation ended: its request was cancelled, timed out or failed",
                                       grpc.StatusCode.ABORTED)
-            message = asyncio.ensure_future(anext(iterator))
-            # Its outcome may go unread (the stream's end as this RPC is cancelled): that is fine.
-            message.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._reader = task
             try:
-                await asyncio.wait({message, self.committed}, return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                message.cancel()
-                raise
-            if not message.done() or self.committed.done():  # (a message and the end can come in one wake-up)
-                message.cancel()
-                await asyncio.gather(message, return_exceptions=True)
-                continue  # the check above refuses the stream
-            try:
-                yield message.result()
+                message = await anext(iterator)
             except StopAsyncIteration:
                 return
+            except asyncio.CancelledError:
+                if not self._interrupted or task.uncancel() > 0:  # (a cancellation of the call itself stays one)
+                    raise
+                continue  # the check above refuses the stream
+            finally:
+                self._reader = None
+                self._interrupted = False
+            yield message
 
-    def _chunk_tensors(self, chunk: KVChunk) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chunk_layers(self, chunk: KVChunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(layer, keys, values) of each layer a chunk announces, verified: one, or a staged run of several."""
         if not chunk.staged:
-            return decode_chunk(chunk, self.layout, self.num_tokens)
+            if chunk.num_layers != 1:
+                raise KVIntegrityError(f"a chunk carrying its bytes announces {chunk.num_layers} layers, not one")
+            return [(chunk.layer, *decode_chunk(chunk, self.layout, self.num_tokens))]
         if self.staging is None or self.transport == GRPC:
             raise KVIntegrityError("a staged chunk, but this transfer has no staging buffer")
         check_chunk_bounds(chunk, self.layout, self.num_tokens)
-        (k_off, length), (v_off, _) = self.staged.ranges(chunk.layer, chunk.token_start, chunk.token_count)
+        end_layer = chunk.layer + chunk.num_layers
+        if chunk.num_layers < 1 or end_layer > self.layout.num_layers:
+            raise KVIntegrityError(f"chunk for layers [{chunk.layer}, {end_layer}) but the model has "
+                                   f"{self.layout.num_layers}")
         buffer = self.staging.tensor
-        if region_checksum(buffer, k_off, v_off, length) != chunk.xxh3:
+        ranges = run_ranges(self.staged, chunk.layer, chunk.num_layers, chunk.token_start, chunk.token_count)
+        if ranges_checksum(buffer, ranges) != chunk.xxh3:
             end = chunk.token_start + chunk.token_count
-            raise KVIntegrityError(f"checksum mismatch in layer {chunk.layer} tokens [{chunk.token_start}, {end})")
-        return byte_view(buffer, k_off, length, self.layout), byte_view(buffer, v_off, length, self.layout)
+            layers = f"layer {chunk.layer}" if chunk.num_layers == 1 else f"layers [{chunk.layer}, {end_layer})"
+            raise KVIntegrityError(f"checksum mismatch in {layers} tokens [{chunk.token_start}, {end})")
+        views = []
+        for layer in range(chunk.layer, end_layer):
+            (k_off, length), (v_off, _) = self.staged.ranges(layer, chunk.token_start, chunk.token_count)
+            views.append((layer, byte_view(buffer, k_off, length, self.layout),
+                          byte_view(buffer, v_off, length, self.layout)))
+        return views
 
     def _check_header(self, header: common_pb2.KVHeader) -> None:
         problem = self.layout.mismatch(convert.layout_from_pb(header.layout))

@@ -30,7 +30,7 @@ from splitwise.kv.layout import KVLayout
 from splitwise.kv.transport.base import (Fault, KVTransferError, StagedWriter, TransferState, TransferStats,
                                          record_transfer)
 from splitwise.kv.transport.registry import GRPC
-from splitwise.kv.transport.staged import StagedLayout, stage_layer
+from splitwise.kv.transport.staged import StagedLayout, copy_layer, ranges_checksum, run_ranges, stage_layer
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2
 from splitwise.telemetry.tracing import record_cancelled, record_error, tracer
@@ -40,6 +40,9 @@ from splitwise.telemetry.tracing import record_cancelled, record_error, tracer
 OpenStream = Callable[[AsyncIterator[common_pb2.KVTransferMessage]], Awaitable[object]]
 
 _DONE = object()
+# The most bytes one run of layers announces: a small transfer goes as one message, a large one in runs of about
+# this size, so that the receiver verifies and copies one run while the sender stages the next.
+MAX_RUN_BYTES = 8 << 20
 
 
 @dataclass
@@ -47,6 +50,7 @@ class _Encoded:
     layer: int
     chunks: list[KVChunk]
     ranges: list[tuple[int, int]]  # staged bytes to flush before the chunks are announced
+    num_layers: int = 1  # a run of layers [layer, layer + num_layers), staged, in one chunk
 
 
 @dataclass
@@ -67,12 +71,15 @@ class KVSender:
 
     Layer-wise, each layer is encoded (staged) on the compute thread as soon as it is ready and `send`, on
     the event loop, ships it while later layers compute. Serialized, the layers are only copied during the
-    prefill, and encoded and sent after it.
+    prefill, and encoded and sent after it: to a receiver that takes layer runs (`layer_runs`, from its offer),
+    the layers of one token range (the whole prompt, or each chunk of a chunked prefill) go as one run, one
+    message and one staged write for them all, so a transfer's fixed cost is paid once rather than per layer.
     """
 
     def __init__(self, open_stream: OpenStream, target: str, request_id: str, layout: KVLayout,
                  token_ids: list[int], max_chunk_bytes: int, progress_timeout_s: float,
-                 writer: StagedWriter | None = None, layerwise: bool = True, span_name: str = "kv_transfer.send"):
+                 writer: StagedWriter | None = None, layerwise: bool = True, span_name: str = "kv_transfer.send",
+                 layer_runs: bool = False):
         self._open_stream = open_stream
         self.target = target
         self.request_id = request_id
@@ -85,6 +92,7 @@ class KVSender:
         self.transport = writer.transport if writer else GRPC
         self.staged = StagedLayout(layout, self.num_tokens)
         self.layerwise = layerwise
+        self.layer_runs = layer_runs and writer is not None
         self.span_name = span_name
         self.state = TransferState.WAITING
         self.stats = TransferStats()
@@ -173,11 +181,14 @@ class KVSender:
         for chunk in encoded.chunks:
             yield convert.chunk_to_pb(chunk)
             self._progress()
-            layer_bytes += chunk.token_count * self.layout.bytes_per_token_per_layer
+            layer_bytes += chunk.token_count * chunk.num_layers * self.layout.bytes_per_token_per_layer
             self.stats.num_chunks += 1
         self.stats.num_bytes += layer_bytes
-        self.stats.num_layers += 1
-        span.add_event("kv.layer_sent", {"kv.layer": encoded.layer, "kv.bytes": layer_bytes})
+        self.stats.num_layers += encoded.num_layers
+        event = {"kv.layer": encoded.layer, "kv.bytes": layer_bytes}
+        if encoded.num_layers > 1:
+            event["kv.layers"] = encoded.num_layers
+        span.add_event("kv.layer_sent", event)
 
     async def _flush(self, encoded: _Encoded) -> None:
         """The staged write of a layer, off the loop; a failure or a stall is kept in `_error`, for the stream
@@ -237,13 +248,47 @@ class KVSender:
                 return
 
     def _encode_held(self, held: list[_Held], commit: _Commit) -> None:
-        """A worker thread: the serialized layers, each handed to the loop as soon as it is encoded."""
-        for raw in held:
-            encoded = self._encode(raw.layer, raw.keys, raw.values, raw.token_start)
+        """A worker thread: the serialized layers, each layer or run of layers handed to the loop as soon as it is
+        encoded."""
+        for run in self._runs(held):
+            if len(run) == 1:
+                encoded = self._encode(run[0].layer, run[0].keys, run[0].values, run[0].token_start)
+            else:
+                encoded = self._encode_run(run)
             if encoded is None:  # aborted meanwhile
                 return
             self._loop.call_soon_threadsafe(self._queue.put_nowait, encoded)
         self._loop.call_soon_threadsafe(self._queue.put_nowait, commit)
+
+    def _runs(self, held: list[_Held]) -> list[list[_Held]]:
+        """The held layers as runs: consecutive layers of one token range, where the receiver takes runs."""
+        runs: list[list[_Held]] = []
+        for raw in held:
+            last = runs[-1][-1] if runs else None
+            run_bytes = (len(runs[-1]) + 1) * raw.keys.shape[1] * self.layout.bytes_per_token_per_layer if runs else 0
+            if (self.layer_runs and last is not None and raw.layer == last.layer + 1 and run_bytes <= MAX_RUN_BYTES
+                    and raw.token_start == last.token_start and raw.keys.shape[1] == last.keys.shape[1]):
+                runs[-1].append(raw)
+            else:
+                runs.append([raw])
+        return runs
+
+    def _encode_run(self, run: list[_Held]) -> _Encoded | None:
+        """Stages a run of layers and takes one checksum over them all (in layer order, keys then values)."""
+        cpu = time.thread_time()
+        try:
+            buffer = self.writer.buffer
+            if buffer is None or self._aborted:
+                return None
+            for raw in run:
+                copy_layer(buffer, self.staged, raw.layer, raw.token_start, raw.keys, raw.values)
+            first, count = run[0], run[0].keys.shape[1]
+            ranges = run_ranges(self.staged, first.layer, len(run), first.token_start, count)
+            chunk = KVChunk(first.layer, first.token_start, count, b"", b"", ranges_checksum(buffer, ranges),
+                            staged=True, num_layers=len(run))
+            return _Encoded(first.layer, [chunk], ranges, len(run))
+        finally:
+            self.stats.cpu_seconds += time.thread_time() - cpu
 
     async def _watch(self, stream: asyncio.Future) -> None:
         """Cancels the stream when the transfer stalls outside of waiting for compute."""

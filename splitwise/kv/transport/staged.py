@@ -45,13 +45,33 @@ def byte_view(buffer: torch.Tensor, offset: int, length: int, layout: KVLayout) 
     return buffer[offset:offset + length].view(layout.torch_dtype).view(-1, layout.num_kv_heads, layout.head_dim)
 
 
+def copy_layer(buffer: torch.Tensor, staged: StagedLayout, layer: int, token_start: int,
+               keys: torch.Tensor, values: torch.Tensor) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Copies keys/values ([kv_heads, tokens, head_dim]) into their place in `buffer`; returns their ranges."""
+    (k_off, length), (v_off, _) = ranges = staged.ranges(layer, token_start, keys.shape[1])
+    byte_view(buffer, k_off, length, staged.layout).copy_(keys.transpose(0, 1))
+    byte_view(buffer, v_off, length, staged.layout).copy_(values.transpose(0, 1))
+    return ranges
+
+
 def stage_layer(buffer: torch.Tensor, staged: StagedLayout, layer: int, token_start: int,
                 keys: torch.Tensor, values: torch.Tensor) -> int:
     """Copies keys/values ([kv_heads, tokens, head_dim]) into their place in `buffer`; returns their checksum."""
-    (k_off, length), (v_off, _) = staged.ranges(layer, token_start, keys.shape[1])
-    byte_view(buffer, k_off, length, staged.layout).copy_(keys.transpose(0, 1))
-    byte_view(buffer, v_off, length, staged.layout).copy_(values.transpose(0, 1))
-    return region_checksum(buffer, k_off, v_off, length)
+    return ranges_checksum(buffer, copy_layer(buffer, staged, layer, token_start, keys, values))
+
+
+def run_ranges(staged: StagedLayout, first_layer: int, num_layers: int, token_start: int,
+               token_count: int) -> list[tuple[int, int]]:
+    """The byte ranges of a run of layers' token range, in layer order (keys, values, next layer...), adjacent
+    ones merged: one range for the whole prompt, so one write descriptor and one pass of the checksum."""
+    merged: list[tuple[int, int]] = []
+    for layer in range(first_layer, first_layer + num_layers):
+        for offset, length in staged.ranges(layer, token_start, token_count):
+            if merged and merged[-1][0] + merged[-1][1] == offset:
+                merged[-1] = (merged[-1][0], merged[-1][1] + length)
+            else:
+                merged.append((offset, length))
+    return merged
 
 
 def checksum(*parts) -> int:
@@ -63,7 +83,13 @@ def checksum(*parts) -> int:
     return digest.intdigest()
 
 
+def ranges_checksum(buffer: torch.Tensor, ranges) -> int:
+    """The checksum of staged byte ranges, in order: a token range's keys then its values (as an inline chunk's),
+    or a run of layers (the same digest however its adjacent ranges are merged)."""
+    data = buffer.numpy()
+    return checksum(*(data[offset:offset + length] for offset, length in ranges))
+
+
 def region_checksum(buffer: torch.Tensor, k_off: int, v_off: int, length: int) -> int:
     """The checksum of a staged token range: its keys' bytes, then its values' (as an inline chunk's)."""
-    data = buffer.numpy()
-    return checksum(data[k_off:k_off + length], data[v_off:v_off + length])
+    return ranges_checksum(buffer, ((k_off, length), (v_off, length)))

@@ -124,7 +124,7 @@ class KVHeader(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ..., transport: _Optional[str] = ..., kv_hash: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("layer", "token_start", "token_count", "key", "value", "xxh3", "staged")
+    __slots__ = ("layer", "token_start", "token_count", "key", "value", "xxh3", "staged", "num_layers")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class KVChunk(_message.Message):
     VALUE_FIELD_NUMBER: _ClassVar[int]
     XXH3_FIELD_NUMBER: _ClassVar[int]
     STAGED_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     token_start: int
     token_count: int
@@ -139,23 +140,26 @@ class KVChunk(_message.Message):
     value: bytes
     xxh3: int
     staged: bool
-    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., xxh3: _Optional[int] = ..., staged: _Optional[bool] = ...) -> None: ...
+    num_layers: int
+    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., token_count: _Optional[int] = ..., key: _Optional[bytes] = ..., value: _Optional[bytes] = ..., xxh3: _Optional[int] = ..., staged: _Optional[bool] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class KVTransportOffer(_message.Message):
-    __slots__ = ("transport", "host_id", "shm_name", "mooncake_session", "buffer_address", "buffer_bytes")
+    __slots__ = ("transport", "host_id", "shm_name", "mooncake_session", "buffer_address", "buffer_bytes", "layer_runs")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     MOONCAKE_SESSION_FIELD_NUMBER: _ClassVar[int]
     BUFFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_RUNS_FIELD_NUMBER: _ClassVar[int]
     transport: str
     host_id: str
     shm_name: str
     mooncake_session: str
     buffer_address: int
     buffer_bytes: int
-    def __init__(self, transport: _Optional[str] = ..., host_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., mooncake_session: _Optional[str] = ..., buffer_address: _Optional[int] = ..., buffer_bytes: _Optional[int] = ...) -> None: ...
+    layer_runs: bool
+    def __init__(self, transport: _Optional[str] = ..., host_id: _Optional[str] = ..., shm_name: _Optional[str] = ..., mooncake_session: _Optional[str] = ..., buffer_address: _Optional[int] = ..., buffer_bytes: _Optional[int] = ..., layer_runs: _Optional[bool] = ...) -> None: ...
 
 class KVCommit(_message.Message):
     __slots__ = ("first_token_id", "first_token_logprob", "num_chunks", "num_bytes", "first_token_top_logprobs")

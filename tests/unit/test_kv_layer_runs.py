@@ -1,0 +1,155 @@
+"""Serialized staged transfers announce runs of layers: one message and one checksum for many layers, to a
+receiver that offers runs; the same KV lands as layer by layer, and a receiver checks a run as strictly."""
+
+import asyncio
+
+import pytest
+import torch
+
+from splitwise.engine.sampling import SampledToken
+from splitwise.kv.chunks import KVChunk, KVIntegrityError
+from splitwise.kv.layout import KVLayout
+from splitwise.kv.transport import sender as sender_module
+from splitwise.kv.transport.fake import FakeBackend
+from splitwise.kv.transport.receiver import KVReceiver
+from splitwise.kv.transport.sender import KVSender
+from splitwise.kv.transport.staged import StagedLayout, run_ranges
+from splitwise.rpc import convert
+
+LAYOUT = KVLayout(num_layers=6, num_kv_heads=2, head_dim=8, dtype="float32", model_fingerprint="m")
+TOKENS = list(range(100, 113))
+
+
+def prefill_kv(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values as the compute thread exports them: [kv_heads, tokens, head_dim] views."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (len(TOKENS), LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    return [(torch.randn(shape, generator=g).transpose(0, 1), torch.randn(shape, generator=g).transpose(0, 1))
+            for _ in range(LAYOUT.num_layers)]
+
+
+async def transfer(layer_runs: bool, corrupt=None, token_ranges=((0, len(TOKENS)),)):
+    """One serialized transfer through the fake staged backend; returns (sent messages, the receiver's cache, the
+    receiver, its outcome)."""
+    backend = FakeBackend("")
+    size = StagedLayout(LAYOUT, len(TOKENS)).total_bytes
+    cache = torch.zeros(LAYOUT.num_layers, 2, len(TOKENS), LAYOUT.num_kv_heads, LAYOUT.head_dim)
+
+    def sink(layer, start, keys, values):
+        cache[layer, 0, start:start + keys.shape[0]] = keys
+        cache[layer, 1, start:start + keys.shape[0]] = values
+
+    receiver = KVReceiver(sink, LAYOUT, TOKENS, staging=backend.staging(size))
+    offer = receiver.offer()
+    if not layer_runs:  # a receiver that predates runs offers none
+        offer = type(offer)(**{**offer.__dict__, "layer_runs": False})
+    sent = []
+
+    async def open_stream(messages):
+        async def recorded():
+            async for msg in messages:
+                if corrupt is not None and msg.WhichOneof("kind") == "chunk":
+                    corrupt(receiver.staging.tensor)
+                sent.append(msg)
+                yield msg
+        return await receiver.consume(recorded())
+
+    sender = KVSender(open_stream, "t", "r1", LAYOUT, TOKENS, 1 << 20, 5.0, backend.writer(offer, size),
+                      layerwise=False, layer_runs=offer.layer_runs)
+    task = asyncio.create_task(sender.send())
+    kv = prefill_kv()
+
+    def compute():  # the compute thread; a chunked prefill exports each layer once per chunk
+        for start, end in token_ranges:
+            for layer, (keys, values) in enumerate(kv):
+                sender.on_layer_kv(layer, keys[:, start:end], values[:, start:end], start)
+
+    await asyncio.to_thread(compute)
+    await asyncio.sleep(0)  # the layers it handed to the loop are queued before the commit, as after a prefill
+    sender.commit(SampledToken(7, -0.5, None))
+    outcome = await asyncio.gather(task, return_exceptions=True)
+    receiver.close()
+    backend.close()
+    return [m for m in sent if m.WhichOneof("kind") == "chunk"], cache, receiver, outcome[0], kv
+
+
+def expected_cache(kv) -> torch.Tensor:
+    return torch.stack([torch.stack([k.transpose(0, 1), v.transpose(0, 1)]) for k, v in kv])
+
+
+async def test_a_receiver_that_offers_runs_gets_the_whole_prompt_in_one_message_and_the_same_kv():
+    chunks, cache, receiver, stats, kv = await transfer(layer_runs=True)
+    assert len(chunks) == 1 and chunks[0].chunk.num_layers == LAYOUT.num_layers and chunks[0].chunk.staged
+    assert torch.equal(cache, expected_cache(kv))
+    assert receiver.layers_received == frozenset(range(LAYOUT.num_layers))
+    assert (stats.num_layers, stats.num_chunks) == (LAYOUT.num_layers, 1)
+    assert receiver.stats.num_bytes == StagedLayout(LAYOUT, len(TOKENS)).total_bytes
+
+
+async def test_a_receiver_without_runs_gets_one_message_per_layer_and_the_same_kv():
+    chunks, cache, _, stats, kv = await transfer(layer_runs=False)
+    assert [c.chunk.layer for c in chunks] == list(range(LAYOUT.num_layers))
+    assert all(c.chunk.num_layers == 0 for c in chunks)  # the field stays unset: an older receiver reads one layer
+    assert torch.equal(cache, expected_cache(kv))
+    assert stats.num_layers == LAYOUT.num_layers
+
+
+async def test_a_chunked_prefill_sends_one_run_per_token_range():
+    chunks, cache, _, _, kv = await transfer(layer_runs=True, token_ranges=((0, 8), (8, len(TOKENS))))
+    assert [(c.chunk.token_start, c.chunk.token_count, c.chunk.num_layers) for c in chunks] == [
+        (0, 8, LAYOUT.num_layers), (8, len(TOKENS) - 8, LAYOUT.num_layers)]
+    assert torch.equal(cache, expected_cache(kv))
+
+
+async def test_runs_are_bounded_so_a_large_transfer_pipelines(monkeypatch):
+    layer_bytes = len(TOKENS) * LAYOUT.bytes_per_token_per_layer
+    monkeypatch.setattr(sender_module, "MAX_RUN_BYTES", 2 * layer_bytes)
+    chunks, cache, _, _, kv = await transfer(layer_runs=True)
+    assert [(c.chunk.layer, c.chunk.num_layers) for c in chunks] == [(0, 2), (2, 2), (4, 2)]
+    assert torch.equal(cache, expected_cache(kv))
+
+
+async def test_a_byte_changed_anywhere_in_a_run_fails_its_checksum():
+    def flip_last_byte(buffer):
+        buffer[StagedLayout(LAYOUT, len(TOKENS)).total_bytes - 1] ^= 0xFF
+
+    _, _, receiver, outcome, _ = await transfer(layer_runs=True, corrupt=flip_last_byte)
+    assert isinstance(outcome, KVIntegrityError)
+    assert f"checksum mismatch in layers [0, {LAYOUT.num_layers})" in str(outcome)
+    assert receiver.committed.done() and receiver.committed.exception() is outcome
+
+
+def staged_receiver() -> tuple[KVReceiver, FakeBackend]:
+    backend = FakeBackend("")
+    receiver = KVReceiver(lambda *a: None, LAYOUT, TOKENS,
+                          staging=backend.staging(StagedLayout(LAYOUT, len(TOKENS)).total_bytes))
+    receiver.transport = "fake"
+    return receiver, backend
+
+
+@pytest.mark.parametrize("layer, num_layers", [(4, 3), (0, 7), (0, -1)])
+async def test_a_run_past_the_models_layers_is_refused_before_anything_is_written(layer, num_layers):
+    receiver, backend = staged_receiver()
+    digest = 0
+    if num_layers > 0 and layer + num_layers <= LAYOUT.num_layers:
+        pytest.fail("not a run past the model's layers")
+    with pytest.raises(KVIntegrityError, match="layers|chunk"):
+        receiver._chunk_layers(KVChunk(layer, 0, len(TOKENS), b"", b"", digest, staged=True, num_layers=num_layers))
+    backend.close()
+
+
+async def test_a_chunk_carrying_its_bytes_cannot_announce_several_layers():
+    receiver, backend = staged_receiver()
+    with pytest.raises(KVIntegrityError, match="announces 2 layers"):
+        receiver._chunk_layers(KVChunk(0, 0, 1, b"k", b"v", 0, staged=False, num_layers=2))
+    backend.close()
+
+
+def test_a_runs_ranges_merge_into_one_for_the_whole_prompt_and_the_count_survives_the_wire():
+    staged = StagedLayout(LAYOUT, len(TOKENS))
+    assert run_ranges(staged, 0, LAYOUT.num_layers, 0, len(TOKENS)) == [(0, staged.total_bytes)]
+    assert len(run_ranges(staged, 0, 2, 0, 5)) == 4  # a partial token range: keys and values apart, per layer
+    chunk = KVChunk(1, 0, 5, b"", b"", 9, staged=True, num_layers=3)
+    assert convert.chunk_from_pb(convert.chunk_to_pb(chunk).chunk) == chunk
+    single = KVChunk(1, 0, 5, b"", b"", 9, staged=True)
+    assert convert.chunk_from_pb(convert.chunk_to_pb(single).chunk).num_layers == 1
