@@ -51,10 +51,10 @@ class ProfiledCluster(Cluster):
         super().__init__(options)
         self.cprofile = cprofile
 
-    def _spawn(self, name, module, env, address, cores=None):
+    def _spawn(self, name, module, env, address, cores=None, args=()):
         if module == "services.scheduler":
             module, env = "bench.profiled_scheduler", {**env, CPROFILE_ENV: str(self.cprofile.resolve())}
-        super()._spawn(name, module, env, address, cores)
+        super()._spawn(name, module, env, address, cores, args)
 
 
 def at_rate(requests: list[TraceRequest], rate: float, poisson: bool, seed: int) -> list[TraceRequest]:

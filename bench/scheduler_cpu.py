@@ -62,12 +62,12 @@ class TwoSchedulers(Cluster):
         super().__init__(options)
         self.tree, self.cprofile = tree, cprofile
 
-    def _spawn(self, name, module, env, address, cores=None):
+    def _spawn(self, name, module, env, address, cores=None, args=()):
         if name == "scheduler-0" and self.tree is not None:
             module, env = "bench.scheduler_from_tree", {**env, TREE_ENV: str(self.tree)}
         elif name == "scheduler-1" and self.cprofile is not None:
             module, env = "bench.profiled_scheduler", {**env, CPROFILE_ENV: str(self.cprofile.resolve())}
-        super()._spawn(name, module, env, address, cores)
+        super()._spawn(name, module, env, address, cores, args)
 
 
 def unpack(ref: str) -> Path:

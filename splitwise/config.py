@@ -1,4 +1,5 @@
-"""One configuration dataclass per service, filled from command-line flags, then environment variables, then defaults."""
+"""One configuration dataclass per service, composed of shared option parts, filled from command-line flags, then
+environment variables, then defaults."""
 
 from __future__ import annotations
 
@@ -96,23 +97,107 @@ MOCK_PROFILE_HELP = ("mock engine: the machine profile it models, MODEL@MACHINE 
 MOCK_TIME_FACTOR_HELP = ("mock engine: every modelled step time is multiplied by this (above 1 slows the whole mock "
                          "cluster down where one machine cannot keep up)")
 MOCK_KV_SCALE_HELP = "mock engine: the KV bytes a worker sends are the modelled size divided by this"
-
-
 MIXED_BATCHES_HELP = ("a step that prefills also decodes every running sequence (prompt chunks fill the rest of "
                       "the token budget), as vLLM's chunked prefill; off: prefill and decode steps alternate, "
                       "prompts first but decodes never held back past 50 ms")
+# Options of a part that a service which does not take the whole part reads too: one default, one meaning.
+REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL_HELP = "Redis holding the worker registry (and the kv_store index)"
+GRPC_KEEPALIVE_HELP = ("while calls to a peer are open, ping it every this many seconds; one that does not answer "
+                       "within as long (a hung process, a host gone without closing its connections) fails them with "
+                       "UNAVAILABLE; 0: no pings")
+KV_PROGRESS_TIMEOUT_HELP = ("a KV transfer that makes no progress this long fails (waiting for compute does not "
+                            "count)")
+INSECURE_HELP = ("run without TLS and cluster authentication (anyone who reaches a port is trusted): for debugging "
+                 "only")
+METRICS_LISTEN_HELP = "host:port of the Prometheus /metrics endpoint ('off': none)"
+ROLE_HELP = ("prompt, token, or mixed (both phases: the mixed pool): the pool the worker registers in, and the "
+             "defaults of its listen address, metrics endpoint and KV memory")
+WORKER_ROLES = ("prompt", "token", "mixed")
 
+
+# The parts several services share. A dataclass takes its bases' fields from the last base to the first, so a
+# config lists its parts last first.
 
 @dataclass
-class SchedulerConfig:
-    """The scheduler: the cluster's front door."""
+class ModelOptions:
+    """Which model a service serves (the scheduler and the gateway too: its tokenizer and name)."""
 
-    listen: str = option("127.0.0.1:50051", "SPLITWISE_SCHEDULER_LISTEN", "host:port the scheduler serves on")
     model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
     cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
     engine: str = option("real", "SPLITWISE_ENGINE", ENGINE_HELP)
     mock_profile: str = option(DEFAULT_MOCK_PROFILE, "SPLITWISE_MOCK_PROFILE", MOCK_PROFILE_HELP)
-    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry (and the kv_store index)")
+
+
+@dataclass
+class EngineOptions:
+    """How a worker's engine computes and batches (its KV memory depends on the role: see WorkerConfig)."""
+
+    mock_time_factor: float = option(1.0, "SPLITWISE_MOCK_TIME_FACTOR", MOCK_TIME_FACTOR_HELP)
+    mock_kv_scale: float = option(1.0, "SPLITWISE_MOCK_KV_SCALE", MOCK_KV_SCALE_HELP)
+    device: str = option("auto", "SPLITWISE_DEVICE", "cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
+    dtype: str = option("float32", "SPLITWISE_DTYPE", "float32, bfloat16 or float16")
+    num_threads: int = option(0, "SPLITWISE_NUM_THREADS", "torch compute threads (0: torch's default)")
+    block_size: int = option(16, "SPLITWISE_BLOCK_SIZE", "tokens per KV cache block")
+    max_batch_tokens: int = option(2048, "SPLITWISE_MAX_BATCH_TOKENS", "prefill batch budget; longer prompts are chunked")
+    mixed_batches: bool = option(False, "SPLITWISE_MIXED_BATCHES", MIXED_BATCHES_HELP)
+    max_queued_prompt_tokens: int = option(65536, "SPLITWISE_MAX_QUEUED_PROMPT_TOKENS", "prompt tokens waiting for (or in) a prefill beyond which a new prompt is refused with RESOURCE_EXHAUSTED (the scheduler tries another worker); 0: no limit")
+    max_decode_batch: int = option(256, "SPLITWISE_MAX_DECODE_BATCH", "most sequences decoded in one step")
+
+
+@dataclass
+class KVOptions:
+    """How a worker sends and receives KV caches."""
+
+    kv_chunk_bytes: int = option(1 << 20, "SPLITWISE_KV_CHUNK_BYTES", "largest KV chunk on the wire (grpc transport)")
+    kv_transports: str = option("shm,grpc", "SPLITWISE_KV_TRANSPORTS", "KV transports this worker offers: shm (same host), mooncake (RDMA or TCP; opt in: its engine listens on every interface and authenticates no peer, see README Security), grpc (always; mTLS), fake (tests only: in-process, faults on demand)")
+    kv_mooncake_protocol: str = option("tcp", "SPLITWISE_KV_MOONCAKE_PROTOCOL", "Mooncake Transfer Engine protocol: tcp, or rdma where the machine has it")
+    kv_wait_timeout_s: float = option(600.0, "SPLITWISE_KV_WAIT_TIMEOUT_S", "how long a reservation waits for its KV to start arriving (the sender's queue included)")
+    kv_progress_timeout_s: float = option(30.0, "SPLITWISE_KV_PROGRESS_TIMEOUT_S", KV_PROGRESS_TIMEOUT_HELP)
+
+
+@dataclass
+class RegistryOptions:
+    """How a worker keeps its registry entry alive and talks to its peers."""
+
+    redis_url: str = option(REDIS_URL, "SPLITWISE_REDIS_URL", REDIS_URL_HELP)
+    heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
+    grpc_keepalive_s: float = option(5.0, "SPLITWISE_GRPC_KEEPALIVE_S", GRPC_KEEPALIVE_HELP)
+    registry_ttl_s: float = option(3.0, "SPLITWISE_REGISTRY_TTL_S", "a worker silent this long leaves the registry")
+
+
+@dataclass
+class SecurityOptions:
+    """A cluster service's identity: its certificate and the cluster key, or none at all."""
+
+    tls_dir: str = option("", "SPLITWISE_TLS_DIR", "folder of the cluster CA, this service's certificate and key, and the cluster key (made by `splitwise certs`): mTLS between services; required unless --insecure")
+    insecure: bool = option(False, "SPLITWISE_INSECURE", INSECURE_HELP)
+
+
+@dataclass
+class PublicApiOptions:
+    """What the public API asks of its clients (the scheduler's gRPC API and the gateway's HTTP one)."""
+
+    api_key: str = option("", "SPLITWISE_API_KEY", "the public API's key: clients send 'authorization: Bearer KEY' metadata, a missing or wrong key gets UNAUTHENTICATED (empty: no key, allowed on a loopback address only unless --insecure)")
+    admin_key: str = option("", "SPLITWISE_ADMIN_KEY", "the key ClusterStatus takes (it lists every worker and its address); it also works as an API key (empty: ClusterStatus is closed unless --insecure)")
+    request_timeout_s: float = option(600.0, "SPLITWISE_REQUEST_TIMEOUT_S", "deadline of a request whose client set none")
+
+
+@dataclass
+class TelemetryOptions:
+    """Where a service's spans and logs go (each service has its own metrics endpoint default)."""
+
+    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
+    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
+    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
+
+
+@dataclass
+class SchedulerConfig(TelemetryOptions, PublicApiOptions, SecurityOptions, ModelOptions):
+    """The scheduler: the cluster's front door."""
+
+    listen: str = option("127.0.0.1:50051", "SPLITWISE_SCHEDULER_LISTEN", "host:port the scheduler serves on")
+    redis_url: str = option(REDIS_URL, "SPLITWISE_REDIS_URL", REDIS_URL_HELP)
     kv_transfer: str = option("direct", "SPLITWISE_KV_TRANSFER", "direct: prompt worker pushes KV to the token worker; relay: through kv_store")
     kv_store_address: str = option("127.0.0.1:50081", "SPLITWISE_KV_STORE_ADDRESS", "kv_store host:port (relay mode, and where KV is kept)")
     kv_keep: bool = option(True, "SPLITWISE_KV_KEEP", "direct mode: prompt workers also keep each prompt's KV in kv_store for its TTL, so a request whose token worker dies resumes elsewhere without a new prompt phase (relay mode always keeps it)")
@@ -124,140 +209,91 @@ class SchedulerConfig:
     pool_borrow_kv_fraction: float = option(0.9, "SPLITWISE_POOL_BORROW_KV_FRACTION", "mixed pool: when every token-pool worker has this fraction of its KV memory in use, a prompt worker is borrowed, and given back below half of it")
     pool_cooldown_s: float = option(2.0, "SPLITWISE_POOL_COOLDOWN_S", "least time between two pool changes")
     kv_layerwise_min_tokens: int = option(512, "SPLITWISE_KV_LAYERWISE_MIN_TOKENS", "prompts this long or longer ship KV layer by layer during prefill; shorter ones after it (serialized)")
-    request_timeout_s: float = option(600.0, "SPLITWISE_REQUEST_TIMEOUT_S", "deadline of a request whose client set none")
     registry_refresh_s: float = option(0.25, "SPLITWISE_REGISTRY_REFRESH_S", "how often the scheduler re-reads the registry")
-    grpc_keepalive_s: float = option(5.0, "SPLITWISE_GRPC_KEEPALIVE_S", "while calls to a peer are open, ping it every this many seconds; one that does not answer within as long (a hung process, a host gone without closing its connections) fails them with UNAVAILABLE; 0: no pings")
-    tls_dir: str = option("", "SPLITWISE_TLS_DIR", "folder of the cluster CA, this service's certificate and key, and the cluster key (made by `splitwise certs`): mTLS between services; required unless --insecure")
-    insecure: bool = option(False, "SPLITWISE_INSECURE", "run without TLS and cluster authentication (anyone who reaches a port is trusted): for debugging only")
-    api_key: str = option("", "SPLITWISE_API_KEY", "the public API's key: clients send 'authorization: Bearer KEY' metadata, a missing or wrong key gets UNAUTHENTICATED (empty: no key, allowed on a loopback address only unless --insecure)")
-    admin_key: str = option("", "SPLITWISE_ADMIN_KEY", "the key ClusterStatus takes (it lists every worker and its address); it also works as an API key (empty: ClusterStatus is closed unless --insecure)")
+    grpc_keepalive_s: float = option(5.0, "SPLITWISE_GRPC_KEEPALIVE_S", GRPC_KEEPALIVE_HELP)
     public_tls: bool = option(False, "SPLITWISE_PUBLIC_TLS", "serve the public API over TLS with the scheduler's cluster certificate (clients verify it with the cluster CA, ca.pem in the TLS dir)")
-    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
-    metrics_listen: str = option("127.0.0.1:9451", "SPLITWISE_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint ('off': none)")
-    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
-    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
+    metrics_listen: str = option("127.0.0.1:9451", "SPLITWISE_METRICS_LISTEN", METRICS_LISTEN_HELP)
 
 
-@dataclass
-class PromptWorkerConfig:
-    """A prompt worker: runs the prompt phase and ships the KV cache layer by layer."""
-
-    listen: str = option("127.0.0.1:50061", "SPLITWISE_PROMPT_WORKER_LISTEN", "host:port the prompt worker serves on")
-    advertise: str = option("", "SPLITWISE_ADVERTISE", "address other services use to reach this worker (default: listen)")
-    worker_id: str = option("", "SPLITWISE_WORKER_ID", "unique worker id (default: role-host-random)")
-    model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
-    cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
-    engine: str = option("real", "SPLITWISE_ENGINE", ENGINE_HELP)
-    mock_profile: str = option(DEFAULT_MOCK_PROFILE, "SPLITWISE_MOCK_PROFILE", MOCK_PROFILE_HELP)
-    mock_time_factor: float = option(1.0, "SPLITWISE_MOCK_TIME_FACTOR", MOCK_TIME_FACTOR_HELP)
-    mock_kv_scale: float = option(1.0, "SPLITWISE_MOCK_KV_SCALE", MOCK_KV_SCALE_HELP)
-    device: str = option("auto", "SPLITWISE_DEVICE", "cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
-    dtype: str = option("float32", "SPLITWISE_DTYPE", "float32, bfloat16 or float16")
-    num_threads: int = option(0, "SPLITWISE_NUM_THREADS", "torch compute threads (0: torch's default)")
-    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry (and the kv_store index)")
-    heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
-    grpc_keepalive_s: float = option(5.0, "SPLITWISE_GRPC_KEEPALIVE_S", "while calls to a peer are open, ping it every this many seconds; one that does not answer within as long (a hung process, a host gone without closing its connections) fails them with UNAVAILABLE; 0: no pings")
-    registry_ttl_s: float = option(3.0, "SPLITWISE_REGISTRY_TTL_S", "a worker silent this long leaves the registry")
-    kv_memory_bytes: int = option(512 << 20, "SPLITWISE_PROMPT_KV_MEMORY_BYTES", "KV cache budget of the prompt worker")
-    block_size: int = option(16, "SPLITWISE_BLOCK_SIZE", "tokens per KV cache block")
-    max_batch_tokens: int = option(2048, "SPLITWISE_MAX_BATCH_TOKENS", "prefill batch budget; longer prompts are chunked")
-    mixed_batches: bool = option(False, "SPLITWISE_MIXED_BATCHES", MIXED_BATCHES_HELP)
-    max_queued_prompt_tokens: int = option(65536, "SPLITWISE_MAX_QUEUED_PROMPT_TOKENS", "prompt tokens waiting for (or in) a prefill beyond which a new prompt is refused with RESOURCE_EXHAUSTED (the scheduler tries another worker); 0: no limit")
-    kv_chunk_bytes: int = option(1 << 20, "SPLITWISE_KV_CHUNK_BYTES", "largest KV chunk on the wire (grpc transport)")
-    kv_transports: str = option("shm,grpc", "SPLITWISE_KV_TRANSPORTS", "KV transports this worker offers: shm (same host), mooncake (RDMA or TCP; opt in: its engine listens on every interface and authenticates no peer, see README Security), grpc (always; mTLS), fake (tests only: in-process, faults on demand)")
-    kv_mooncake_protocol: str = option("tcp", "SPLITWISE_KV_MOONCAKE_PROTOCOL", "Mooncake Transfer Engine protocol: tcp, or rdma where the machine has it")
-    kv_wait_timeout_s: float = option(600.0, "SPLITWISE_KV_WAIT_TIMEOUT_S", "how long a reservation waits for its KV to start arriving (the sender's queue included)")
-    kv_progress_timeout_s: float = option(30.0, "SPLITWISE_KV_PROGRESS_TIMEOUT_S", "a KV transfer that makes no progress this long fails (waiting for compute does not count)")
-    drain_grace_s: float = option(30.0, "SPLITWISE_DRAIN_GRACE_S", "on SIGTERM: stop taking requests, deregister, and give those in flight this long to finish")
-    tls_dir: str = option("", "SPLITWISE_TLS_DIR", "folder of the cluster CA, this service's certificate and key, and the cluster key (made by `splitwise certs`): mTLS between services; required unless --insecure")
-    insecure: bool = option(False, "SPLITWISE_INSECURE", "run without TLS and cluster authentication (anyone who reaches a port is trusted): for debugging only")
-    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
-    metrics_listen: str = option("127.0.0.1:9461", "SPLITWISE_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint ('off': none)")
-    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
-    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
-
+# Three worker options have a variable and a default of their role's: listen, kv_memory_bytes and metrics_listen.
+# WorkerConfig has the token and mixed roles' (TokenWorkerConfig), PromptWorkerConfig the prompt role's; a
+# config's class is its role's (WorkerConfig.for_role), and parse_worker_config reads the role before the rest.
 
 @dataclass
-class TokenWorkerConfig:
-    """A token worker: receives a request's KV cache and runs the token phase."""
+class WorkerConfig(TelemetryOptions, SecurityOptions, RegistryOptions, KVOptions, EngineOptions, ModelOptions):
+    """A worker: runs the prompt phase (--role prompt), the token phase (token) or both (mixed) on one engine."""
 
+    role: str = option("token", "SPLITWISE_TOKEN_WORKER_ROLE", ROLE_HELP)
     listen: str = option("127.0.0.1:50071", "SPLITWISE_TOKEN_WORKER_LISTEN", "host:port the token worker serves on")
     advertise: str = option("", "SPLITWISE_ADVERTISE", "address other services use to reach this worker (default: listen)")
     worker_id: str = option("", "SPLITWISE_WORKER_ID", "unique worker id (default: role-host-random)")
-    model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
-    cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
-    engine: str = option("real", "SPLITWISE_ENGINE", ENGINE_HELP)
-    mock_profile: str = option(DEFAULT_MOCK_PROFILE, "SPLITWISE_MOCK_PROFILE", MOCK_PROFILE_HELP)
-    mock_time_factor: float = option(1.0, "SPLITWISE_MOCK_TIME_FACTOR", MOCK_TIME_FACTOR_HELP)
-    mock_kv_scale: float = option(1.0, "SPLITWISE_MOCK_KV_SCALE", MOCK_KV_SCALE_HELP)
-    device: str = option("auto", "SPLITWISE_DEVICE", "cpu, cuda, cuda:N, or auto (cuda when torch sees one)")
-    dtype: str = option("float32", "SPLITWISE_DTYPE", "float32, bfloat16 or float16")
-    num_threads: int = option(0, "SPLITWISE_NUM_THREADS", "torch compute threads (0: torch's default)")
-    role: str = option("token", "SPLITWISE_TOKEN_WORKER_ROLE", "token, or mixed: also serves the prompt phase (the mixed pool)")
     kv_memory_bytes: int = option(1 << 30, "SPLITWISE_KV_MEMORY_BYTES", "KV cache budget of the token worker")
-    block_size: int = option(16, "SPLITWISE_BLOCK_SIZE", "tokens per KV cache block")
-    max_batch_tokens: int = option(2048, "SPLITWISE_MAX_BATCH_TOKENS", "prefill batch budget; longer prompts are chunked")
-    max_queued_prompt_tokens: int = option(65536, "SPLITWISE_MAX_QUEUED_PROMPT_TOKENS", "prompt tokens waiting for (or in) a prefill beyond which a new prompt is refused with RESOURCE_EXHAUSTED (the scheduler tries another worker); 0: no limit")
-    max_decode_batch: int = option(256, "SPLITWISE_MAX_DECODE_BATCH", "most sequences decoded in one step")
-    mixed_batches: bool = option(False, "SPLITWISE_MIXED_BATCHES", MIXED_BATCHES_HELP)
-    kv_chunk_bytes: int = option(1 << 20, "SPLITWISE_KV_CHUNK_BYTES", "largest KV chunk on the wire (grpc transport)")
-    kv_transports: str = option("shm,grpc", "SPLITWISE_KV_TRANSPORTS", "KV transports this worker offers: shm (same host), mooncake (RDMA or TCP; opt in: its engine listens on every interface and authenticates no peer, see README Security), grpc (always; mTLS), fake (tests only: in-process, faults on demand)")
-    kv_mooncake_protocol: str = option("tcp", "SPLITWISE_KV_MOONCAKE_PROTOCOL", "Mooncake Transfer Engine protocol: tcp, or rdma where the machine has it")
-    kv_progress_timeout_s: float = option(30.0, "SPLITWISE_KV_PROGRESS_TIMEOUT_S", "a KV transfer that makes no progress this long fails (waiting for compute does not count)")
+    metrics_listen: str = option("127.0.0.1:9471", "SPLITWISE_METRICS_LISTEN", METRICS_LISTEN_HELP)
     drain_grace_s: float = option(30.0, "SPLITWISE_DRAIN_GRACE_S", "on SIGTERM: stop taking requests, deregister, and give those in flight this long to finish")
-    kv_wait_timeout_s: float = option(600.0, "SPLITWISE_KV_WAIT_TIMEOUT_S", "how long a reservation waits for its KV to start arriving (the sender's queue included)")
-    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the worker registry (and the kv_store index)")
-    heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
-    grpc_keepalive_s: float = option(5.0, "SPLITWISE_GRPC_KEEPALIVE_S", "while calls to a peer are open, ping it every this many seconds; one that does not answer within as long (a hung process, a host gone without closing its connections) fails them with UNAVAILABLE; 0: no pings")
-    registry_ttl_s: float = option(3.0, "SPLITWISE_REGISTRY_TTL_S", "a worker silent this long leaves the registry")
-    tls_dir: str = option("", "SPLITWISE_TLS_DIR", "folder of the cluster CA, this service's certificate and key, and the cluster key (made by `splitwise certs`): mTLS between services; required unless --insecure")
-    insecure: bool = option(False, "SPLITWISE_INSECURE", "run without TLS and cluster authentication (anyone who reaches a port is trusted): for debugging only")
-    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
-    metrics_listen: str = option("127.0.0.1:9471", "SPLITWISE_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint ('off': none)")
-    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
-    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
+
+    def __post_init__(self) -> None:
+        # Refused rather than served: a prompt worker with a token worker's port and KV budget starts without a word.
+        if (WorkerConfig.for_role(self.role) is PromptWorkerConfig) != isinstance(self, PromptWorkerConfig):
+            raise ValueError(f"a {self.role} worker's config is WorkerConfig.for_role({self.role!r}), not "
+                             f"{type(self).__name__}: its role decides the defaults of its listen address, metrics "
+                             "endpoint and KV memory")
+
+    @staticmethod
+    def for_role(role: str) -> type[WorkerConfig]:
+        """The config class of a role, whose defaults are that role's."""
+        if role not in WORKER_ROLES:
+            raise ValueError(f"worker role must be one of {', '.join(WORKER_ROLES)}, got {role!r}")
+        return PromptWorkerConfig if role == "prompt" else TokenWorkerConfig
 
 
 @dataclass
-class KVStoreConfig:
+class PromptWorkerConfig(WorkerConfig):
+    """A prompt worker: runs the prompt phase and ships the KV cache layer by layer."""
+
+    role: str = option("prompt", "SPLITWISE_TOKEN_WORKER_ROLE", ROLE_HELP)
+    listen: str = option("127.0.0.1:50061", "SPLITWISE_PROMPT_WORKER_LISTEN", "host:port the prompt worker serves on")
+    kv_memory_bytes: int = option(512 << 20, "SPLITWISE_PROMPT_KV_MEMORY_BYTES", "KV cache budget of the prompt worker")
+    metrics_listen: str = option("127.0.0.1:9461", "SPLITWISE_METRICS_LISTEN", METRICS_LISTEN_HELP)
+
+
+@dataclass
+class TokenWorkerConfig(WorkerConfig):
+    """A token worker: receives a request's KV cache and runs the token phase (a mixed one runs both phases)."""
+
+
+def parse_worker_config(argv: Sequence[str] | None = None) -> WorkerConfig:
+    """The role first (--role, else its variable, else token), then the rest with the defaults of the role's class."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(parser, WorkerConfig, ["role"])
+    role = parser.parse_known_args(argv)[0].role
+    return parse_config(WorkerConfig.for_role(role), argv)
+
+
+@dataclass
+class KVStoreConfig(TelemetryOptions, SecurityOptions):
     """The kv_store: relays and keeps KV transfers by request id, listed in a KV index in Redis."""
 
     listen: str = option("127.0.0.1:50081", "SPLITWISE_KV_STORE_LISTEN", "host:port the kv_store serves on")
     advertise: str = option("", "SPLITWISE_ADVERTISE", "address other services use to reach this kv_store (default: listen)")
-    redis_url: str = option("redis://127.0.0.1:6379/0", "SPLITWISE_REDIS_URL", "Redis holding the KV index (which kv_store holds which request's KV)")
+    redis_url: str = option(REDIS_URL, "SPLITWISE_REDIS_URL", "Redis holding the KV index (which kv_store holds which request's KV)")
     ttl_s: float = option(300.0, "SPLITWISE_KV_STORE_TTL_S", "how long a stored transfer is kept")
     max_bytes: int = option(4 << 30, "SPLITWISE_KV_STORE_MAX_BYTES", "refuse new transfers beyond this many bytes held")
     get_wait_s: float = option(30.0, "SPLITWISE_KV_STORE_GET_WAIT_S", "default wait for a transfer that has not arrived")
-    kv_progress_timeout_s: float = option(30.0, "SPLITWISE_KV_PROGRESS_TIMEOUT_S", "a KV transfer that makes no progress this long fails (waiting for compute does not count)")
-    tls_dir: str = option("", "SPLITWISE_TLS_DIR", "folder of the cluster CA, this service's certificate and key, and the cluster key (made by `splitwise certs`): mTLS between services; required unless --insecure")
-    insecure: bool = option(False, "SPLITWISE_INSECURE", "run without TLS and cluster authentication (anyone who reaches a port is trusted): for debugging only")
-    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
-    metrics_listen: str = option("127.0.0.1:9481", "SPLITWISE_METRICS_LISTEN", "host:port of the Prometheus /metrics endpoint ('off': none)")
-    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
-    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
+    kv_progress_timeout_s: float = option(30.0, "SPLITWISE_KV_PROGRESS_TIMEOUT_S", KV_PROGRESS_TIMEOUT_HELP)
+    metrics_listen: str = option("127.0.0.1:9481", "SPLITWISE_METRICS_LISTEN", METRICS_LISTEN_HELP)
 
 
 @dataclass
-class GatewayConfig:
+class GatewayConfig(TelemetryOptions, PublicApiOptions, ModelOptions):
     """The OpenAI-compatible HTTP gateway: /v1/chat/completions, /v1/completions and /v1/models in front of the
     scheduler's gRPC API."""
 
     listen: str = option("127.0.0.1:8000", "SPLITWISE_GATEWAY_LISTEN", "host:port the HTTP gateway serves on")
     schedulers: str = option("127.0.0.1:50051", "SPLITWISE_GATEWAY_SCHEDULERS", "the scheduler replicas' host:port, comma-separated: the gateway fails over between them")
-    model: str = option("smollm2-135m-instruct", "SPLITWISE_MODEL", MODEL_HELP)
-    cache_dir: str = option("", "SPLITWISE_CACHE_DIR", "where converted models are cached (default ~/.cache/splitwise)")
-    engine: str = option("real", "SPLITWISE_ENGINE", ENGINE_HELP)
-    mock_profile: str = option(DEFAULT_MOCK_PROFILE, "SPLITWISE_MOCK_PROFILE", MOCK_PROFILE_HELP)
-    api_key: str = option("", "SPLITWISE_API_KEY", "the public API's key: clients send 'authorization: Bearer KEY' metadata, a missing or wrong key gets UNAUTHENTICATED (empty: no key, allowed on a loopback address only unless --insecure)")
-    admin_key: str = option("", "SPLITWISE_ADMIN_KEY", "the key ClusterStatus takes (it lists every worker and its address); it also works as an API key (empty: ClusterStatus is closed unless --insecure)")
-    insecure: bool = option(False, "SPLITWISE_INSECURE", "run without TLS and cluster authentication (anyone who reaches a port is trusted): for debugging only")
+    insecure: bool = option(False, "SPLITWISE_INSECURE", INSECURE_HELP)
     tls_ca: str = option("", "SPLITWISE_TLS_CA", "gateway: the CA (PEM) of schedulers that serve the public API over TLS (--public-tls); empty: plaintext")
-    request_timeout_s: float = option(600.0, "SPLITWISE_REQUEST_TIMEOUT_S", "deadline of a request whose client set none")
     chat_max_tokens: int = option(2048, "SPLITWISE_GATEWAY_CHAT_MAX_TOKENS", "a chat completion that sets no max_tokens generates up to this many, fewer where the context window ends first (a token worker reserves KV for them at admission); completions default to 16, as OpenAI's")
     max_body_bytes: int = option(8 << 20, "SPLITWISE_GATEWAY_MAX_BODY_BYTES", "a request body over this many bytes is refused with 413 before it is read")
-    trace_file: str = option("", "SPLITWISE_TRACE_FILE", "append finished spans as JSON lines to this file")
-    log_level: str = option("INFO", "SPLITWISE_LOG_LEVEL", "logging level")
-    log_format: str = option("json", "SPLITWISE_LOG_FORMAT", "json (one object per line, with trace and span ids) or text")
 
 
 def cache_dir_of(config) -> Path | None:

@@ -106,7 +106,7 @@ class UpOptions:
     schedulers: int = 1  # replicas, all reading the same Redis and all serving clients
     prompt_workers: int = 1
     token_workers: int = 1
-    mixed_workers: int = 0  # token workers of role mixed: both phases, colocated (the paper's baseline)
+    mixed_workers: int = 0  # workers of role mixed: both phases, colocated (the paper's baseline)
     kv_transfer: str = "direct"
     run_dir: Path = Path(".splitwise")
     device: str = "auto"
@@ -142,6 +142,7 @@ class Child:
     cores: set[int] | None = None  # pinned to these
     module: str = ""
     env: dict = field(default_factory=dict)  # the service's own on top of the launcher's: a restart reuses it
+    args: tuple[str, ...] = ()  # after `python -m module`; a restart reuses them too
 
 
 class Cluster:
@@ -179,12 +180,13 @@ class Cluster:
                     return f"{o.host}:{port}"
         return f"{self.o.host}:{self.o.metrics_port + METRICS_OFFSETS[kind] + index}"
 
-    def _spawn(self, name: str, module: str, env: dict, address: str | None, cores: set[int] | None = None) -> None:
-        """Starts service `name` (KIND or KIND-INDEX) as `python -m module` with env on top of the launcher's."""
+    def _spawn(self, name: str, module: str, env: dict, address: str | None, cores: set[int] | None = None,
+               args: tuple[str, ...] = ()) -> None:
+        """Starts service `name` (KIND or KIND-INDEX) as `python -m module args` with env on top of the launcher's."""
         kind, _, index = name.partition("-")
         metrics = self.metrics_address(kind, int(index or 0))
         env = {**env, "SPLITWISE_METRICS_LISTEN": metrics, "OTEL_SERVICE_NAME": kind}
-        child = Child(name, address, None, metrics, cores, module, env)
+        child = Child(name, address, None, metrics, cores, module, env, args)
         child.proc = self._launch(child)
         self.children.append(child)
 
@@ -194,7 +196,7 @@ class Cluster:
         cores = child.cores
         with open(log_dir / f"{child.name}.log", "ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", child.module],
+                [sys.executable, "-m", child.module, *child.args],
                 env={**os.environ, **self.o.extra_env, **child.env, PARENT_PID_ENV: str(os.getpid())},
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                 # Before exec, so every thread the service starts inherits the cores.
@@ -277,16 +279,15 @@ class Cluster:
         cores = sorted(os.sched_getaffinity(0))
         workers = o.prompt_workers + o.token_workers + o.mixed_workers
         first = 0
-        for kind, service, role in (("prompt_worker", "prompt_worker", {}), ("token_worker", "token_worker", {}),
-                                    ("mixed_worker", "token_worker", {"SPLITWISE_TOKEN_WORKER_ROLE": "mixed"})):
+        for kind, role in (("prompt_worker", "prompt"), ("token_worker", "token"), ("mixed_worker", "mixed")):
             count = self.first_ports()[kind][1]
             for i in range(count):
                 address = self.listen_address(kind, i)
                 name = f"{kind}-{i}"
-                self._spawn(name, f"services.{service}", {
-                    **common, **role, f"SPLITWISE_{service.upper()}_LISTEN": address, "SPLITWISE_WORKER_ID": name,
-                    "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")}, address,
-                    worker_cores(first + i, workers, cores) if o.pin_workers else None)
+                self._spawn(name, "services.worker", {
+                    **common, "SPLITWISE_WORKER_ID": name, "SPLITWISE_TRACE_FILE": str(traces / f"{name}.jsonl")},
+                    address, worker_cores(first + i, workers, cores) if o.pin_workers else None,
+                    ("--role", role, "--listen", address))
             first += count
         for i in range(o.schedulers):
             scheduler = self.listen_address("scheduler", i)

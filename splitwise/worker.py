@@ -1,4 +1,4 @@
-"""What both worker roles share: loading the engine and keeping the worker's registry entry alive."""
+"""What the worker service builds on: loading the engine and keeping the worker's registry entry alive."""
 
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ class LoadedEngine:
     layout: KVLayout
 
 
-def load_engine(config, max_decode_batch: int = 256) -> LoadedEngine:
+def load_engine(config) -> LoadedEngine:
     """The engine of `config.engine`: the model's (real), or the mock profile's modelled time (mock)."""
     engine_config = EngineConfig(
         kv_memory_bytes=config.kv_memory_bytes, block_size=config.block_size,
-        max_batch_tokens=config.max_batch_tokens, max_decode_batch=max_decode_batch,
+        max_batch_tokens=config.max_batch_tokens, max_decode_batch=config.max_decode_batch,
         max_queued_prompt_tokens=config.max_queued_prompt_tokens, num_threads=config.num_threads,
         mixed_batches=config.mixed_batches,
     )

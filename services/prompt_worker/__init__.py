@@ -1,1 +1,1 @@
-"""Prompt worker: runs the prompt phase and ships the KV cache layer by layer."""
+"""Kept for compatibility: the prompt worker is services.worker with --role prompt."""

@@ -1,1 +1,1 @@
-"""Token worker: receives KV caches and runs the token phase."""
+"""Kept for compatibility: the token worker is services.worker with --role token (or mixed)."""

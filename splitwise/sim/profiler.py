@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from splitwise.config import PromptWorkerConfig, TokenWorkerConfig, parse_config
+from splitwise.config import TokenWorkerConfig, parse_worker_config
 from splitwise.engine.llm_engine import Engine, Finished
 from splitwise.engine.model_runner import ModelRunner
 from splitwise.engine.sampling import SampledToken, SamplingParams
@@ -132,7 +132,7 @@ def describe(engine: Engine, config: TokenWorkerConfig, hardware: str, device: s
     c = loaded.config
     dtype_bytes = torch.empty((), dtype=engine.runner.dtype).element_size()
     kv_bytes_per_block = ModelRunner.bytes_per_token(loaded, engine.runner.dtype) * config.block_size
-    prompt_kv_bytes = parse_config(PromptWorkerConfig, []).kv_memory_bytes
+    prompt_kv_bytes = parse_worker_config(["--role", "prompt"]).kv_memory_bytes
     return MeasuredMachine(
         model=loaded.name, hardware=hardware, num_layers=c.num_layers, num_kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, dtype=config.dtype, dtype_bytes=dtype_bytes,
@@ -159,7 +159,7 @@ def run(args) -> int:
     config = dataclasses.replace(TokenWorkerConfig(), **{name: getattr(args, name) for name in WORKER_OPTIONS})
     device = resolve_device(config.device)
     started = time.perf_counter()
-    engine = load_engine(config, config.max_decode_batch).engine
+    engine = load_engine(config).engine
     try:
         num_threads = config.num_threads or torch.get_num_threads()
         hardware = args.hardware or hardware_label(device, num_threads)

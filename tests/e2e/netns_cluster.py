@@ -30,6 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llama"
 PORTS = {"scheduler": 50051, "prompt_worker": 50061, "token_worker": 50071}  # one host each: no clashes
 HOSTS = {"scheduler": "scheduler", "prompt_worker": "prompt", "token_worker": "token"}
+WORKER_ROLES = {"prompt_worker": "prompt", "token_worker": "token"}
 LINK_RATE_BYTES_PER_S = 1_000_000  # 8 Mbit/s: the tiny model's ~1 MB of KV takes about a second
 LINK_BURST_BYTES = 4096
 PROMPT_TOKEN_IDS = [3 + (i * 31) % 256 for i in range(960)]  # tiny-llama's bytes; 960 + 16 fits its 1024 context
@@ -99,9 +100,10 @@ def three_host_lan(tag: str, subnet: str) -> Iterator[Lan]:
 
 def spawn(name: str, host: Host, env: dict, run_dir: Path) -> Service:
     log, trace_file = run_dir / f"{name}.log", run_dir / f"{name}.jsonl"
+    command = ("services.worker", "--role", WORKER_ROLES[name]) if name in WORKER_ROLES else (f"services.{name}",)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            host.argv(sys.executable, "-m", f"services.{name}"),
+            host.argv(sys.executable, "-m", *command),
             env={**os.environ, **env, "SPLITWISE_TRACE_FILE": str(trace_file)},
             cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )

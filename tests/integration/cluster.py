@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.kv_store import app as kv_store_app
-from services.prompt_worker import app as prompt_app
 from services.scheduler import app as scheduler_app
-from services.token_worker import app as token_app
+from services.worker import app as worker_app
 from splitwise.client import SplitwiseClient
 from splitwise.config import KVStoreConfig, PromptWorkerConfig, SchedulerConfig, TokenWorkerConfig
 from tests import security
@@ -53,9 +52,9 @@ async def local_cluster(redis_url: str, model: str, cache_dir: Path, kv_transfer
                                                          **(kv_store_overrides or {})}))
     prompt = None
     if prompt_worker:
-        prompt = await prompt_app.start(PromptWorkerConfig(listen="127.0.0.1:0", device="cpu", **common,
+        prompt = await worker_app.start(PromptWorkerConfig(listen="127.0.0.1:0", device="cpu", **common,
                                                            **(prompt_overrides or {})))
-    token = await token_app.start(TokenWorkerConfig(listen="127.0.0.1:0", device="cpu", **common, **token_overrides))
+    token = await worker_app.start(TokenWorkerConfig(listen="127.0.0.1:0", device="cpu", **common, **token_overrides))
     scheduler = await scheduler_app.start(
         SchedulerConfig(listen="127.0.0.1:0", kv_transfer=kv_transfer, kv_store_address=kv_store.address, **common,
                         **{"api_key": security.API_KEY, "admin_key": security.ADMIN_KEY, **(scheduler_overrides or {})})

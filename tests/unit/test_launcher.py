@@ -132,6 +132,19 @@ def test_the_gateway_starts_after_the_schedulers_and_is_told_every_replica(tmp_p
     assert gateway.metrics_address == cluster.http_address  # /metrics on its own port
 
 
+def test_every_worker_runs_the_worker_service_in_its_kinds_role_on_its_address(tmp_path, monkeypatch):
+    cluster = Cluster(UpOptions(model="tiny-llama", run_dir=tmp_path, mixed_workers=1, metrics_port=0, insecure=True))
+    monkeypatch.setattr(cluster, "_launch", lambda child: None)  # nothing runs: the plan is checked
+    monkeypatch.setattr(cluster, "start_redis", lambda: None)
+    cluster.start()
+    workers = {c.name: (c.module, c.args) for c in cluster.children if "worker" in c.name}
+    assert workers == {
+        "prompt_worker-0": ("services.worker", ("--role", "prompt", "--listen", "127.0.0.1:50061")),
+        "token_worker-0": ("services.worker", ("--role", "token", "--listen", "127.0.0.1:50071")),
+        "mixed_worker-0": ("services.worker", ("--role", "mixed", "--listen", "127.0.0.1:50091")),
+    }
+
+
 def test_a_gateway_port_in_use_is_refused_at_once_and_a_gateway_that_cannot_run_stops_up(tmp_path):
     import socket
 

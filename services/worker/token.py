@@ -1,0 +1,289 @@
+"""The TokenWorker servicer: reserves KV blocks for a request, receives its KV layer by layer, and decodes it
+in the engine's continuous batch. A mixed worker also runs the prompt phase of colocated requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator
+
+import grpc
+
+from splitwise.channels import ChannelPool, end_stream
+from splitwise.engine.block_manager import KVCapacityError
+from splitwise.engine.llm_engine import Engine
+from splitwise.engine.request_handle import Finished, RequestFailed, RequestHandle
+from splitwise.engine.sampling import SampledToken
+from splitwise.engine.sequence import FinishReason
+from splitwise.kv.chunks import KVIntegrityError
+from splitwise.kv.transport.base import Fault, KVTransferError, TransferState
+from splitwise.kv.transport.receiver import KVReceiver
+from splitwise.kv.transport.registry import WorkerTransports
+from splitwise.kv.transport.staged import StagedLayout
+from splitwise.kv.layout import KVLayout, KVLayoutMismatch
+from splitwise.rpc import convert
+from splitwise.rpc.errors import abort_transfer, capacity_status, engine_status
+from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
+from splitwise.telemetry.tracing import record_cancelled, record_error, rpc_span, tracer
+
+log = logging.getLogger(__name__)
+
+# How long a resumed request waits for its kept KV to start arriving from the kv_store (it was stored, or is
+# being stored, when its first token was sampled); after that the token worker recomputes the prompt itself.
+RESUME_KV_WAIT_S = 5.0
+FINISH_REASONS = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
+
+
+class KeptKVUnavailable(Exception):
+    """A resumed request's prompt KV, kept in the kv_store, cannot be had (gone, expired, incomplete, corrupt)."""
+
+
+async def _chain(first, rest: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item
+
+
+class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
+    def __init__(self, engine: Engine, layout: KVLayout, channels: ChannelPool, kv_wait_timeout_s: float,
+                 kv_progress_timeout_s: float = 30.0):
+        self.engine = engine
+        self.layout = layout
+        self.channels = channels
+        self.kv_wait_timeout_s = kv_wait_timeout_s
+        self.kv_progress_timeout_s = kv_progress_timeout_s
+        self.transports = WorkerTransports()  # until the worker knows its address: gRPC only
+        self.receivers: dict[str, KVReceiver] = {}
+        self.draining = False
+
+    def _validate(self, request: worker_pb2.DecodeRequest):
+        params = convert.sampling_from_pb(request.sampling)
+        params.validate()
+        ids = list(request.prompt_token_ids)
+        vocab = self.engine.loaded.config.vocab_size
+        if not request.request_id:
+            raise ValueError("request_id is required")
+        if not ids or len(ids) != request.num_prompt_tokens:
+            raise ValueError("prompt_token_ids must hold the num_prompt_tokens > 0 prompt tokens")
+        output = list(request.output_token_ids)
+        if any(t < 0 or t >= vocab for t in ids + output):
+            raise ValueError(f"token ids must be in [0, {vocab})")
+        if len(output) >= params.max_tokens:
+            raise ValueError(f"a resumed request has {len(output)} output tokens already: no more than max_tokens - 1")
+        if output and not request.prefill_here and request.kv_source.kind != worker_pb2.KVTarget.KIND_KV_STORE:
+            raise ValueError("a resumed request takes its prompt KV from the kv_store, or prefills here")
+        return ids, output, params
+
+    async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "token worker is draining")
+        try:
+            ids, output, params = self._validate(request)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        rid = request.request_id
+        span = rpc_span()
+        span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
+                             "colocated": request.prefill_here, "resumed.output_tokens": len(output)})
+        with tracer().start_as_current_span("token_worker.admission") as admission:
+            try:
+                if request.prefill_here:
+                    handle = self.engine.submit(rid, ids, params, output_ids=output)
+                else:
+                    handle = self.engine.reserve(rid, ids, params)
+            except KVCapacityError as e:
+                record_error(admission, e)
+                record_error(span, e)
+                await context.abort(capacity_status(e), str(e))
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+            blocks = self.engine.blocks
+            admission.set_attributes({"kv.blocks_reserved": len(handle.seq.block_table),
+                                      "kv.blocks_free": blocks.num_free, "kv.blocks_total": blocks.num_blocks})
+        pull: list[asyncio.Task] = []
+        # Cleanup runs when the RPC ends however it ends; a cancelled stream's generator may be
+        # finalised much later.
+        context.add_done_callback(lambda _: self._release(handle, pull))
+        try:
+            offer = None
+            if not request.prefill_here:
+                # The receiver (and its staging buffer, if the transport writes into one) exists before the
+                # scheduler learns of the reservation, so the sender always finds it.
+                staging = None
+                if request.kv_source.kind != worker_pb2.KVTarget.KIND_KV_STORE:
+                    staging = self.transports.staging(request.kv_transport, StagedLayout(self.layout, len(ids)).total_bytes)
+                receiver = self.receivers[rid] = KVReceiver(
+                    lambda layer, start, k, v: self.engine.write_kv(handle, layer, start, k, v),
+                    self.layout, ids, owner=handle, staging=staging)
+                offer = convert.offer_to_pb(receiver.offer())
+            yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
+                layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids), offer=offer))
+            if not request.prefill_here:
+                if request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE:
+                    stored_as = request.kv_source.request_id or rid
+                    # A resumed request's KV is in the kv_store already, or on its way: no long wait for it.
+                    wait_s = min(RESUME_KV_WAIT_S, self.kv_wait_timeout_s) if output else self.kv_wait_timeout_s
+                    pull.append(asyncio.create_task(
+                        self._pull_from_store(receiver, stored_as, request.kv_source.address, wait_s)))
+                try:
+                    # A resumed request's prompt KV is a kept copy: if it cannot be had, the prompt is recomputed.
+                    first = await self._wait_for_kv(receiver, context, fallible=bool(output))
+                except KeptKVUnavailable as e:
+                    for task in pull:
+                        task.cancel()
+                    await asyncio.gather(*pull, return_exceptions=True)  # nothing more is written into the blocks
+                    self._drop_receiver(handle)
+                    span.add_event("kv_fallback", {"reason": str(e)})
+                    log.warning("request %s: its kept KV cannot be had (%s); recomputing its prompt here", rid, e)
+                    self.engine.resume_decoding(handle, output, prompt_kv_arrived=False)
+                    yield worker_pb2.DecodeEvent(kv_fallback=worker_pb2.KVFallback(reason=str(e)))
+                else:
+                    receiver.close()  # the KV is in its blocks now: the staging buffer goes back at once
+                    if output:  # resumed: recompute the tokens streamed before, then go on
+                        self.engine.resume_decoding(handle, output)
+                    else:
+                        self.engine.start_decoding(handle, first)
+            async for event in self._stream(handle, context):
+                yield event
+        except asyncio.CancelledError:
+            record_cancelled(span, "scheduler")
+            raise
+        finally:
+            self._release(handle, pull)
+
+    def _release(self, handle: RequestHandle, pull: list[asyncio.Task]) -> None:
+        """Frees what this request holds here (and nothing of a later request with the same id)."""
+        for task in pull:
+            task.cancel()
+        self._drop_receiver(handle)
+        self.engine.abort(handle.seq.request_id, handle)
+
+    def _drop_receiver(self, handle: RequestHandle) -> None:
+        rid = handle.seq.request_id
+        receiver = self.receivers.get(rid)
+        if receiver is not None and receiver.owner is handle:
+            del self.receivers[rid]
+            receiver.fail(KVTransferError("the request ended before its KV arrived"))
+            receiver.close()
+
+    async def _wait_for_kv(self, receiver: KVReceiver, context, fallible: bool = False) -> SampledToken:
+        """The first token once the KV has arrived; deadlines count the wait for its start and pauses within it.
+
+        A failed transfer ends the call with its status, or with `fallible` raises KeptKVUnavailable.
+        """
+        loop = asyncio.get_running_loop()
+        waiting_since = loop.time()
+        with tracer().start_as_current_span("kv_transfer.receive") as span:
+            while True:
+                try:
+                    first = await asyncio.wait_for(asyncio.shield(receiver.committed), 0.25)
+                    break
+                except asyncio.TimeoutError:
+                    now = loop.time()
+                    if receiver.state is TransferState.WAITING and now - waiting_since > self.kv_wait_timeout_s:
+                        problem = f"KV cache did not start arriving within {self.kv_wait_timeout_s}s"
+                    elif (receiver.state is TransferState.TRANSFERRING
+                          and now - receiver.last_progress > self.kv_progress_timeout_s):
+                        problem = f"KV transfer stalled: nothing arrived for {self.kv_progress_timeout_s}s"
+                    else:
+                        continue
+                    receiver.expire(problem)
+                    if fallible:
+                        span.set_attribute("kv.unavailable", problem)
+                        raise KeptKVUnavailable(problem)
+                    record_error(span, problem)
+                    await abort_transfer(context, KVTransferError(problem, grpc.StatusCode.DEADLINE_EXCEEDED))
+                except (KVIntegrityError, KVLayoutMismatch, KVTransferError) as e:
+                    if fallible:
+                        span.set_attribute("kv.unavailable", str(e))
+                        raise KeptKVUnavailable(str(e)) from e
+                    record_error(span, e)
+                    await abort_transfer(context, e, f"KV transfer failed: {e}")
+            span.set_attributes({"kv.transport": receiver.transport, **receiver.stats.attributes()})
+            return first
+
+    async def _stream(self, handle: RequestHandle, context) -> AsyncIterator[worker_pb2.DecodeEvent]:
+        """Relays the tokens the engine samples here, then the finish reason."""
+        with tracer().start_as_current_span("token_worker.decode") as span:
+            produced = 0
+            start = last = time.perf_counter()
+            gaps: list[float] = []
+            try:
+                while True:
+                    try:
+                        event = await handle.next_event()
+                    except RequestFailed as e:
+                        record_error(span, e)
+                        await context.abort(engine_status(e), str(e))
+                    if isinstance(event, Finished):
+                        break
+                    produced += 1
+                    now = time.perf_counter()
+                    if produced == 1:
+                        span.add_event("first_token")
+                        span.set_attribute("time_to_first_token_ms", (now - start) * 1e3)
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                    tokens = worker_pb2.Tokens(token_ids=[event.token_id], logprobs=[event.logprob])
+                    if event.top_logprobs:
+                        tokens.top_logprobs.append(convert.top_logprobs_to_pb(event.top_logprobs))
+                    yield worker_pb2.DecodeEvent(tokens=tokens)
+            finally:  # also when the scheduler ends the stream first (it had what it needed, or was cancelled)
+                if gaps:
+                    span.set_attributes({"time_between_tokens_mean_ms": sum(gaps) / len(gaps) * 1e3,
+                                         "time_between_tokens_max_ms": max(gaps) * 1e3})
+                span.set_attributes({"output.tokens": produced, "preemptions": handle.seq.num_preemptions})
+            span.set_attribute("finish_reason", event.reason.value)
+            if event.reason not in FINISH_REASONS:
+                record_error(span, event.reason.value)
+                await context.abort(grpc.StatusCode.ABORTED, f"request {event.reason.value} on the token worker")
+            yield worker_pb2.DecodeEvent(tokens=worker_pb2.Tokens(finish_reason=FINISH_REASONS[event.reason]))
+
+    async def _pull_from_store(self, receiver: KVReceiver, rid: str, address: str, wait_s: float) -> None:
+        stub = kv_store_pb2_grpc.KVStoreStub(self.channels.get(address))
+        # The kv_store judges a stall by progress after the start: the call's own deadline is generous.
+        # Only KV of exactly this request's prompt (its kv_hash): the kv_store never serves another's under this id.
+        call = stub.Get(kv_store_pb2.GetRequest(request_id=rid, wait_s=wait_s, kv_hash=receiver.kv_hash),
+                        timeout=self.kv_wait_timeout_s)
+
+        async def messages():
+            try:
+                async for msg in call:
+                    yield msg
+            except grpc.aio.AioRpcError as e:
+                # NOT_FOUND stays so: the scheduler tells a KV that is not there from a worker that is gone.
+                code = grpc.StatusCode.NOT_FOUND if e.code() == grpc.StatusCode.NOT_FOUND else grpc.StatusCode.UNAVAILABLE
+                raise KVTransferError(f"kv_store relay: {e.code().name}: {e.details()}", code,
+                                      Fault.KV_STORE) from e
+
+        try:
+            await receiver.consume(messages())
+        except Exception as e:  # the receiver holds the error; Decode reports it to the scheduler
+            log.warning("pull of %s from kv_store failed: %s", rid, e)
+        finally:
+            committed = receiver.committed
+            ok = committed.done() and not committed.cancelled() and committed.exception() is None
+            await end_stream(call, cancel=not ok)
+
+    async def PushKV(self, request_iterator, context: grpc.aio.ServicerContext) -> worker_pb2.KVAck:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("kind") != "header":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a KV transfer starts with its header")
+        rid = first.header.request_id
+        receiver = self.receivers.get(rid)
+        if receiver is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV reservation for request {rid!r} (cancelled or expired)")
+        span = rpc_span()
+        span.set_attribute("splitwise.request_id", rid)
+        try:
+            stats = await receiver.consume(_chain(first, request_iterator))
+        except (KVIntegrityError, KVLayoutMismatch, KVTransferError) as e:
+            record_error(span, e)
+            await abort_transfer(context, e)
+        except BaseException:
+            receiver.fail(KVTransferError("the KV sender went away mid-transfer", fault=Fault.SENDER))
+            raise
+        span.set_attributes({"kv.transport": receiver.transport, **stats.attributes()})
+        return worker_pb2.KVAck(request_id=rid, num_bytes=stats.num_bytes, num_chunks=stats.num_chunks)
