@@ -1,5 +1,5 @@
-"""Kept for compatibility: the servicer is services.worker.prompt's."""
+"""Kept for compatibility: the servicer is services.worker.prompt_servicer's."""
 
-from services.worker.prompt import PromptWorkerServicer
+from services.worker.prompt_servicer import PromptWorkerServicer
 
 __all__ = ["PromptWorkerServicer"]

@@ -171,7 +171,8 @@ class Dispatcher:
                                   token_w.worker_id)
         sampling = convert.sampling_to_pb(params)
         target, transport = self._kv_target(prompt_w, token_w, len(ids))
-        span.set_attributes({"kv.transport": transport, "kv.layerwise": target.layerwise})
+        if not colocated:  # (a colocated request's KV never leaves its worker)
+            span.set_attributes({"kv.transport": transport, "kv.layerwise": target.layerwise})
         keep = None
         if self.kv.transfer == "direct" and self.kv.keep and self.kv.kv_store_address and not colocated:
             keep = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv.kv_store_address)

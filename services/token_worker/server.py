@@ -1,5 +1,5 @@
-"""Kept for compatibility: the servicer is services.worker.token's."""
+"""Kept for compatibility: the servicer is services.worker.token_servicer's."""
 
-from services.worker.token import TokenWorkerServicer
+from services.worker.token_servicer import TokenWorkerServicer
 
 __all__ = ["TokenWorkerServicer"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from services.worker.prompt import PromptWorkerServicer
-from services.worker.token import TokenWorkerServicer
+from services.worker.prompt_servicer import PromptWorkerServicer
+from services.worker.token_servicer import TokenWorkerServicer
 from splitwise.channels import ChannelPool
 from splitwise.cluster.known_peers import KnownPeers
 from splitwise.cluster.registry import Heartbeat

@@ -155,7 +155,8 @@ class Engine:
         return handle
 
     def write_kv(self, handle: RequestHandle, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Writes received KV ([tokens, kv_heads, head_dim]) into the reserved blocks."""
+        """Writes received KV into the reserved blocks: [tokens, kv_heads, head_dim] of `layer`, or
+        [layers, tokens, kv_heads, head_dim] of a run of layers from `layer` on."""
         self.runner.write_kv(handle.seq.block_table, layer, start, keys, values)
 
     def start_decoding(self, handle: RequestHandle, first: SampledToken) -> None:

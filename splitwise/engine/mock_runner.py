@@ -70,12 +70,19 @@ class MockModelRunner:
         return self.perf.step_s(prompt_tokens, decodes) * self.time_factor
 
     def write_kv(self, block_table: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Checks received KV ([tokens, kv_heads, head_dim]) against the layout and the reservation, and drops it."""
+        """Checks received KV ([tokens, kv_heads, head_dim], or [layers, ...] of a run from `layer` on) against the
+        layout and the reservation, and drops it."""
+        layers = keys.shape[0] if keys.dim() == 4 else 1
+        if keys.dim() == 4:
+            if values.shape != keys.shape:
+                raise ValueError(f"mock KV run from layer {layer}: keys {tuple(keys.shape)}, values {tuple(values.shape)}")
+            keys, values = keys[0], values[0]
         expected = (keys.shape[0], *self.kv_shape)
         if tuple(keys.shape) != expected or tuple(values.shape) != expected or keys.dtype != self.dtype:
             raise ValueError(f"mock KV of layer {layer}: got {tuple(keys.shape)} {keys.dtype}, expected {expected} "
                              f"{self.dtype}")
-        if not 0 <= layer < self.loaded.config.num_layers or start + keys.shape[0] > len(block_table) * self.blocks.block_size:
+        last = layer + layers - 1
+        if not 0 <= layer <= last < self.loaded.config.num_layers or start + keys.shape[0] > len(block_table) * self.blocks.block_size:
             raise ValueError(f"mock KV of layer {layer} at {start}+{keys.shape[0]} is outside the reservation")
 
     def _layer_kv(self, tokens: int) -> torch.Tensor:

@@ -11,6 +11,26 @@ from splitwise.model.attention import BatchLayout
 from splitwise.model.weights import LoadedModel
 
 
+# Above this many stretches of consecutive slots, one index copy beats a slice copy per stretch.
+MAX_SLICED_STRETCHES = 8
+
+
+def slot_stretches(block_table: list[int], block_size: int, start: int, count: int) -> list[tuple[int, int]]:
+    """(first slot, length) of each stretch of consecutive cache slots holding positions [start, start + count)."""
+    stretches: list[list[int]] = []
+    position, end = start, start + count
+    while position < end:
+        offset = position % block_size
+        length = min(block_size - offset, end - position)
+        slot = block_table[position // block_size] * block_size + offset
+        if stretches and stretches[-1][0] + stretches[-1][1] == slot:
+            stretches[-1][1] += length
+        else:
+            stretches.append([slot, length])
+        position += length
+    return [(slot, length) for slot, length in stretches]
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, device: str, blocks: BlockManager):
         self.loaded = loaded
@@ -41,10 +61,27 @@ class ModelRunner:
         return (table[:, None] * self.blocks.block_size + self._block_offsets).flatten()[:end]
 
     def write_kv(self, block_table: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Imports received KV: keys/values [tokens, num_kv_heads, head_dim] for positions start onwards."""
-        slots = self.context_slots(block_table, start + keys.shape[0])[start:]
-        self.cache_keys[layer].index_copy_(1, slots, keys.to(self.device, self.dtype).transpose(0, 1))
-        self.cache_values[layer].index_copy_(1, slots, values.to(self.device, self.dtype).transpose(0, 1))
+        """Imports received KV for positions start onwards: keys/values [tokens, num_kv_heads, head_dim] of `layer`,
+        or [layers, tokens, num_kv_heads, head_dim] of that many layers from `layer` on (a run, in one copy).
+
+        Where the blocks hold consecutive slots (a fresh reservation's mostly do) each stretch is one slice copy
+        for every layer and head at once; a table scattered into many stretches is written by an index copy."""
+        if keys.dim() == 3:
+            keys, values = keys.unsqueeze(0), values.unsqueeze(0)
+        layers = slice(layer, layer + keys.shape[0])
+        keys = keys.to(self.device, self.dtype).transpose(1, 2)  # [layers, kv_heads, tokens, head_dim]
+        values = values.to(self.device, self.dtype).transpose(1, 2)
+        stretches = slot_stretches(block_table, self.blocks.block_size, start, keys.shape[2])
+        if len(stretches) > MAX_SLICED_STRETCHES:
+            slots = self.context_slots(block_table, start + keys.shape[2])[start:]
+            self.cache_keys[layers].index_copy_(2, slots, keys)
+            self.cache_values[layers].index_copy_(2, slots, values)
+            return
+        done = 0
+        for slot, count in stretches:
+            self.cache_keys[layers, :, slot:slot + count].copy_(keys[:, :, done:done + count])
+            self.cache_values[layers, :, slot:slot + count].copy_(values[:, :, done:done + count])
+            done += count
 
     def run(self, batch: ScheduledBatch) -> list[SampledToken | Exception | None]:
         """Per sequence: its sampled token, None when it does not sample this step, or the exception that

@@ -172,6 +172,36 @@ async def test_kv_exported_by_one_engine_continues_identically_in_another(tiny):
         token_engine.stop()
 
 
+@pytest.mark.parametrize("scattered", [False, True])
+async def test_a_run_of_layers_written_at_once_lands_where_layer_by_layer_writes_would(tiny, scattered):
+    """A run is one slice copy per stretch of consecutive slots (or one index copy for a scattered table)."""
+    loaded, _ = tiny
+    config = loaded.config
+    engine, reference = make_engine(loaded), make_engine(loaded)
+    try:
+        tokens, start = 197, 3  # 13 blocks of 16: scattered, more stretches than MAX_SLICED_STRETCHES
+        ids = list(range(10, 10 + start + tokens))
+        handles = [e.reserve("r", ids, SamplingParams(max_tokens=1)) for e in (engine, reference)]
+        if scattered:  # blocks in reverse order: no two consecutive, one stretch per block
+            for handle in handles:
+                handle.seq.block_table.reverse()
+        g = torch.Generator().manual_seed(0)
+        shape = (config.num_layers, tokens, config.num_kv_heads, config.head_dim)
+        keys, values = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        engine.write_kv(handles[0], 0, start, keys, values)
+        for layer in range(config.num_layers):
+            reference.write_kv(handles[1], layer, start, keys[layer], values[layer])
+        for e, handle in ((engine, handles[0]), (reference, handles[1])):
+            slots = e.runner.context_slots(handle.seq.block_table, start + tokens)[start:]
+            assert torch.equal(e.runner.cache_keys[:, :, slots], keys.transpose(1, 2))
+            assert torch.equal(e.runner.cache_values[:, :, slots], values.transpose(1, 2))
+        untouched = engine.runner.context_slots(handles[0].seq.block_table, start)
+        assert not engine.runner.cache_keys[:, :, untouched].any()  # nothing before `start` was written
+    finally:
+        engine.stop()
+        reference.stop()
+
+
 async def test_a_request_resumed_elsewhere_from_its_prompt_kv_and_its_output_so_far_goes_on_identically(tiny):
     """A token worker died after streaming some tokens: another one takes the prompt's KV (as kv_store kept
     it), recomputes the tokens already streamed, and samples exactly what the first one would have."""

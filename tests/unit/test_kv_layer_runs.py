@@ -34,10 +34,15 @@ async def transfer(layer_runs: bool, corrupt=None, token_ranges=((0, len(TOKENS)
     backend = FakeBackend("")
     size = StagedLayout(LAYOUT, len(TOKENS)).total_bytes
     cache = torch.zeros(LAYOUT.num_layers, 2, len(TOKENS), LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    sinks = []
 
-    def sink(layer, start, keys, values):
-        cache[layer, 0, start:start + keys.shape[0]] = keys
-        cache[layer, 1, start:start + keys.shape[0]] = values
+    def sink(layer, start, keys, values):  # one layer [tokens, heads, dim], or a run [layers, tokens, heads, dim]
+        if keys.dim() == 3:
+            keys, values = keys.unsqueeze(0), values.unsqueeze(0)
+        sinks.append((layer, keys.shape[0]))
+        layers, tokens = slice(layer, layer + keys.shape[0]), slice(start, start + keys.shape[1])
+        cache[layers, 0, tokens] = keys
+        cache[layers, 1, tokens] = values
 
     receiver = KVReceiver(sink, LAYOUT, TOKENS, staging=backend.staging(size))
     offer = receiver.offer()
@@ -70,6 +75,7 @@ async def transfer(layer_runs: bool, corrupt=None, token_ranges=((0, len(TOKENS)
     outcome = await asyncio.gather(task, return_exceptions=True)
     receiver.close()
     backend.close()
+    transfer.sinks = sinks  # (first layer, layers) of each write into the cache, of the last transfer
     return [m for m in sent if m.WhichOneof("kind") == "chunk"], cache, receiver, outcome[0], kv
 
 
@@ -83,6 +89,7 @@ async def test_a_receiver_that_offers_runs_gets_the_whole_prompt_in_one_message_
     assert torch.equal(cache, expected_cache(kv))
     assert receiver.layers_received == frozenset(range(LAYOUT.num_layers))
     assert (stats.num_layers, stats.num_chunks) == (LAYOUT.num_layers, 1)
+    assert transfer.sinks == [(0, LAYOUT.num_layers)]  # the run is written into the cache in one call
     assert receiver.stats.num_bytes == StagedLayout(LAYOUT, len(TOKENS)).total_bytes
 
 
@@ -98,7 +105,7 @@ async def test_a_chunked_prefill_sends_one_run_per_token_range():
     chunks, cache, _, _, kv = await transfer(layer_runs=True, token_ranges=((0, 8), (8, len(TOKENS))))
     assert [(c.chunk.token_start, c.chunk.token_count, c.chunk.num_layers) for c in chunks] == [
         (0, 8, LAYOUT.num_layers), (8, len(TOKENS) - 8, LAYOUT.num_layers)]
-    assert torch.equal(cache, expected_cache(kv))
+    assert torch.equal(cache, expected_cache(kv))  # a partial token range's strided views read the right bytes
 
 
 async def test_runs_are_bounded_so_a_large_transfer_pipelines(monkeypatch):
@@ -134,14 +141,14 @@ async def test_a_run_past_the_models_layers_is_refused_before_anything_is_writte
     if num_layers > 0 and layer + num_layers <= LAYOUT.num_layers:
         pytest.fail("not a run past the model's layers")
     with pytest.raises(KVIntegrityError, match="layers|chunk"):
-        receiver._chunk_layers(KVChunk(layer, 0, len(TOKENS), b"", b"", digest, staged=True, num_layers=num_layers))
+        receiver._chunk_kv(KVChunk(layer, 0, len(TOKENS), b"", b"", digest, staged=True, num_layers=num_layers))
     backend.close()
 
 
 async def test_a_chunk_carrying_its_bytes_cannot_announce_several_layers():
     receiver, backend = staged_receiver()
     with pytest.raises(KVIntegrityError, match="announces 2 layers"):
-        receiver._chunk_layers(KVChunk(0, 0, 1, b"k", b"v", 0, staged=False, num_layers=2))
+        receiver._chunk_kv(KVChunk(0, 0, 1, b"k", b"v", 0, staged=False, num_layers=2))
     backend.close()
 
 

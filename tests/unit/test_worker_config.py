@@ -107,12 +107,12 @@ def test_the_old_config_names_construct_as_before(tmp_path):
 def test_the_old_modules_run_the_worker_service_in_their_role(monkeypatch):
     from services.prompt_worker import app as prompt_app, server as prompt_server
     from services.token_worker import app as token_app, server as token_server
-    from services.worker import app as worker_app, prompt, token
+    from services.worker import app as worker_app, prompt_servicer, token_servicer
 
     assert (prompt_app.start, prompt_app.serve) == (worker_app.start, worker_app.serve)
     assert token_app.main is worker_app.main  # its role: SPLITWISE_TOKEN_WORKER_ROLE, else token
-    assert prompt_server.PromptWorkerServicer is prompt.PromptWorkerServicer
-    assert token_server.TokenWorkerServicer is token.TokenWorkerServicer
+    assert prompt_server.PromptWorkerServicer is prompt_servicer.PromptWorkerServicer
+    assert token_server.TokenWorkerServicer is token_servicer.TokenWorkerServicer
     ran = []
     monkeypatch.setattr(worker_app, "main", ran.append)
     monkeypatch.setenv("SPLITWISE_TOKEN_WORKER_ROLE", "mixed")

@@ -26,11 +26,12 @@ from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.kv.transport.base import (Fault, KVTransferError, StagingBuffer, TransferState, TransferStats,
                                          TransportOffer, record_transfer)
 from splitwise.kv.transport.registry import GRPC
-from splitwise.kv.transport.staged import StagedLayout, byte_view, ranges_checksum, run_ranges
+from splitwise.kv.transport.staged import StagedLayout, ranges_checksum, run_ranges, run_views
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import common_pb2
 
-# Where received KV goes: (layer, first position, keys, values), keys/values [tokens, kv_heads, head_dim].
+# Where received KV goes: (layer, first position, keys, values), keys/values [tokens, kv_heads, head_dim]; or, for
+# a staged run of layers, [layers, tokens, kv_heads, head_dim] of the layers from `layer` on, in one call.
 KVSink = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -124,9 +125,9 @@ class KVReceiver:
                     start = start or time.perf_counter()
                     chunk = convert.chunk_from_pb(msg.chunk)
                     cpu = time.thread_time()
-                    for layer, keys, values in self._chunk_layers(chunk):
-                        self.sink(layer, chunk.token_start, keys, values)
-                        self._layers_seen.add(layer)
+                    keys, values = self._chunk_kv(chunk)
+                    self.sink(chunk.layer, chunk.token_start, keys, values)
+                    self._layers_seen.update(range(chunk.layer, chunk.layer + chunk.num_layers))
                     self.stats.cpu_seconds += time.thread_time() - cpu
                     self.stats.num_chunks += 1
                     layers_bytes = chunk.num_layers * self.layout.bytes_per_token_per_layer
@@ -181,12 +182,13 @@ class KVReceiver:
                 self._interrupted = False
             yield message
 
-    def _chunk_layers(self, chunk: KVChunk) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """(layer, keys, values) of each layer a chunk announces, verified: one, or a staged run of several."""
+    def _chunk_kv(self, chunk: KVChunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """A chunk's keys and values, verified: [tokens, kv_heads, head_dim] of one layer, or [layers, ...] of a
+        staged run."""
         if not chunk.staged:
             if chunk.num_layers != 1:
                 raise KVIntegrityError(f"a chunk carrying its bytes announces {chunk.num_layers} layers, not one")
-            return [(chunk.layer, *decode_chunk(chunk, self.layout, self.num_tokens))]
+            return decode_chunk(chunk, self.layout, self.num_tokens)
         if self.staging is None or self.transport == GRPC:
             raise KVIntegrityError("a staged chunk, but this transfer has no staging buffer")
         check_chunk_bounds(chunk, self.layout, self.num_tokens)
@@ -200,12 +202,9 @@ class KVReceiver:
             end = chunk.token_start + chunk.token_count
             layers = f"layer {chunk.layer}" if chunk.num_layers == 1 else f"layers [{chunk.layer}, {end_layer})"
             raise KVIntegrityError(f"checksum mismatch in {layers} tokens [{chunk.token_start}, {end})")
-        views = []
-        for layer in range(chunk.layer, end_layer):
-            (k_off, length), (v_off, _) = self.staged.ranges(layer, chunk.token_start, chunk.token_count)
-            views.append((layer, byte_view(buffer, k_off, length, self.layout),
-                          byte_view(buffer, v_off, length, self.layout)))
-        return views
+        keys, values = run_views(buffer, self.staged, chunk.layer, chunk.num_layers, chunk.token_start,
+                                 chunk.token_count)
+        return (keys[0], values[0]) if chunk.num_layers == 1 else (keys, values)
 
     def _check_header(self, header: common_pb2.KVHeader) -> None:
         problem = self.layout.mismatch(convert.layout_from_pb(header.layout))

@@ -54,6 +54,23 @@ def copy_layer(buffer: torch.Tensor, staged: StagedLayout, layer: int, token_sta
     return ranges
 
 
+def run_views(buffer: torch.Tensor, staged: StagedLayout, first_layer: int, num_layers: int, token_start: int,
+              token_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [num_layers, tokens, kv_heads, head_dim] of a run of layers' token range in `buffer`, without
+    a copy: each layer's keys are a layer's bytes apart, its values num_tokens rows after its keys."""
+    layout = staged.layout
+    item = layout.torch_dtype.itemsize
+    usable = buffer.numel() // item * item
+    elements = buffer[:usable].view(layout.torch_dtype)
+    row = staged.row_bytes // item
+    shape = (num_layers, token_count, layout.num_kv_heads, layout.head_dim)
+    strides = (staged.layer_bytes // item, row, layout.head_dim, 1)
+    (k_off, _), (v_off, _) = staged.ranges(first_layer, token_start, token_count)
+    base = elements.storage_offset()
+    return (elements.as_strided(shape, strides, base + k_off // item),
+            elements.as_strided(shape, strides, base + v_off // item))
+
+
 def stage_layer(buffer: torch.Tensor, staged: StagedLayout, layer: int, token_start: int,
                 keys: torch.Tensor, values: torch.Tensor) -> int:
     """Copies keys/values ([kv_heads, tokens, head_dim]) into their place in `buffer`; returns their checksum."""

@@ -114,7 +114,7 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         send_task = asyncio.create_task(sender.send())
         if keeper is not None:
-            self._keep(keeper)
+            self._keep(keeper, send_task)
         # Cleanup runs when the RPC ends however it ends (a cancelled stream may be finalised late).
         context.add_done_callback(lambda _: self._release(handle, sender, send_task))
         # A transfer that fails aborts the prefill: its KV has nowhere to go.
@@ -160,9 +160,16 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
                 keeper.abort()
             self._release(handle, sender, send_task)
 
-    def _keep(self, keeper: KVSender) -> None:
-        """Ships a copy of a request's KV to the kv_store in the background; a failure loses only the copy."""
-        task = asyncio.create_task(keeper.send())
+    def _keep(self, keeper: KVSender, transfer: asyncio.Task) -> None:
+        """Ships a copy of a request's KV to the kv_store in the background, once the transfer to the token worker
+        has ended (its messages would share this event loop and core with the transfer the decode waits for); a
+        failure loses only the copy."""
+
+        async def after_transfer():
+            await asyncio.wait({transfer})
+            return await keeper.send()
+
+        task = asyncio.create_task(after_transfer())
         self.keeping.add(task)
 
         def done(t: asyncio.Task) -> None:
