@@ -62,20 +62,21 @@ async def test_extreme_sampling_parameters_succeed_beside_ordinary_requests_that
 POISONED = "poisoned"
 
 
-def nan_kv_for(request_id: str, encode):
-    """Wraps KVSender._encode: the prompt worker pushes KV full of NaN (checksummed as sent) for one request."""
+def nan_kv_for(request_id: str, on_layer_kv):
+    """Wraps KVSender.on_layer_kv, where the prefill hands over each layer's KV, whichever way it is then encoded:
+    the prompt worker pushes KV full of NaN (checksummed as sent) for one request."""
 
     def poisoning(self, layer, keys, values, token_start):
         if self.request_id == request_id:
             keys, values = torch.full_like(keys, float("nan")), torch.full_like(values, float("nan"))
-        return encode(self, layer, keys, values, token_start)
+        return on_layer_kv(self, layer, keys, values, token_start)
 
     return poisoning
 
 
 async def test_a_request_whose_kv_holds_nan_fails_alone_with_data_loss_and_frees_its_kv(cluster, reference,
                                                                                           monkeypatch):
-    monkeypatch.setattr(KVSender, "_encode", nan_kv_for(POISONED, KVSender._encode))
+    monkeypatch.setattr(KVSender, "on_layer_kv", nan_kv_for(POISONED, KVSender.on_layer_kv))
     async with SplitwiseClient(cluster.address) as client:
         async def poisoned():
             with pytest.raises(grpc.aio.AioRpcError) as error:
