@@ -46,6 +46,11 @@ class WorkerFailed(Exception):
         """The transfer failed for its sender's own reason: its write failed, it gave up, or it went away."""
         return self.kv_transfer_failed and self.detail.fault == common_pb2.FailureDetail.FAULT_SENDER
 
+    @property
+    def receiver_knows_why(self) -> bool:
+        """A sender's transfer failed, not by its own fault: the receiver's own status says why."""
+        return self.kv_transfer_failed and not self.sender_at_fault
+
 
 async def expect(call, who: WorkerInfo, kind: str | tuple[str, ...]):
     """Reads the next event of a worker stream, which must be of `kind` (or one of them); returns its payload."""
@@ -68,7 +73,7 @@ async def expect_unless(call, who: WorkerInfo, kind: str, other, other_worker: W
         await asyncio.wait({read, other_ended}, return_when=asyncio.FIRST_COMPLETED)
         if read.done():
             failed = read.exception()
-            if not (isinstance(failed, WorkerFailed) and failed.kv_transfer_failed) or failed.sender_at_fault:
+            if not (isinstance(failed, WorkerFailed) and failed.receiver_knows_why):
                 return read.result()
             # The sender is up and says its transfer broke, not by its own fault, often only as "the peer went
             # away" (grpcio hides the receiver's status when a write races its abort): the receiver's own stream
@@ -86,8 +91,7 @@ async def expect_unless(call, who: WorkerInfo, kind: str, other, other_worker: W
         await asyncio.gather(read, return_exceptions=True)
         raise
     sender_failed = read.exception() if read.done() else None
-    if isinstance(sender_failed, WorkerFailed) and (not sender_failed.kv_transfer_failed
-                                                   or sender_failed.sender_at_fault):
+    if isinstance(sender_failed, WorkerFailed) and not sender_failed.receiver_knows_why:
         raise sender_failed
     read.cancel()
     await asyncio.gather(read, return_exceptions=True)  # the stream's reader must be idle before its end is read

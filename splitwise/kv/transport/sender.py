@@ -264,11 +264,12 @@ class KVSender:
         """The held layers as runs: consecutive layers of one token range, where the receiver takes runs."""
         runs: list[list[_Held]] = []
         for raw in held:
-            last = runs[-1][-1] if runs else None
-            run_bytes = (len(runs[-1]) + 1) * raw.keys.shape[1] * self.layout.bytes_per_token_per_layer if runs else 0
-            if (self.layer_runs and last is not None and raw.layer == last.layer + 1 and run_bytes <= MAX_RUN_BYTES
-                    and raw.token_start == last.token_start and raw.keys.shape[1] == last.keys.shape[1]):
-                runs[-1].append(raw)
+            run = runs[-1] if runs else None
+            tokens = raw.keys.shape[1]
+            if (self.layer_runs and run and raw.layer == run[-1].layer + 1 and raw.token_start == run[-1].token_start
+                    and tokens == run[-1].keys.shape[1]
+                    and (len(run) + 1) * tokens * self.layout.bytes_per_token_per_layer <= MAX_RUN_BYTES):
+                run.append(raw)
             else:
                 runs.append([raw])
         return runs
