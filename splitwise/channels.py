@@ -1,14 +1,16 @@
-"""One shared grpc.aio channel per peer address, server streams traced without an interceptor, and the end of a
-stream we stop reading."""
+"""One shared grpc.aio channel per peer address (and, for the scheduler, one WorkerCalls stream on it), server
+streams traced without an interceptor, and the end of a stream we stop reading."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from splitwise.rpc.calls import CallsSession, MuxedCall
 from splitwise.security.tls import ClusterTLS, secure_channel
 from splitwise.rpc.options import DEFAULT_KEEPALIVE_S, channel_options
 from splitwise.telemetry.tracing import client_interceptors, tracer
@@ -24,6 +26,14 @@ class ChannelPool:
         self.tls = tls
         self.traced = traced
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._sessions: dict[str, CallsSession] = {}
+
+    def calls(self, address: str) -> CallsSession:
+        """The WorkerCalls stream to the worker at `address`: a new one once the last has ended."""
+        session = self._sessions.get(address)
+        if session is None or session.broken:
+            session = self._sessions[address] = CallsSession(self.get(address))
+        return session
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -33,6 +43,9 @@ class ChannelPool:
         return channel
 
     async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()
@@ -44,7 +57,8 @@ class TracedStream:
     without the interceptor's per-message layers (an interceptor task, a wrapping generator): the scheduler reads
     two streams of a token each per output token. The span ends in end_stream, which every caller reaches."""
 
-    def __init__(self, method: grpc.aio.UnaryStreamMultiCallable, name: str, request, timeout: float):
+    def __init__(self, method: grpc.aio.UnaryStreamMultiCallable | Callable[..., MuxedCall], name: str, request,
+                 timeout: float):
         service, _, rpc = name.lstrip("/").partition("/")
         self.span = tracer().start_span(name, kind=SpanKind.CLIENT, attributes={
             "rpc.system": "grpc", "rpc.grpc.status_code": grpc.StatusCode.OK.value[0], "rpc.method": rpc,
@@ -88,7 +102,7 @@ class TracedStream:
             self.span.end()
 
 
-async def end_stream(call: grpc.aio.UnaryStreamCall | TracedStream, cancel: bool = True) -> None:
+async def end_stream(call: grpc.aio.UnaryStreamCall | MuxedCall | TracedStream, cancel: bool = True) -> None:
     """Ends a server stream we read no further: cancels it if it still runs (unless the server is known to be
     closing it), then reads its end.
 

@@ -211,6 +211,7 @@ class SchedulerConfig(TelemetryOptions, PublicApiOptions, SecurityOptions, Model
     kv_layerwise_min_tokens: int = option(512, "SPLITWISE_KV_LAYERWISE_MIN_TOKENS", "prompts this long or longer ship KV layer by layer during prefill; shorter ones after it (serialized)")
     registry_refresh_s: float = option(0.25, "SPLITWISE_REGISTRY_REFRESH_S", "how often the scheduler re-reads the registry")
     grpc_keepalive_s: float = option(5.0, "SPLITWISE_GRPC_KEEPALIVE_S", GRPC_KEEPALIVE_HELP)
+    worker_calls: str = option("stream", "SPLITWISE_WORKER_CALLS", "stream: the Prefill and Decode calls to a worker go as frames of one long-lived WorkerCalls stream per worker (cheaper for the scheduler); rpc: one RPC each, as a worker whose registry entry does not offer WorkerCalls (an older one) always gets")
     public_tls: bool = option(False, "SPLITWISE_PUBLIC_TLS", "serve the public API over TLS with the scheduler's cluster certificate (clients verify it with the cluster CA, ca.pem in the TLS dir)")
     metrics_listen: str = option("127.0.0.1:9451", "SPLITWISE_METRICS_LISTEN", METRICS_LISTEN_HELP)
 

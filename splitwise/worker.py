@@ -16,6 +16,7 @@ from splitwise.kv.transport.shm import remove_stale_segments
 from splitwise.kv.transport.registry import WorkerTransports
 from splitwise.model.mock import is_mock, load_mock_model, served_model_name
 from splitwise.model.weights import load_model
+from splitwise.rpc.calls import WORKER_CALLS_VERSION
 from splitwise.security.keys import load_cluster_key
 from splitwise.telemetry import metrics
 from splitwise.telemetry.metrics import GaugeSource
@@ -99,6 +100,7 @@ def start_heartbeat(config, worker_id: str, role: str, address: str, engine: Eng
             pending_tokens=engine.pending_tokens, active_requests=engine.num_requests,
             kv_capacity_tokens=blocks.capacity_tokens, kv_used_tokens=blocks.num_used * blocks.block_size,
             kv_transports=",".join(transports.transports), host_id=transports.host_id,
+            worker_calls=WORKER_CALLS_VERSION,
         )
 
     return Heartbeat(registry, describe, config.heartbeat_s)

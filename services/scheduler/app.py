@@ -90,7 +90,7 @@ async def start(config: SchedulerConfig) -> Scheduler:
                        PoolPolicy(config.pool_borrow_prompt_tokens, config.pool_borrow_kv_fraction,
                                   config.pool_cooldown_s))
     kv = KVSettings(config.kv_transfer, config.kv_store_address, config.kv_keep, config.kv_layerwise_min_tokens)
-    dispatcher = Dispatcher(view, channels, kv, journal, KVIndex(client))
+    dispatcher = Dispatcher(view, channels, kv, journal, KVIndex(client), config.worker_calls)
     servicer = SchedulerServicer(model, view, dispatcher, config.request_timeout_s, config.max_requests_in_flight,
                                  journal, cluster_key=load_cluster_key(config.tls_dir))
     try:

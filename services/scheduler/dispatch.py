@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -65,7 +66,10 @@ class Progress:
 
 class Dispatcher:
     def __init__(self, view: ClusterView, channels: ChannelPool, kv: KVSettings, journal: RequestJournal | None = None,
-                 kv_index: KVIndex | None = None):
+                 kv_index: KVIndex | None = None, worker_calls: str = "rpc"):
+        if worker_calls not in ("stream", "rpc"):
+            raise ValueError(f"worker_calls must be 'stream' or 'rpc', got {worker_calls!r}")
+        self.worker_calls = worker_calls
         self.view = view
         self.channels = channels
         self.kv = kv
@@ -142,12 +146,17 @@ class Dispatcher:
                             f"resuming after {output.completion_tokens} tokens ({kv})" if kind == "resume"
                             else "routing again")
 
-    def _stream(self, address: str, service: str, method: str, request, timeout_s: float):
-        """Starts a worker's server stream: traced by TracedStream on the scheduler's untraced channels."""
+    def _stream(self, worker: WorkerInfo, service: str, method: str, request, timeout_s: float):
+        """Starts a worker's server stream: traced by TracedStream on the scheduler's untraced channels, as a call
+        on the worker's WorkerCalls stream (worker_calls="stream", a worker that serves it) or an RPC of its own."""
+        address = worker.address
+        full_name = worker_pb2.DESCRIPTOR.services_by_name[service].full_name
+        if self.worker_calls == "stream" and worker.worker_calls >= 1 and not self.channels.traced:
+            start = functools.partial(self.channels.calls(address).start, method.lower())
+            return TracedStream(start, f"/{full_name}/{method}", request, timeout_s)
         stub = getattr(worker_pb2_grpc, f"{service}Stub")(self.channels.get(address))
         if self.channels.traced:
             return getattr(stub, method)(request, timeout=timeout_s)
-        full_name = worker_pb2.DESCRIPTOR.services_by_name[service].full_name
         return TracedStream(getattr(stub, method), f"/{full_name}/{method}", request, timeout_s)
 
     def _kv_target(self, prompt_w: WorkerInfo, token_w: WorkerInfo, num_prompt_tokens: int):
@@ -176,7 +185,7 @@ class Dispatcher:
         keep = None
         if self.kv.transfer == "direct" and self.kv.keep and self.kv.kv_store_address and not colocated:
             keep = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv.kv_store_address)
-        decode = self._stream(token_w.address, "TokenWorker", "Decode", worker_pb2.DecodeRequest(
+        decode = self._stream(token_w, "TokenWorker", "Decode", worker_pb2.DecodeRequest(
             request_id=worker_rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target,
             prompt_token_ids=ids, prefill_here=colocated, kv_transport=transport), timeout_s)
         prefill = None
@@ -190,7 +199,7 @@ class Dispatcher:
                 if reserved.HasField("offer"):
                     target.offer.CopyFrom(reserved.offer)
                 if not colocated:
-                    prefill = self._stream(prompt_w.address, "PromptWorker", "Prefill", worker_pb2.PrefillRequest(
+                    prefill = self._stream(prompt_w, "PromptWorker", "Prefill", worker_pb2.PrefillRequest(
                         request_id=worker_rid, prompt_token_ids=ids, sampling=sampling, kv_target=target,
                         kv_keep=keep), timeout_s)
                     # The token worker can fail the transfer first (its KV stopped arriving): watch both streams.
@@ -257,7 +266,7 @@ class Dispatcher:
         if kept_as is not None:
             source = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv.kv_store_address,
                                          request_id=kept_as)
-        decode = self._stream(token_w.address, "TokenWorker", "Decode", worker_pb2.DecodeRequest(
+        decode = self._stream(token_w, "TokenWorker", "Decode", worker_pb2.DecodeRequest(
             request_id=worker_rid, num_prompt_tokens=len(ids), sampling=convert.sampling_to_pb(params),
             kv_source=source, prompt_token_ids=ids, prefill_here=source is None, kv_transport=GRPC,
             output_token_ids=output.token_ids), timeout_s)

@@ -11,6 +11,7 @@ from splitwise.channels import ChannelPool
 from splitwise.cluster.known_peers import KnownPeers
 from splitwise.cluster.registry import Heartbeat
 from splitwise.config import WorkerConfig, parse_worker_config
+from splitwise.rpc.calls import serve_calls
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
 from splitwise.security.tls import cluster_tls, internal_server_security
 from splitwise.server import GrpcService, bound_address, run_service, start_server, wait_for_termination
@@ -22,6 +23,18 @@ from splitwise.worker import drain, engine_gauges, load_engine, start_heartbeat,
 # Each role's service name in logs, traces and metrics, and the cluster certificate it presents (`splitwise certs`
 # makes one per name): a mixed worker is a token worker that runs its own prompts too.
 SERVICE_NAMES = {"prompt": "prompt_worker", "token": "token_worker", "mixed": "token_worker"}
+
+
+class WorkerCallsServicer(worker_pb2_grpc.WorkerCallsServicer):
+    """The scheduler's Prefill and Decode calls as frames of one stream (splitwise/rpc/calls.py), served by the
+    same servicer methods as the RPCs."""
+
+    def __init__(self, prompt: PromptWorkerServicer, token: TokenWorkerServicer):
+        self.handlers = {"prefill": prompt.Prefill, "decode": token.Decode}
+
+    async def Calls(self, request_iterator, context):
+        async for message in serve_calls(request_iterator, context, self.handlers):
+            yield message
 
 
 @dataclass
@@ -66,8 +79,10 @@ async def start(config: WorkerConfig) -> Worker:
     service = await start_server(
         config.listen,
         [(worker_pb2_grpc.add_PromptWorkerServicer_to_server, prompt),
-         (worker_pb2_grpc.add_TokenWorkerServicer_to_server, token)],
-        [worker_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("PromptWorker", "TokenWorker")],
+         (worker_pb2_grpc.add_TokenWorkerServicer_to_server, token),
+         (worker_pb2_grpc.add_WorkerCallsServicer_to_server, WorkerCallsServicer(prompt, token))],
+        [worker_pb2.DESCRIPTOR.services_by_name[name].full_name
+         for name in ("PromptWorker", "TokenWorker", "WorkerCalls")],
         config.metrics_listen, engine_gauges(loaded.engine, worker_id, config.role), **internal_server_security(tls),
     )
     address = config.advertise or bound_address(config.listen, service.port)

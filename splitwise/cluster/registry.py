@@ -55,6 +55,7 @@ class WorkerInfo:
     heartbeat_at: float = 0.0  # unix seconds
     kv_transports: str = "grpc"  # comma-separated, as WorkerTransports offers them
     host_id: str = ""  # workers with one host id can share memory
+    worker_calls: int = 0  # 1: serves WorkerCalls (the scheduler's calls on one stream); 0: an RPC per call
 
 
 class WorkerRegistry:

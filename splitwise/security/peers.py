@@ -15,6 +15,7 @@ OPERATOR_ROLES = INTERNAL_ROLES | {"admin"}
 PEER_ROLES: dict[str, frozenset[str]] = {
     "/splitwise.v1.PromptWorker/Prefill": frozenset({"scheduler"}),
     "/splitwise.v1.TokenWorker/Decode": frozenset({"scheduler"}),
+    "/splitwise.v1.WorkerCalls/Calls": frozenset({"scheduler"}),  # carries Prefill and Decode calls
     "/grpc.health.v1.Health/": OPERATOR_ROLES,
     "/grpc.reflection.": OPERATOR_ROLES,
 }

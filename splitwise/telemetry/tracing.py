@@ -60,9 +60,11 @@ def tracer() -> trace.Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
-# Health checks and reflection are polled constantly and belong to no request.
+# Health checks and reflection are polled constantly and belong to no request; a WorkerCalls stream carries many
+# requests' calls, each traced as its own RPC (splitwise/rpc/calls.py).
 _TRACED_RPCS = filters.negate(filters.any_of(filters.service_prefix("grpc.health"),
-                                             filters.service_prefix("grpc.reflection")))
+                                             filters.service_prefix("grpc.reflection"),
+                                             filters.service_prefix("splitwise.v1.WorkerCalls")))
 
 
 def server_interceptors() -> list:

@@ -149,10 +149,13 @@ def staging_segments(cluster) -> list[str]:
 
 
 def rpc_handlers_running() -> Counter:
-    """The gRPC methods whose server handlers still run in this process (grpc.aio names each handler's task)."""
-    names = (task.get_name() for task in asyncio.all_tasks())
-    return Counter(name.removeprefix("HandleExceptions[").rstrip("]") for name in names
-                   if name.startswith("HandleExceptions["))
+    """The gRPC methods whose server handlers still run in this process (grpc.aio names each handler's task), and
+    the calls still open on WorkerCalls streams (each a task named after its method); the long-lived WorkerCalls
+    stream itself belongs to no request."""
+    names = [task.get_name() for task in asyncio.all_tasks()]
+    return Counter(name.removeprefix(prefix).rstrip("]") for name in names
+                   for prefix in ("HandleExceptions[", "WorkerCall[")
+                   if name.startswith(prefix) and name != "HandleExceptions[/splitwise.v1.WorkerCalls/Calls]")
 
 
 def held_by_services(cluster) -> list[str]:

@@ -68,6 +68,25 @@ async def test_one_request_is_one_trace_whose_spans_form_a_tree(cluster, trace_f
     assert decode["attributes"]["output.tokens"] == 4 and decode["attributes"]["finish_reason"] == "length"
 
 
+async def test_the_schedulers_worker_calls_are_frames_of_one_stream_per_worker_or_rpcs_of_their_own(cluster, trace_file,
+                                                                                                     monkeypatch):
+    dispatcher = cluster.scheduler.servicer.dispatcher
+    async with SplitwiseClient(cluster.address) as client:
+        streamed = await client.generate(prompt="one stream", max_tokens=4, ignore_eos=True, timeout=30)
+        sessions = dict(cluster.scheduler.channels._sessions)
+        assert {cluster.prompt_worker.address, cluster.token_worker.address} <= set(sessions)
+        again = await client.generate(prompt="one stream", max_tokens=4, ignore_eos=True, timeout=30)
+        assert all(cluster.scheduler.channels._sessions[a] is s for a, s in sessions.items())  # the same streams
+        monkeypatch.setattr(dispatcher, "worker_calls", "rpc")  # SPLITWISE_WORKER_CALLS=rpc, or older workers
+        alone = await client.generate(prompt="one stream", max_tokens=4, ignore_eos=True, timeout=30)
+    assert streamed.token_ids == again.token_ids == alone.token_ids
+    for out in (streamed, alone):  # traced alike either way
+        names = {(s["name"], s["kind"]) for s in await wait_for_whole_trace([trace_file], out.request_id)}
+        for rpc in ("TokenWorker/Decode", "PromptWorker/Prefill"):
+            assert {(f"/splitwise.v1.{rpc}", "CLIENT"), (f"/splitwise.v1.{rpc}", "SERVER")} <= names, rpc
+    await assert_no_kv_held(cluster)
+
+
 def scrape(address: str) -> dict:
     """{sample name with sorted labels: value} from a Prometheus text endpoint, parsed by prometheus_client."""
     text = urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()

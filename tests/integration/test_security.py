@@ -9,6 +9,7 @@ from services.kv_store import app as kv_store_app
 from services.scheduler import app as scheduler_app
 from splitwise.client import SplitwiseClient
 from splitwise.config import KVStoreConfig, SchedulerConfig
+from splitwise.rpc.calls import CallsSession
 from splitwise.rpc.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from splitwise.rpc.v1 import worker_pb2, worker_pb2_grpc
 from splitwise.security.tls import make_cluster_certs, secure_channel, ClusterTLS
@@ -77,8 +78,21 @@ async def test_only_the_scheduler_may_reserve_kv_or_start_a_prefill(cluster):
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await prefill.read()
             assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED, role
+            # The one stream that carries the scheduler's Prefill and Decode calls is the scheduler's alone too.
+            calls = worker_pb2_grpc.WorkerCallsStub(channel).Calls(timeout=5)
+            await calls.write(worker_pb2.CallsIn(frames=[worker_pb2.CallIn(
+                call=1, start=worker_pb2.CallStart(decode=decode_request(f"calls-as-{role}")))]))
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await calls.read()
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED, role
+            assert "Calls is not for " + role in error.value.details()
     async with security.peer_channel(cluster.token_worker.address, "scheduler") as channel:
         assert (await first_decode_event(channel, "as-scheduler")).WhichOneof("kind") == "reserved"
+        session = CallsSession(channel)
+        call = session.start("decode", decode_request("calls-as-scheduler"), timeout=5)
+        assert (await call.read()).WhichOneof("kind") == "reserved"
+        call.cancel()
+        await session.close()
     await assert_no_kv_held(cluster)
 
 

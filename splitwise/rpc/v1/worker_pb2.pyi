@@ -9,6 +9,73 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CallsIn(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[CallIn]
+    def __init__(self, frames: _Optional[_Iterable[_Union[CallIn, _Mapping]]] = ...) -> None: ...
+
+class CallIn(_message.Message):
+    __slots__ = ("call", "start", "cancel")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    start: CallStart
+    cancel: CallCancel
+    def __init__(self, call: _Optional[int] = ..., start: _Optional[_Union[CallStart, _Mapping]] = ..., cancel: _Optional[_Union[CallCancel, _Mapping]] = ...) -> None: ...
+
+class CallStart(_message.Message):
+    __slots__ = ("prefill", "decode", "timeout_s", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    prefill: PrefillRequest
+    decode: DecodeRequest
+    timeout_s: float
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, prefill: _Optional[_Union[PrefillRequest, _Mapping]] = ..., decode: _Optional[_Union[DecodeRequest, _Mapping]] = ..., timeout_s: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CallCancel(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CallsOut(_message.Message):
+    __slots__ = ("frames",)
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[CallOut]
+    def __init__(self, frames: _Optional[_Iterable[_Union[CallOut, _Mapping]]] = ...) -> None: ...
+
+class CallOut(_message.Message):
+    __slots__ = ("call", "prefill", "decode", "end")
+    CALL_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    call: int
+    prefill: PrefillEvent
+    decode: DecodeEvent
+    end: CallEnd
+    def __init__(self, call: _Optional[int] = ..., prefill: _Optional[_Union[PrefillEvent, _Mapping]] = ..., decode: _Optional[_Union[DecodeEvent, _Mapping]] = ..., end: _Optional[_Union[CallEnd, _Mapping]] = ...) -> None: ...
+
+class CallEnd(_message.Message):
+    __slots__ = ("code", "message", "status_details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    status_details: bytes
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., status_details: _Optional[bytes] = ...) -> None: ...
+
 class KVTarget(_message.Message):
     __slots__ = ("kind", "address", "layout", "offer", "layerwise", "request_id")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

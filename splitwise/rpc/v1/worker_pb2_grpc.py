@@ -217,3 +217,90 @@ class TokenWorker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class WorkerCallsStub:
+    """One long-lived stream per scheduler and worker that carries all of the scheduler's Prefill and Decode calls to
+    that worker, multiplexed by call id: a call is a frame, not an RPC of its own (an RPC's start and cancellation cost
+    the scheduler more than its messages). Each call behaves as the RPC of its method would: the same request, the
+    same events, and an end with the status (code, message, google.rpc.Status details) the RPC would have ended with.
+    Calls a worker has not answered when the stream ends fail as the stream did. Only the scheduler may open it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Calls = channel.stream_stream(
+                '/splitwise.v1.WorkerCalls/Calls',
+                request_serializer=splitwise_dot_v1_dot_worker__pb2.CallsIn.SerializeToString,
+                response_deserializer=splitwise_dot_v1_dot_worker__pb2.CallsOut.FromString,
+                _registered_method=True)
+
+
+class WorkerCallsServicer:
+    """One long-lived stream per scheduler and worker that carries all of the scheduler's Prefill and Decode calls to
+    that worker, multiplexed by call id: a call is a frame, not an RPC of its own (an RPC's start and cancellation cost
+    the scheduler more than its messages). Each call behaves as the RPC of its method would: the same request, the
+    same events, and an end with the status (code, message, google.rpc.Status details) the RPC would have ended with.
+    Calls a worker has not answered when the stream ends fail as the stream did. Only the scheduler may open it.
+    """
+
+    def Calls(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerCallsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Calls': grpc.stream_stream_rpc_method_handler(
+                    servicer.Calls,
+                    request_deserializer=splitwise_dot_v1_dot_worker__pb2.CallsIn.FromString,
+                    response_serializer=splitwise_dot_v1_dot_worker__pb2.CallsOut.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'splitwise.v1.WorkerCalls', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('splitwise.v1.WorkerCalls', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerCalls:
+    """One long-lived stream per scheduler and worker that carries all of the scheduler's Prefill and Decode calls to
+    that worker, multiplexed by call id: a call is a frame, not an RPC of its own (an RPC's start and cancellation cost
+    the scheduler more than its messages). Each call behaves as the RPC of its method would: the same request, the
+    same events, and an end with the status (code, message, google.rpc.Status details) the RPC would have ended with.
+    Calls a worker has not answered when the stream ends fail as the stream did. Only the scheduler may open it.
+    """
+
+    @staticmethod
+    def Calls(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitwise.v1.WorkerCalls/Calls',
+            splitwise_dot_v1_dot_worker__pb2.CallsIn.SerializeToString,
+            splitwise_dot_v1_dot_worker__pb2.CallsOut.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
