@@ -92,6 +92,8 @@ class MuxedCall:
         self._arrived.set()
 
     def _end(self, code: grpc.StatusCode, details: str, trailer: grpc.aio.Metadata | None = None) -> None:
+        """The call's status. A failure is the call's end at once (its unread events are lost, as an RPC's); a
+        call that ended OK is over once its events are read, as an RPC's status follows its messages."""
         if self._code is not None:
             return
         self._code, self._details = code, details
@@ -101,7 +103,8 @@ class MuxedCall:
             self._timer.cancel()
         self._session._forget(self.call_id)
         self._arrived.set()
-        self._ended.set()
+        if code != grpc.StatusCode.OK or not self._events:
+            self._ended.set()
 
     def _expire(self) -> None:
         if self._code is None:
@@ -115,22 +118,31 @@ class MuxedCall:
                 if self._cancelled_here:
                     raise asyncio.CancelledError()
                 if self._code == grpc.StatusCode.OK:
+                    self._ended.set()
                     return grpc.aio.EOF
                 raise grpc.aio.AioRpcError(self._code, grpc.aio.Metadata(), self._trailer, self._details)
             self._arrived.clear()
             await self._arrived.wait()
-        return self._events.popleft()
+        event = self._events.popleft()
+        if not self._events and self._code == grpc.StatusCode.OK:
+            self._ended.set()
+        return event
 
     def done(self) -> bool:
-        return self._code is not None
+        return self._ended.is_set()
 
     def cancel(self) -> bool:
-        if self._code is not None:
+        if self._ended.is_set():
             return False
         self._cancelled_here = True
         self._events.clear()
-        self._session._send_cancel(self.call_id)
-        self._end(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+        if self._code is None:
+            self._session._send_cancel(self.call_id)
+            self._end(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+        else:  # the worker had ended it OK: its unread events are dropped
+            self._code, self._details = grpc.StatusCode.CANCELLED, "Locally cancelled by application!"
+            self._arrived.set()
+            self._ended.set()
         return True
 
     async def code(self) -> grpc.StatusCode:

@@ -246,3 +246,21 @@ async def test_many_large_starts_written_at_once_go_in_bounded_messages(served, 
     prefills = [session.start("prefill", long_prompt, timeout=10) for _ in range(20)]
     assert [[e.first_token.token_id for e in await read_all(c)] for c in prefills] == [[1000]] * 20
     await session.close()
+
+
+async def test_a_call_that_ended_ok_is_done_only_once_its_events_are_read(served):
+    """As an RPC's status follows its messages: a caller that watches a call's end (to notice a failure) does not
+    see a finished call end before it has read what the call sent."""
+    _, _, channel = served
+    session = CallsSession(channel)
+    call = session.start("decode", decode("count-3"), timeout=10)
+    await until(lambda: call._code is not None)  # the worker's end has arrived
+    ended = asyncio.ensure_future(call.code())
+    await asyncio.sleep(0.05)
+    assert not call.done() and not ended.done()
+    assert len(await read_all(call)) == 3
+    assert call.done() and await ended == grpc.StatusCode.OK
+    unread = session.start("decode", decode("count-2"), timeout=10)
+    await until(lambda: unread._code is not None)
+    assert unread.cancel() and await unread.code() == grpc.StatusCode.CANCELLED  # its events dropped unread
+    await session.close()
