@@ -2,7 +2,7 @@
 emitted so far, so that the cluster's state is not only in one scheduler process.
 
 Writes never hold a request up: they go out in the background, in order, the updates of all requests made while
-the last write was out in one transaction (one round trip); a Redis outage only costs journal entries (logged once
+the last write was out in one pipeline (one round trip); a Redis outage only costs journal entries (logged once
 per outage). An open request is also in a set with its expiry time as score, so `open_requests` counts every
 replica's requests without scanning keys.
 """
@@ -67,17 +67,32 @@ class RequestJournal:
             self._writer = asyncio.create_task(self._write_pending())
 
     async def _write_pending(self) -> None:
-        """Writes the pending updates in order, all that are pending in one transaction, until none is left."""
+        """Writes the pending updates in order, all that are pending in one pipeline (one round trip), until none
+        is left. A request's updates in one batch are one HSET: a short request opened, assigned and closed while
+        the last write was out is written once, with its closed entry's expiry, and never enters the open set."""
         while self._pending:
             batch, self._pending = self._pending, []
+            merged: list[list] = []  # [request id, fields, opening, closing], in order
+            latest: dict[str, list] = {}  # request id -> its entry in `merged` that is not closed yet
+            for rid, fields, opening, closing in batch:
+                entry = latest.get(rid)
+                if entry is None:  # (an id used again after its request closed starts an entry of its own)
+                    entry = latest[rid] = [rid, {}, False, False]
+                    merged.append(entry)
+                entry[1].update(fields)
+                entry[2] |= opening
+                if closing:
+                    entry[3] = True
+                    del latest[rid]
             try:
-                async with self.client.pipeline(transaction=True) as pipe:
-                    for rid, fields, opening, closing in batch:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for rid, fields, opening, closing in merged:
                         key = KEY_PREFIX + rid
                         pipe.hset(key, mapping=fields)
                         if closing:
                             pipe.expire(key, int(CLOSED_TTL_S))
-                            pipe.zrem(OPEN_KEY, rid)
+                            if not opening:  # (opened in this batch: it was never added)
+                                pipe.zrem(OPEN_KEY, rid)
                         elif opening:
                             pipe.expire(key, int(self.ttl_s) + 1)
                             pipe.zadd(OPEN_KEY, {rid: time.time() + self.ttl_s})

@@ -56,8 +56,16 @@ def setup_tracing(service_name: str, trace_file: Path | None = None) -> TracerPr
     return provider
 
 
+_tracer_of: tuple[object, trace.Tracer] | None = None  # (the provider, its tracer): get_tracer is not free
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    """This project's tracer from the global provider (the same one until the provider changes)."""
+    global _tracer_of
+    provider = trace.get_tracer_provider()
+    if _tracer_of is None or _tracer_of[0] is not provider:
+        _tracer_of = (provider, provider.get_tracer(TRACER_NAME))
+    return _tracer_of[1]
 
 
 # Health checks and reflection are polled constantly and belong to no request; a WorkerCalls stream carries many
