@@ -10,7 +10,12 @@ rate (measured first, both at once: the registry refresh) over the phase's wall 
   short: max_tokens=1 requests at as high a rate as the cluster serves: CPU per request
   long:  max_tokens=--long-tokens requests: CPU per output token, (long request - short request) / (tokens - 1)
 
-Run: python -m bench.scheduler_cpu [--baseline REF] [--cprofile FILE]   (FILE: this tree's scheduler under cProfile)
+The workers' CPU per output token is measured beside it (all worker processes, over each phase, less their idle rate).
+With --baseline-calls rpc, replica 0 runs this tree's scheduler with SPLITWISE_WORKER_CALLS=rpc (an RPC per worker
+call) instead of a git ref's: the worker-call stream measured alone, on both ends.
+
+Run: python -m bench.scheduler_cpu [--baseline REF | --baseline-calls rpc] [--cprofile FILE]
+     (FILE: this tree's scheduler under cProfile)
 """
 
 from __future__ import annotations
@@ -58,11 +63,17 @@ class TwoSchedulers(Cluster):
     """Scheduler replica 0 runs the code of `tree` (None: this tree's); replica 1 this tree's, under cProfile
     into `cprofile` when given."""
 
-    def __init__(self, options: UpOptions, tree: Path | None, cprofile: Path | None):
+    def __init__(self, options: UpOptions, tree: Path | None, cprofile: Path | None, baseline_calls: str = ""):
         super().__init__(options)
-        self.tree, self.cprofile = tree, cprofile
+        self.tree, self.cprofile, self.baseline_calls = tree, cprofile, baseline_calls
+
+    @property
+    def workers(self) -> list:
+        return [c for c in self.children if c.name.split("-")[0] in ("prompt_worker", "token_worker")]
 
     def _spawn(self, name, module, env, address, cores=None, args=()):
+        if name == "scheduler-0" and self.baseline_calls:
+            env = {**env, "SPLITWISE_WORKER_CALLS": self.baseline_calls}
         if name == "scheduler-0" and self.tree is not None:
             module, env = "bench.scheduler_from_tree", {**env, TREE_ENV: str(self.tree)}
         elif name == "scheduler-1" and self.cprofile is not None:
@@ -111,20 +122,28 @@ async def send(address: str, phase: Phase, prompt_tokens: int, seed: int, tag: s
     return ok, tokens
 
 
+def workers_cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
 async def measure_phase(address: str, pid: int, idle_per_s: float, phase: Phase, prompt_tokens: int, seed: int,
-                        tag: str) -> dict:
+                        tag: str, workers: list[int], workers_idle_per_s: float) -> dict:
     cpu_start, threads_start, wall_start = cpu_seconds(pid), thread_cpu_seconds(pid), time.monotonic()
+    workers_start = workers_cpu_seconds(workers)
     ok, tokens = await send(address, phase, prompt_tokens, seed, tag)
     cpu_s, wall_s = cpu_seconds(pid) - cpu_start, time.monotonic() - wall_start
+    workers_s = workers_cpu_seconds(workers) - workers_start
     main_s, other_s = (end - start for end, start in zip(thread_cpu_seconds(pid), threads_start))
     return {"ok": ok, "requests": phase.requests, "tokens": tokens, "cpu_s": cpu_s, "wall_s": wall_s,
-            "busy_cpu_s": max(0.0, cpu_s - idle_per_s * wall_s), "main_thread_s": main_s, "other_threads_s": other_s}
+            "busy_cpu_s": max(0.0, cpu_s - idle_per_s * wall_s), "main_thread_s": main_s, "other_threads_s": other_s,
+            "workers_busy_cpu_s": max(0.0, workers_s - workers_idle_per_s * wall_s)}
 
 
 def combined(halves: list[dict]) -> dict:
     """The sums of a phase's runs on one scheduler, and what they give per request and per second."""
     total = {key: sum(h[key] for h in halves) for key in halves[0]}
     return {**total, "ms_per_request": total["busy_cpu_s"] / max(total["ok"], 1) * 1e3,
+            "workers_ms_per_request": total["workers_busy_cpu_s"] / max(total["ok"], 1) * 1e3,
             "main_thread_share": total["main_thread_s"] / max(total["main_thread_s"] + total["other_threads_s"], 1e-9),
             "requests_per_s": total["ok"] / total["wall_s"], "tokens_per_s": total["tokens"] / total["wall_s"]}
 
@@ -137,6 +156,8 @@ def report(args, runs: dict[str, dict], idle: dict[str, float]) -> str:
     names = list(runs)
     per_token = {n: (runs[n]["long"]["ms_per_request"] - runs[n]["short"]["ms_per_request"]) * 1e3
                  / (args.long_tokens - 1) for n in names}
+    workers_per_token = {n: (runs[n]["long"]["workers_ms_per_request"] - runs[n]["short"]["workers_ms_per_request"])
+                         * 1e3 / (args.long_tokens - 1) for n in names}
     header = "| what | " + " | ".join(names) + (" | before / after |" if len(names) == 2 else " |")
     rule = "|---|" + "---:|" * (len(names) + (len(names) == 2))
 
@@ -163,6 +184,9 @@ def report(args, runs: dict[str, dict], idle: dict[str, float]) -> str:
         row("... of the long requests' CPU in the event loop's thread, %",
             [r["main_thread_share"] * 100 for r in long], ".0f", compare=False),
         row("... output tokens/s served", [r["tokens_per_s"] for r in long], ".0f", compare=False),
+        row("workers' CPU per request, max_tokens=1 (ms, all workers, less idle)",
+            [r["workers_ms_per_request"] for r in short], ".2f"),
+        row("workers' CPU per output token (us, all workers)", [workers_per_token[n] for n in names], ".0f"),
         row("requests failed (short + long)", [r["requests"] - r["ok"] + q["requests"] - q["ok"]
                                                for r, q in zip(short, long)], "d", compare=False),
     ]
@@ -180,8 +204,11 @@ async def run(args) -> int:
         token_workers=args.token_workers, scheduler_port=scheduler_port, prompt_port=prompt_port,
         token_port=token_port, kv_store_port=kv_store_port, redis_port=redis_port, metrics_port=0, run_dir=run_dir,
         startup_timeout_s=300, extra_env={"SPLITWISE_LOG_LEVEL": "WARNING"})
-    cluster = TwoSchedulers(options, tree, args.cprofile)
-    names = [f"baseline ({args.baseline})" if tree else "replica 0 (this tree)", "this tree"]
+    cluster = TwoSchedulers(options, tree, args.cprofile, args.baseline_calls)
+    first = f"baseline ({args.baseline})" if tree else "replica 0 (this tree)"
+    if args.baseline_calls:
+        first += f", worker calls: {args.baseline_calls}"
+    names = [first, "this tree"]
     phases = [Phase("short", args.requests, 1, args.concurrency),
               Phase("long", args.long_requests, args.long_tokens, args.concurrency)]
     print(f"starting the mock cluster (logs in {run_dir})...", file=sys.stderr)
@@ -193,9 +220,11 @@ async def run(args) -> int:
         warmup = Phase("warmup", 2 * args.concurrency, 4, args.concurrency)
         for address, _ in schedulers:
             await send(address, warmup, args.prompt_tokens, args.seed, "warmup")
-        starts = [cpu_seconds(pid) for _, pid in schedulers]
+        workers = [c.proc.pid for c in cluster.workers]
+        starts, workers_start = [cpu_seconds(pid) for _, pid in schedulers], workers_cpu_seconds(workers)
         await asyncio.sleep(IDLE_WINDOW_S)
         idle = {n: (cpu_seconds(pid) - s) / IDLE_WINDOW_S for n, (_, pid), s in zip(names, schedulers, starts)}
+        workers_idle = (workers_cpu_seconds(workers) - workers_start) / IDLE_WINDOW_S
         runs: dict[str, dict] = {n: {} for n in names}
         for phase in phases:
             # Half of the requests in each of the orders A B B A: what drifts during the phase (the host's other
@@ -206,7 +235,8 @@ async def run(args) -> int:
                 (address, pid), n = schedulers[index], names[index]
                 print(f"{phase.name}: {n}...", file=sys.stderr)
                 halves[n].append(await measure_phase(address, pid, idle[n], half, args.prompt_tokens,
-                                                     args.seed + turn, f"{n.split()[0]}{turn}"))
+                                                     args.seed + turn, f"{n.split()[0]}{turn}", workers,
+                                                     workers_idle))
             for n in names:
                 runs[n][phase.name] = combined(halves[n])
     finally:
@@ -224,6 +254,8 @@ async def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scheduler_cpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", default="", help="git ref whose scheduler runs beside this tree's")
+    parser.add_argument("--baseline-calls", default="", choices=["", "rpc", "stream"],
+                        help="replica 0's SPLITWISE_WORKER_CALLS (rpc: an RPC per worker call)")
     parser.add_argument("--profile", default=DEFAULT_MOCK_PROFILE, help="the machine profile the workers model")
     parser.add_argument("--prompt-workers", type=int, default=2)
     parser.add_argument("--token-workers", type=int, default=2)

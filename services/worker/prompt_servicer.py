@@ -94,7 +94,7 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
                                             StagedLayout(self.layout, len(ids)).total_bytes)
         sender = KVSender(*kv_stream(self.channels.get(target.address), target.kind), rid, self.layout, ids,
                           self.kv_chunk_bytes, self.kv_progress_timeout_s, writer,
-                          layerwise=target.layerwise or not target.HasField("layout"),
+                          layerwise=target.layerwise,
                           layer_runs=target.offer.layer_runs)
         keeper = None
         on_layer_kv = sender.on_layer_kv
