@@ -387,27 +387,29 @@ async def _read_calls(requests: AsyncIterator[worker_pb2.CallsIn], stream: _Stre
                 if task is not None:
                     task.cancel()
             elif kind == "start":
-                _start(frame.call, frame.start, stream, handlers)
+                refused = _start(frame.call, frame.start, stream, handlers)
+                if refused is not None:  # (waits while the caller reads nothing: it stops reading its frames)
+                    await stream.outbox.put(refused)
 
 
-def _start(call_id: int, start: worker_pb2.CallStart, stream: _Stream, handlers: dict) -> None:
-    def refuse(code: grpc.StatusCode, message: str) -> None:
-        end = worker_pb2.CallEnd(code=code.value[0], message=message)
-        stream.outbox.put_nowait(worker_pb2.CallOut(call=call_id, end=end))
+def _start(call_id: int, start: worker_pb2.CallStart, stream: _Stream, handlers: dict) -> worker_pb2.CallOut | None:
+    """Starts the call's handler; or the end frame that refuses the call."""
+    def refuse(code: grpc.StatusCode, message: str) -> worker_pb2.CallOut:
+        return worker_pb2.CallOut(call=call_id, end=worker_pb2.CallEnd(code=code.value[0], message=message))
 
     kind = start.WhichOneof("request")
     if kind not in handlers:
-        refuse(grpc.StatusCode.UNIMPLEMENTED, f"this worker serves no {kind or 'empty'} calls")
-    elif call_id in stream.tasks:
-        refuse(grpc.StatusCode.INVALID_ARGUMENT, f"call {call_id} is open already on this stream")
-    elif len(stream.tasks) >= MAX_CALLS_PER_STREAM:
-        refuse(grpc.StatusCode.RESOURCE_EXHAUSTED,
-               f"{MAX_CALLS_PER_STREAM} calls are open on this stream already: end some first")
-    else:
-        task = asyncio.create_task(_run_call(call_id, kind, start, stream, handlers[kind]),
-                                   name=f"WorkerCall[{METHODS[kind][0]}]")
-        stream.tasks[call_id] = task
-        task.add_done_callback(lambda _: stream.tasks.pop(call_id, None))
+        return refuse(grpc.StatusCode.UNIMPLEMENTED, f"this worker serves no {kind or 'empty'} calls")
+    if call_id in stream.tasks:
+        return refuse(grpc.StatusCode.INVALID_ARGUMENT, f"call {call_id} is open already on this stream")
+    if len(stream.tasks) >= MAX_CALLS_PER_STREAM:
+        return refuse(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"{MAX_CALLS_PER_STREAM} calls are open on this stream already: end some first")
+    task = asyncio.create_task(_run_call(call_id, kind, start, stream, handlers[kind]),
+                               name=f"WorkerCall[{METHODS[kind][0]}]")
+    stream.tasks[call_id] = task
+    task.add_done_callback(lambda _: stream.tasks.pop(call_id, None))
+    return None
 
 
 async def _run_call(call_id: int, kind: str, start: worker_pb2.CallStart, stream: _Stream, handler: Handler) -> None:

@@ -264,3 +264,17 @@ async def test_a_call_that_ended_ok_is_done_only_once_its_events_are_read(served
     await until(lambda: unread._code is not None)
     assert unread.cancel() and await unread.code() == grpc.StatusCode.CANCELLED  # its events dropped unread
     await session.close()
+
+
+async def test_refusals_wait_for_a_caller_that_reads_nothing_rather_than_fail_its_stream(served, monkeypatch):
+    monkeypatch.setattr(calls_module, "MAX_QUEUED_FRAMES", 2)
+    _, _, channel = served
+    stream = worker_pb2_grpc.WorkerCallsStub(channel).Calls()
+    await stream.write(worker_pb2.CallsIn(frames=[worker_pb2.CallIn(call=i, start=worker_pb2.CallStart())
+                                                  for i in range(1, 11)]))  # ten empty starts, nothing read yet
+    await asyncio.sleep(0.2)
+    ends = []
+    while len(ends) < 10:
+        ends += [(f.call, f.end.code) for f in (await stream.read()).frames]
+    assert ends == [(i, grpc.StatusCode.UNIMPLEMENTED.value[0]) for i in range(1, 11)]
+    stream.cancel()
