@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 
@@ -22,6 +23,15 @@ KEY_PREFIX = "splitwise:request:"
 OPEN_KEY = "splitwise:requests:open"  # sorted set: request id -> unix time its entry expires
 PROGRESS_EVERY_TOKENS = 16  # tokens emitted between two progress writes
 CLOSED_TTL_S = 300.0  # how long a finished request's entry stays, for inspection
+
+
+@dataclass
+class _Merged:
+    """One request's updates of a batch, as one write."""
+    rid: str
+    fields: dict = field(default_factory=dict)
+    opening: bool = False
+    closing: bool = False
 
 
 class RequestJournal:
@@ -72,30 +82,30 @@ class RequestJournal:
         the last write was out is written once, with its closed entry's expiry, and never enters the open set."""
         while self._pending:
             batch, self._pending = self._pending, []
-            merged: list[list] = []  # [request id, fields, opening, closing], in order
-            latest: dict[str, list] = {}  # request id -> its entry in `merged` that is not closed yet
+            merged: list[_Merged] = []  # in order
+            latest: dict[str, _Merged] = {}  # request id -> its entry in `merged` that is not closed yet
             for rid, fields, opening, closing in batch:
                 entry = latest.get(rid)
                 if entry is None:  # (an id used again after its request closed starts an entry of its own)
-                    entry = latest[rid] = [rid, {}, False, False]
+                    entry = latest[rid] = _Merged(rid)
                     merged.append(entry)
-                entry[1].update(fields)
-                entry[2] |= opening
+                entry.fields.update(fields)
+                entry.opening |= opening
                 if closing:
-                    entry[3] = True
+                    entry.closing = True
                     del latest[rid]
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for rid, fields, opening, closing in merged:
-                        key = KEY_PREFIX + rid
-                        pipe.hset(key, mapping=fields)
-                        if closing:
+                    for m in merged:
+                        key = KEY_PREFIX + m.rid
+                        pipe.hset(key, mapping=m.fields)
+                        if m.closing:
                             pipe.expire(key, int(CLOSED_TTL_S))
-                            if not opening:  # (opened in this batch: it was never added)
-                                pipe.zrem(OPEN_KEY, rid)
-                        elif opening:
+                            if not m.opening:  # (opened in this batch: it was never added)
+                                pipe.zrem(OPEN_KEY, m.rid)
+                        elif m.opening:
                             pipe.expire(key, int(self.ttl_s) + 1)
-                            pipe.zadd(OPEN_KEY, {rid: time.time() + self.ttl_s})
+                            pipe.zadd(OPEN_KEY, {m.rid: time.time() + self.ttl_s})
                     await pipe.execute()
                 if self._failing:
                     log.info("request journal: Redis is back")
