@@ -86,11 +86,14 @@ async def assert_no_kv_held(cluster, within_s: float = 1.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def wait_for_workers(cluster, count: int = 2) -> None:
-    """Until the scheduler sees `count` registered workers (at most 5 s)."""
+async def wait_for_workers(cluster, count: int = 2, idle: bool = False) -> None:
+    """Until the scheduler sees `count` registered workers (at most 5 s); with idle, until their heartbeats as the
+    scheduler last read them also report no work (a heartbeat written mid-request makes a worker look busy for up
+    to an interval, and a test that counts on the routing policy's tie-break would route elsewhere)."""
     async with SplitwiseClient(cluster.address) as c:
         for _ in range(100):
-            if len((await c.cluster_status()).workers) >= count:
+            workers = (await c.cluster_status()).workers
+            if len(workers) >= count and not (idle and any(w.pending_tokens or w.active_requests for w in workers)):
                 return
             await asyncio.sleep(0.05)
-    raise TimeoutError("workers did not register")
+    raise TimeoutError(f"{count} {'idle ' if idle else ''}workers did not register")

@@ -119,7 +119,7 @@ async def test_a_sender_whose_writes_fail_is_avoided_and_the_token_worker_is_kep
         metrics_listen=METRICS_LISTEN, tls_dir=str(security.tls_dir()), registry_ttl_s=STEADY_REGISTRY_TTL_S,
         kv_transports="fake", kv_progress_timeout_s=STALL_TIMEOUT_S))
     try:
-        await wait_for_workers(cluster, count=3)
+        await wait_for_workers(cluster, count=3, idle=True)  # idle alike: the tie-break picks the failing one
         before = await asyncio.to_thread(failures, cluster)
         sender_faults.fail_at_layer = 1  # every transfer of the module's prompt worker fails
         for _ in range(3):
