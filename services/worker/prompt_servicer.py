@@ -95,14 +95,15 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         sender = KVSender(*kv_stream(self.channels.get(target.address), target.kind), rid, self.layout, ids,
                           self.kv_chunk_bytes, self.kv_progress_timeout_s, writer,
                           layerwise=target.layerwise,
-                          layer_runs=target.offer.layer_runs)
+                          # (the kv_store relays the messages to a token worker, which takes runs)
+                          layer_runs=target.offer.layer_runs or target.kind == worker_pb2.KVTarget.KIND_KV_STORE)
         keeper = None
         on_layer_kv = sender.on_layer_kv
         if request.HasField("kv_keep") and request.kv_keep.address:
             # Serialized: the layers are only copied during the prefill and encoded after it, off its path.
             keeper = KVSender(*kv_stream(self.channels.get(request.kv_keep.address), worker_pb2.KVTarget.KIND_KV_STORE),
                               rid, self.layout, ids, self.kv_chunk_bytes, self.kv_progress_timeout_s, layerwise=False,
-                              span_name="kv_transfer.keep")
+                              span_name="kv_transfer.keep", layer_runs=True)
             on_layer_kv = _both(sender.on_layer_kv, keeper.on_layer_kv)
         submitted_ns = time.time_ns()
         try:

@@ -46,29 +46,49 @@ def split_layer(
         yield KVChunk(layer, token_start + begin, end - begin, k, v, checksum(k, v))
 
 
+def run_chunk(layer: int, keys: list[torch.Tensor], values: list[torch.Tensor], token_start: int) -> KVChunk:
+    """Consecutive layers' KV of one token range as one chunk (layers [layer, layer + len(keys))): its key holds
+    each layer's keys [num_kv_heads, tokens, head_dim] in layer order, its value the values, and one checksum runs
+    over key then value, so a run costs one message, one copy and one checksum however many layers it holds."""
+    k = _tensor_bytes(torch.stack(keys))
+    v = _tensor_bytes(torch.stack(values))
+    return KVChunk(layer, token_start, keys[0].shape[1], k, v, checksum(k, v), num_layers=len(keys))
+
+
+def layers_named(chunk: KVChunk) -> str:
+    if chunk.num_layers == 1:
+        return f"layer {chunk.layer}"
+    return f"layers [{chunk.layer}, {chunk.layer + chunk.num_layers})"
+
+
 def check_chunk_bounds(chunk: KVChunk, layout: KVLayout, num_tokens: int) -> None:
     if not 0 <= chunk.layer < layout.num_layers:
         raise KVIntegrityError(f"chunk for layer {chunk.layer} but the model has {layout.num_layers}")
+    if chunk.num_layers < 1 or chunk.layer + chunk.num_layers > layout.num_layers:
+        raise KVIntegrityError(f"chunk for layers [{chunk.layer}, {chunk.layer + chunk.num_layers}) but the model "
+                               f"has {layout.num_layers}")
     end = chunk.token_start + chunk.token_count
     if chunk.token_start < 0 or chunk.token_count <= 0 or end > num_tokens:
         raise KVIntegrityError(f"chunk tokens [{chunk.token_start}, {end}) outside the {num_tokens} transferred")
 
 
 def decode_chunk(chunk: KVChunk, layout: KVLayout, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Verifies a chunk of a num_tokens-token transfer; returns its keys and values [tokens, kv_heads, head_dim].
+    """Verifies a chunk of a num_tokens-token transfer; returns its keys and values [tokens, kv_heads, head_dim]
+    (or [layers, tokens, kv_heads, head_dim] for a run of layers, `run_chunk`).
 
     Raises KVIntegrityError when the chunk does not belong where it says or its bytes are corrupt.
     """
     check_chunk_bounds(chunk, layout, num_tokens)
     end = chunk.token_start + chunk.token_count
-    expected = chunk.token_count * layout.bytes_per_token_per_layer // 2
+    expected = chunk.num_layers * chunk.token_count * layout.bytes_per_token_per_layer // 2
     if len(chunk.key) != expected or len(chunk.value) != expected:
-        raise KVIntegrityError(f"chunk carries {len(chunk.key)}+{len(chunk.value)} bytes, expected {expected} each")
+        raise KVIntegrityError(f"chunk of {layers_named(chunk)} carries {len(chunk.key)}+{len(chunk.value)} bytes, "
+                               f"expected {expected} each")
     if checksum(chunk.key, chunk.value) != chunk.xxh3:
-        raise KVIntegrityError(f"checksum mismatch in layer {chunk.layer} tokens [{chunk.token_start}, {end})")
-    shape = (layout.num_kv_heads, chunk.token_count, layout.head_dim)
+        raise KVIntegrityError(f"checksum mismatch in {layers_named(chunk)} tokens [{chunk.token_start}, {end})")
+    shape = (chunk.num_layers, layout.num_kv_heads, chunk.token_count, layout.head_dim)
     keys, values = (
-        torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(layout.torch_dtype).view(shape).transpose(0, 1)
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(layout.torch_dtype).view(shape).transpose(1, 2)
         for raw in (chunk.key, chunk.value)
     )
-    return keys, values
+    return (keys[0], values[0]) if chunk.num_layers == 1 else (keys, values)

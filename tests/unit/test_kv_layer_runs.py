@@ -1,5 +1,6 @@
-"""Serialized staged transfers announce runs of layers: one message and one checksum for many layers, to a
-receiver that offers runs; the same KV lands as layer by layer, and a receiver checks a run as strictly."""
+"""Serialized transfers announce runs of layers: one message and one checksum for many layers (staged, or their
+bytes in the message over gRPC), to a receiver that offers runs; the same KV lands as layer by layer, and a
+receiver checks a run as strictly."""
 
 import asyncio
 
@@ -145,11 +146,82 @@ async def test_a_run_past_the_models_layers_is_refused_before_anything_is_writte
     backend.close()
 
 
-async def test_a_chunk_carrying_its_bytes_cannot_announce_several_layers():
+async def test_a_chunk_carrying_its_bytes_must_carry_every_layer_it_announces():
     receiver, backend = staged_receiver()
-    with pytest.raises(KVIntegrityError, match="announces 2 layers"):
-        receiver._chunk_kv(KVChunk(0, 0, 1, b"k", b"v", 0, staged=False, num_layers=2))
+    one_layer = LAYOUT.bytes_per_token_per_layer // 2
+    chunk = KVChunk(0, 0, 1, b"k" * one_layer, b"v" * one_layer, 0, staged=False, num_layers=2)
+    with pytest.raises(KVIntegrityError, match=rf"layers \[0, 2\) carries {one_layer}\+{one_layer} bytes"):
+        receiver._chunk_kv(chunk)
     backend.close()
+
+
+async def grpc_transfer(max_chunk_bytes: int = 1 << 20, layer_runs: bool = True, corrupt=None):
+    """One serialized transfer over the gRPC stream alone (no staging): (chunk messages, cache, outcome, kv)."""
+    cache = torch.zeros(LAYOUT.num_layers, 2, len(TOKENS), LAYOUT.num_kv_heads, LAYOUT.head_dim)
+
+    def sink(layer, start, keys, values):
+        if keys.dim() == 3:
+            keys, values = keys.unsqueeze(0), values.unsqueeze(0)
+        layers, tokens = slice(layer, layer + keys.shape[0]), slice(start, start + keys.shape[1])
+        cache[layers, 0, tokens] = keys
+        cache[layers, 1, tokens] = values
+
+    receiver = KVReceiver(sink, LAYOUT, TOKENS)
+    assert receiver.offer().transport == "grpc" and receiver.offer().layer_runs
+    sent = []
+
+    async def open_stream(messages):
+        async def recorded():
+            async for msg in messages:
+                if corrupt is not None and msg.WhichOneof("kind") == "chunk":
+                    corrupt(msg.chunk)
+                sent.append(msg)
+                yield msg
+        return await receiver.consume(recorded())
+
+    sender = KVSender(open_stream, "t", "r1", LAYOUT, TOKENS, max_chunk_bytes, 5.0, layerwise=False,
+                      layer_runs=layer_runs)
+    task = asyncio.create_task(sender.send())
+    kv = prefill_kv()
+    for layer, (keys, values) in enumerate(kv):
+        sender.on_layer_kv(layer, keys, values, 0)
+    await asyncio.sleep(0)
+    sender.commit(SampledToken(7, -0.5, None))
+    outcome = (await asyncio.gather(task, return_exceptions=True))[0]
+    return [m for m in sent if m.WhichOneof("kind") == "chunk"], cache, outcome, kv
+
+
+async def test_over_grpc_a_receiver_that_takes_runs_gets_the_layers_in_one_message_of_their_bytes():
+    chunks, cache, stats, kv = await grpc_transfer()
+    assert [(c.chunk.layer, c.chunk.num_layers, c.chunk.staged) for c in chunks] == [(0, LAYOUT.num_layers, False)]
+    assert torch.equal(cache, expected_cache(kv))
+    assert (stats.num_layers, stats.num_chunks) == (LAYOUT.num_layers, 1)
+
+
+async def test_over_grpc_a_run_is_bounded_by_the_chunk_size_and_a_bigger_layer_goes_alone_in_token_chunks():
+    layer_bytes = len(TOKENS) * LAYOUT.bytes_per_token_per_layer
+    chunks, cache, _, kv = await grpc_transfer(max_chunk_bytes=4 * layer_bytes)
+    assert [(c.chunk.layer, c.chunk.num_layers) for c in chunks] == [(0, 4), (4, 2)]
+    assert all(c.ByteSize() <= 4 * layer_bytes + 64 for c in chunks)
+    assert torch.equal(cache, expected_cache(kv))
+    chunks, cache, _, kv = await grpc_transfer(max_chunk_bytes=layer_bytes // 2)
+    assert all(c.chunk.num_layers == 0 for c in chunks) and len(chunks) == 3 * LAYOUT.num_layers  # 6 + 6 + 1 tokens
+    assert torch.equal(cache, expected_cache(kv))
+
+
+async def test_over_grpc_a_receiver_without_runs_gets_a_message_per_layer():
+    chunks, cache, _, kv = await grpc_transfer(layer_runs=False)
+    assert [(c.chunk.layer, c.chunk.num_layers) for c in chunks] == [(layer, 0) for layer in range(LAYOUT.num_layers)]
+    assert torch.equal(cache, expected_cache(kv))
+
+
+async def test_over_grpc_a_byte_changed_in_a_run_fails_its_checksum():
+    def flip_a_value_byte(chunk):
+        chunk.value = chunk.value[:-1] + bytes([chunk.value[-1] ^ 0xFF])
+
+    _, _, outcome, _ = await grpc_transfer(corrupt=flip_a_value_byte)
+    assert isinstance(outcome, KVIntegrityError)
+    assert f"checksum mismatch in layers [0, {LAYOUT.num_layers})" in str(outcome)
 
 
 def test_a_runs_ranges_merge_into_one_for_the_whole_prompt_and_the_count_survives_the_wire():

@@ -55,7 +55,7 @@ class TransportOffer:
     mooncake_session: str = ""  # mooncake: the receiver's transfer engine
     buffer_address: int = 0     # mooncake: the registered buffer's address there
     buffer_bytes: int = 0
-    layer_runs: bool = False    # the receiver takes one staged chunk for several layers (one message, one checksum)
+    layer_runs: bool = False    # the receiver takes one chunk for several layers (one message, one checksum)
 
 
 @dataclass

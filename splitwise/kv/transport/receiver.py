@@ -21,7 +21,7 @@ import torch
 
 from splitwise.engine.sampling import SampledToken
 from splitwise.kv.binding import KVBindingMismatch, kv_hash
-from splitwise.kv.chunks import KVChunk, KVIntegrityError, check_chunk_bounds, decode_chunk
+from splitwise.kv.chunks import KVChunk, KVIntegrityError, check_chunk_bounds, decode_chunk, layers_named
 from splitwise.kv.layout import KVLayout, KVLayoutMismatch
 from splitwise.kv.transport.base import (Fault, KVTransferError, StagingBuffer, TransferState, TransferStats,
                                          TransportOffer, record_transfer)
@@ -85,9 +85,10 @@ class KVReceiver:
         self.fail(KVTransferError(problem, grpc.StatusCode.DEADLINE_EXCEEDED))
 
     def offer(self) -> TransportOffer:
-        """Where the sender writes this transfer's bytes (nowhere but the stream, for gRPC)."""
+        """Where the sender writes this transfer's bytes (nowhere but the stream, for gRPC). Every offer takes runs
+        of layers: one chunk for several layers, staged or in the message."""
         if self.staging is None:
-            return TransportOffer()
+            return TransportOffer(layer_runs=True)
         return dataclasses.replace(self.staging.offer(), layer_runs=True)
 
     def poll(self) -> TransferState:
@@ -184,24 +185,17 @@ class KVReceiver:
 
     def _chunk_kv(self, chunk: KVChunk) -> tuple[torch.Tensor, torch.Tensor]:
         """A chunk's keys and values, verified: [tokens, kv_heads, head_dim] of one layer, or [layers, ...] of a
-        staged run."""
+        run (in the message, or staged)."""
         if not chunk.staged:
-            if chunk.num_layers != 1:
-                raise KVIntegrityError(f"a chunk carrying its bytes announces {chunk.num_layers} layers, not one")
             return decode_chunk(chunk, self.layout, self.num_tokens)
         if self.staging is None or self.transport == GRPC:
             raise KVIntegrityError("a staged chunk, but this transfer has no staging buffer")
         check_chunk_bounds(chunk, self.layout, self.num_tokens)
-        end_layer = chunk.layer + chunk.num_layers
-        if chunk.num_layers < 1 or end_layer > self.layout.num_layers:
-            raise KVIntegrityError(f"chunk for layers [{chunk.layer}, {end_layer}) but the model has "
-                                   f"{self.layout.num_layers}")
         buffer = self.staging.tensor
         ranges = run_ranges(self.staged, chunk.layer, chunk.num_layers, chunk.token_start, chunk.token_count)
         if ranges_checksum(buffer, ranges) != chunk.xxh3:
             end = chunk.token_start + chunk.token_count
-            layers = f"layer {chunk.layer}" if chunk.num_layers == 1 else f"layers [{chunk.layer}, {end_layer})"
-            raise KVIntegrityError(f"checksum mismatch in {layers} tokens [{chunk.token_start}, {end})")
+            raise KVIntegrityError(f"checksum mismatch in {layers_named(chunk)} tokens [{chunk.token_start}, {end})")
         keys, values = run_views(buffer, self.staged, chunk.layer, chunk.num_layers, chunk.token_start,
                                  chunk.token_count)
         return (keys[0], values[0]) if chunk.num_layers == 1 else (keys, values)

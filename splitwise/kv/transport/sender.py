@@ -25,7 +25,7 @@ import torch
 
 from splitwise.engine.sampling import SampledToken
 from splitwise.kv.binding import kv_hash
-from splitwise.kv.chunks import KVChunk, split_layer
+from splitwise.kv.chunks import KVChunk, run_chunk, split_layer
 from splitwise.kv.layout import KVLayout
 from splitwise.kv.transport.base import (Fault, KVTransferError, StagedWriter, TransferState, TransferStats,
                                          record_transfer)
@@ -73,7 +73,8 @@ class KVSender:
     the event loop, ships it while later layers compute. Serialized, the layers are only copied during the
     prefill, and encoded and sent after it: to a receiver that takes layer runs (`layer_runs`, from its offer),
     the layers of one token range (the whole prompt, or each chunk of a chunked prefill) go as one run, one
-    message and one staged write for them all, so a transfer's fixed cost is paid once rather than per layer.
+    message and one staged write for them all (over gRPC, one message of their bytes, up to max_chunk_bytes), so a
+    transfer's fixed cost is paid once rather than per layer.
     """
 
     def __init__(self, open_stream: OpenStream, target: str, request_id: str, layout: KVLayout,
@@ -92,7 +93,7 @@ class KVSender:
         self.transport = writer.transport if writer else GRPC
         self.staged = StagedLayout(layout, self.num_tokens)
         self.layerwise = layerwise
-        self.layer_runs = layer_runs and writer is not None
+        self.layer_runs = layer_runs
         self.span_name = span_name
         self.state = TransferState.WAITING
         self.stats = TransferStats()
@@ -261,23 +262,33 @@ class KVSender:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, commit)
 
     def _runs(self, held: list[_Held]) -> list[list[_Held]]:
-        """The held layers as runs: consecutive layers of one token range, where the receiver takes runs."""
+        """The held layers as runs: consecutive layers of one token range, where the receiver takes runs. A staged
+        run holds at most MAX_RUN_BYTES, one in a message at most max_chunk_bytes (a layer bigger than that goes
+        alone, in chunks of tokens)."""
+        bound = MAX_RUN_BYTES if self.writer is not None else self.max_chunk_bytes
         runs: list[list[_Held]] = []
         for raw in held:
             run = runs[-1] if runs else None
             tokens = raw.keys.shape[1]
             if (self.layer_runs and run and raw.layer == run[-1].layer + 1 and raw.token_start == run[-1].token_start
                     and tokens == run[-1].keys.shape[1]
-                    and (len(run) + 1) * tokens * self.layout.bytes_per_token_per_layer <= MAX_RUN_BYTES):
+                    and (len(run) + 1) * tokens * self.layout.bytes_per_token_per_layer <= bound):
                 run.append(raw)
             else:
                 runs.append([raw])
         return runs
 
     def _encode_run(self, run: list[_Held]) -> _Encoded | None:
-        """Stages a run of layers and takes one checksum over them all (in layer order, keys then values)."""
+        """Stages a run of layers, or copies it into one message's bytes, and takes one checksum over them all (in
+        layer order, keys then values)."""
         cpu = time.thread_time()
         try:
+            if self.writer is None:
+                if self._aborted:
+                    return None
+                chunk = run_chunk(run[0].layer, [raw.keys for raw in run], [raw.values for raw in run],
+                                  run[0].token_start)
+                return _Encoded(run[0].layer, [chunk], [], len(run))
             buffer = self.writer.buffer
             if buffer is None or self._aborted:
                 return None
