@@ -95,12 +95,14 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         sender = KVSender(*kv_stream(self.channels.get(target.address), target.kind), rid, self.layout, ids,
                           self.kv_chunk_bytes, self.kv_progress_timeout_s, writer,
                           layerwise=target.layerwise,
-                          # (the kv_store relays the messages to a token worker, which takes runs)
-                          layer_runs=target.offer.layer_runs or target.kind == worker_pb2.KVTarget.KIND_KV_STORE)
+                          # (the token worker's offer, also where the kv_store relays to it)
+                          layer_runs=target.offer.layer_runs)
         keeper = None
         on_layer_kv = sender.on_layer_kv
         if request.HasField("kv_keep") and request.kv_keep.address:
-            # Serialized: the layers are only copied during the prefill and encoded after it, off its path.
+            # Serialized: the layers are only copied during the prefill and encoded after it, off its path. In runs
+            # of layers: whoever pulls it back is a token worker resuming the request (one that takes no runs
+            # recomputes the prompt instead).
             keeper = KVSender(*kv_stream(self.channels.get(request.kv_keep.address), worker_pb2.KVTarget.KIND_KV_STORE),
                               rid, self.layout, ids, self.kv_chunk_bytes, self.kv_progress_timeout_s, layerwise=False,
                               span_name="kv_transfer.keep", layer_runs=True)
