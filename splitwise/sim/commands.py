@@ -24,6 +24,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                              "model behind the paper's results)")
     parser.add_argument("--exact-view", action="store_true",
                         help="the scheduler sees the workers' state exactly (default: refreshed as the live one is)")
+    parser.add_argument("--heartbeat-s", type=float, default=None,
+                        help="the workers' heartbeat interval (SPLITWISE_HEARTBEAT_S, default 1): the scheduler's "
+                             "view shows each worker as of its last heartbeat; 0: as of the view's refresh")
     parser.add_argument("--mixed-batches", action="store_true",
                         help="machines decode their running sequences in every prefill step too (SPLITWISE_MIXED_BATCHES)")
     parser.add_argument("--routing-policy", default=None, help="cls (default, the live scheduler's), jsq, round_robin, random")
@@ -65,6 +68,10 @@ def _config(args):
         changes["view_refresh_s"] = 0.0
     if args.routing_policy:
         changes["routing_policy"] = args.routing_policy
+    if args.heartbeat_s is not None:
+        if args.heartbeat_s < 0:
+            raise SystemExit(f"--heartbeat-s must be >= 0, got {args.heartbeat_s}")
+        changes["heartbeat_s"] = args.heartbeat_s
     config = SimConfig.live_defaults(**changes)
     if args.mixed_batches:
         from dataclasses import replace

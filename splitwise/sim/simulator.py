@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from splitwise.slo import IdleBaseline, RequestResult, SLOReport, slo_attainment, summarize
 from splitwise.cluster.in_flight import InFlightLedger
 from splitwise.cluster.pools import PoolPolicy, plan, with_pools
+from splitwise.cluster.registry import WorkerInfo
 from splitwise.cluster.routing import ConditionalDisaggregation, NoWorkerAvailable, route
 from splitwise.config import SchedulerConfig, TokenWorkerConfig
 from splitwise.engine.sequence import FinishReason, Sequence
@@ -31,6 +32,7 @@ from splitwise.sim.workload import SimRequest
 IDLE_POWER = 0.25  # fraction of rated power a machine draws with nothing to compute (an assumption, not measured)
 RESERVE_RETRY_S = 0.01  # a request whose token machine has no free blocks asks again this often ...
 RESERVE_GIVE_UP_S = 60.0  # ... for this long, and is dropped after
+GOLDEN_FRACTION = 0.6180339887  # machine i beats at (i x this) mod 1 of the interval: phases spread evenly, no two alike
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class SimConfig:
     # How often the scheduler's view of the workers (their heartbeats) is refreshed; meanwhile it adds the tokens it
     # routed to each worker whose prompt phase has not ended, as the live scheduler does. 0: an exact view.
     view_refresh_s: float = 0.25
+    # How often each worker writes its heartbeat (each at its own phase): a refreshed view shows each worker as of its
+    # last one, up to this old, as the live registry does. 0: a refresh reads every worker's state of the moment.
+    heartbeat_s: float = 1.0
     limits: EngineLimits = EngineLimits()
     decode_runs: bool = True  # runs of identical decode steps computed at once; False: every step (same result)
     # What the live path costs beside the engine's steps, for predicting a live cluster (calibrated on it idle):
@@ -62,6 +67,7 @@ class SimConfig:
                                    scheduler.pool_cooldown_s),
             kv_layerwise_min_tokens=scheduler.kv_layerwise_min_tokens,
             view_refresh_s=scheduler.registry_refresh_s,
+            heartbeat_s=worker.heartbeat_s,
             limits=EngineLimits(block_size=worker.block_size, max_batch_tokens=worker.max_batch_tokens,
                                 max_decode_batch=worker.max_decode_batch, mixed_batches=worker.mixed_batches),
         )
@@ -171,6 +177,8 @@ class Simulator:
         self._backlog: list[_Request] = []
         self._view: list | None = None
         self._view_at = -math.inf
+        self._beats: dict[str, WorkerInfo] = {}  # each machine's last heartbeat, when heartbeats are modelled
+        self._work = 0  # events in the queue besides heartbeats: the run ends when none is left and none arrives
         self._in_flight = InFlightLedger()
         self._routed = 0
 
@@ -179,6 +187,7 @@ class Simulator:
 
     def _push(self, at: float, kind: str, *payload) -> None:
         heapq.heappush(self._events, (at, next(self._counter), kind, payload))
+        self._work += kind != "beat"
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -189,14 +198,16 @@ class Simulator:
         upcoming = next(arrivals, None)
         delay = self.config.request_overhead_s
         upcoming_at = upcoming.request.arrival_s + delay if upcoming else 0.0
-        handlers = {"step": self._step_done, "kv": self._kv_arrived, "retry": self._retry_backlog}
-        while self._events or upcoming is not None:
+        handlers = {"step": self._step_done, "kv": self._kv_arrived, "retry": self._retry_backlog, "beat": self._beat}
+        self._start_heartbeats()
+        while self._work or upcoming is not None:
             if upcoming is not None and (not self._events or upcoming_at <= self._events[0][0]):
                 at, kind, payload = upcoming_at, "arrival", (upcoming,)
                 upcoming = next(arrivals, None)
                 upcoming_at = upcoming.request.arrival_s + delay if upcoming else 0.0
             else:
                 at, _, kind, payload = heapq.heappop(self._events)
+                self._work -= kind != "beat"
             if at < self.now:
                 raise AssertionError(f"virtual time went back from {self.now} to {at} ({kind})")
             self.now = at
@@ -211,13 +222,32 @@ class Simulator:
 
     # -- the scheduler ----------------------------------------------------------------------------------------
 
+    def _start_heartbeats(self) -> None:
+        """Each machine registers at the start (its first heartbeat) and then beats every heartbeat_s, the machines'
+        beats spread over the interval as workers started at different moments are."""
+        if self.config.view_refresh_s <= 0 or self.config.heartbeat_s <= 0:
+            return
+        for i, machine in enumerate(self.machines):
+            self._beats[machine.worker_id] = machine.info(self.now)
+            phase = (i * GOLDEN_FRACTION) % 1.0 * self.config.heartbeat_s
+            self._push(self.now + phase, "beat", machine)
+
+    def _beat(self, machine: SimMachine) -> None:
+        self._beats[machine.worker_id] = machine.info(self.now)
+        self._push(self.now + self.config.heartbeat_s, "beat", machine)
+
     def _workers(self):
-        """The scheduler's view: exact, or the workers as last refreshed plus the tokens routed to them since."""
+        """The scheduler's view: exact, or the workers' heartbeats as last refreshed plus the tokens routed to them
+        since that their heartbeats do not report."""
         refresh = self.config.view_refresh_s
         if refresh <= 0:
             return [m.info(self.now) for m in self.machines], {}
         if self.now - self._view_at >= refresh:
-            self._view, self._view_at = [m.info(self.now) for m in self.machines], self.now
+            if self._beats:
+                view = [self._beats[m.worker_id] for m in self.machines]
+            else:
+                view = [m.info(self.now) for m in self.machines]
+            self._view, self._view_at = view, self.now
             self._in_flight.reported(self._view)
         return self._view, self._in_flight.tokens
 

@@ -147,6 +147,7 @@ def test_the_default_config_is_what_the_live_services_start_with():
                                             scheduler.pool_cooldown_s)
     assert config.kv_layerwise_min_tokens == scheduler.kv_layerwise_min_tokens
     assert config.view_refresh_s == scheduler.registry_refresh_s
+    assert config.heartbeat_s == worker.heartbeat_s
     assert config.limits.block_size == worker.block_size
     assert config.limits.max_batch_tokens == worker.max_batch_tokens
     assert config.limits.max_decode_batch == worker.max_decode_batch
@@ -162,6 +163,20 @@ def one_at_a_time(count: int) -> list[SimRequest]:
 def test_least_loaded_routing_sends_requests_that_never_overlap_to_the_same_machine():
     result = simulate(parse_design("baseline:4*dgx-a100"), one_at_a_time(8), SimConfig.live_defaults())
     assert [m.prompt_tokens for m in result.machines] == [8000, 0, 0, 0]
+
+
+def test_the_view_shows_each_machine_as_of_its_last_heartbeat_as_the_live_registry_does():
+    """A request that arrives after the first one's prefill has ended, but before its prompt machine's next
+    heartbeat, sees that machine as busy (its last heartbeat said so) and goes to the other, as on the live cluster;
+    with the state of the moment (no heartbeats modelled) it goes back to the first."""
+    design = ClusterDesign("toy-2p", (Pool(TOY, "prompt", 2), Pool(TOY, "token", 1)))
+    requests = [SimRequest("r1", 0.0, 100, 2), SimRequest("r2", 0.5, 100, 2)]  # r1's prompt phase ends at 0.4 s
+    routed = {}
+    for heartbeat_s in (1.0, 0.0):
+        result = simulate(design, requests, EXACT.replace(view_refresh_s=0.25, heartbeat_s=heartbeat_s))
+        assert all(r.ok for r in result.requests)
+        routed[heartbeat_s] = [m.prompt_tokens for m in result.machines if m.role == "prompt"]
+    assert routed == {1.0: [100, 100], 0.0: [200, 0]}
 
 
 def test_round_robin_routing_spreads_requests_evenly_over_the_machines():
