@@ -64,6 +64,16 @@ class Progress:
     kv_kept_as: str | None = None
 
 
+def decode_mode(kv_source: worker_pb2.KVTarget | None, resumed: bool) -> int:
+    """How the token worker gets the prompt KV (worker.proto DecodeMode): computed there when no source is named;
+    else pushed by the prompt worker, relayed through the kv_store, or, for a resumed request, its kept copy."""
+    if kv_source is None:
+        return worker_pb2.DECODE_MODE_PREFILL_HERE
+    if kv_source.kind != worker_pb2.KVTarget.KIND_KV_STORE:
+        return worker_pb2.DECODE_MODE_PUSHED
+    return worker_pb2.DECODE_MODE_RESUME_KEPT if resumed else worker_pb2.DECODE_MODE_RELAYED
+
+
 class Dispatcher:
     def __init__(self, view: ClusterView, channels: ChannelPool, kv: KVSettings, journal: RequestJournal | None = None,
                  kv_index: KVIndex | None = None, worker_calls: str = "rpc"):
@@ -187,7 +197,8 @@ class Dispatcher:
             keep = worker_pb2.KVTarget(kind=worker_pb2.KVTarget.KIND_KV_STORE, address=self.kv.kv_store_address)
         decode = self._stream(token_w, "TokenWorker", "Decode", worker_pb2.DecodeRequest(
             request_id=worker_rid, num_prompt_tokens=len(ids), sampling=sampling, kv_source=target,
-            prompt_token_ids=ids, prefill_here=colocated, kv_transport=transport), timeout_s)
+            prompt_token_ids=ids, prefill_here=colocated, kv_transport=transport,
+            mode=decode_mode(None if colocated else target, resumed=False)), timeout_s)
         prefill = None
         decode_ended = None
         ending: set = set()  # the calls whose worker has sent everything: their streams end by themselves
@@ -269,7 +280,7 @@ class Dispatcher:
         decode = self._stream(token_w, "TokenWorker", "Decode", worker_pb2.DecodeRequest(
             request_id=worker_rid, num_prompt_tokens=len(ids), sampling=convert.sampling_to_pb(params),
             kv_source=source, prompt_token_ids=ids, prefill_here=source is None, kv_transport=GRPC,
-            output_token_ids=output.token_ids), timeout_s)
+            output_token_ids=output.token_ids, mode=decode_mode(source, resumed=True)), timeout_s)
         ending: set = set()
         try:
             with self.view.loaded({token_w.worker_id: len(ids) + params.max_tokens}):

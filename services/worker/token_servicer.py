@@ -35,6 +35,35 @@ RESUME_KV_WAIT_S = 5.0
 FINISH_REASONS = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
 
 
+MODE_NAMES = {mode: worker_pb2.DecodeMode.Name(mode).removeprefix("DECODE_MODE_").lower()
+              for mode in worker_pb2.DecodeMode.values()}
+
+
+def decode_mode(request: worker_pb2.DecodeRequest) -> int:
+    """The request's decode mode: as the scheduler named it, or (unnamed) as its fields imply. Raises ValueError when
+    the fields contradict the named mode, or name none that exists."""
+    from_store = request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE
+    resumed = bool(request.output_token_ids)
+    if request.prefill_here:
+        implied = worker_pb2.DECODE_MODE_PREFILL_HERE
+    elif from_store:
+        implied = worker_pb2.DECODE_MODE_RESUME_KEPT if resumed else worker_pb2.DECODE_MODE_RELAYED
+    elif resumed:
+        raise ValueError("a resumed request takes its prompt KV from the kv_store, or prefills here")
+    else:
+        implied = worker_pb2.DECODE_MODE_PUSHED
+    mode = request.mode
+    if mode == worker_pb2.DECODE_MODE_UNSPECIFIED:
+        return implied
+    if mode not in MODE_NAMES:
+        raise ValueError(f"unknown decode mode {mode}; the modes are {', '.join(n for m, n in MODE_NAMES.items() if m)}")
+    if mode != implied:
+        raise ValueError(f"decode mode {MODE_NAMES[mode]}, but the request's fields say {MODE_NAMES[implied]} "
+                         f"(prefill_here={request.prefill_here}, kv_source from the kv_store: {from_store}, "
+                         f"{len(request.output_token_ids)} output tokens streamed before)")
+    return mode
+
+
 class KeptKVUnavailable(Exception):
     """A resumed request's prompt KV, kept in the kv_store, cannot be had (gone, expired, incomplete, corrupt)."""
 
@@ -71,24 +100,51 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
             raise ValueError(f"token ids must be in [0, {vocab})")
         if len(output) >= params.max_tokens:
             raise ValueError(f"a resumed request has {len(output)} output tokens already: no more than max_tokens - 1")
-        if output and not request.prefill_here and request.kv_source.kind != worker_pb2.KVTarget.KIND_KV_STORE:
-            raise ValueError("a resumed request takes its prompt KV from the kv_store, or prefills here")
-        return ids, output, params
+        return ids, output, params, decode_mode(request)
 
     async def Decode(self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        """A request's life here: admitted (its KV blocks reserved, or its prompt queued to prefill here), Reserved
+        sent, its prompt KV taken as its mode says (pushed, relayed, or a resumed request's kept copy), then decoded
+        in the engine's batch until it finishes."""
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "token worker is draining")
         try:
-            ids, output, params = self._validate(request)
+            ids, output, params, mode = self._validate(request)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id
         span = rpc_span()
         span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
-                             "colocated": request.prefill_here, "resumed.output_tokens": len(output)})
+                             "colocated": request.prefill_here, "resumed.output_tokens": len(output),
+                             "decode.mode": MODE_NAMES[mode]})
+        handle = await self._admit(mode, rid, ids, output, params, context, span)
+        pull: list[asyncio.Task] = []
+        # Cleanup runs when the RPC ends however it ends; a cancelled stream's generator may be
+        # finalised much later.
+        context.add_done_callback(lambda _: self._release(handle, pull))
+        try:
+            receiver = None if mode == worker_pb2.DECODE_MODE_PREFILL_HERE else self._receiver(request, handle, ids)
+            offer = convert.offer_to_pb(receiver.offer()) if receiver is not None else None
+            yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
+                layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids), offer=offer))
+            if receiver is not None:
+                fallback = await self._take_kv(mode, request, receiver, handle, output, pull, context, span)
+                if fallback is not None:
+                    yield fallback
+            async for event in self._stream(handle, context):
+                yield event
+        except asyncio.CancelledError:
+            record_cancelled(span, "scheduler")
+            raise
+        finally:
+            self._release(handle, pull)
+
+    async def _admit(self, mode: int, rid: str, ids: list[int], output: list[int], params, context,
+                     span) -> RequestHandle:
+        """Blocks reserved for the KV to come, or (prefilled here) the prompt queued in the engine."""
         with tracer().start_as_current_span("token_worker.admission") as admission:
             try:
-                if request.prefill_here:
+                if mode == worker_pb2.DECODE_MODE_PREFILL_HERE:
                     handle = self.engine.submit(rid, ids, params, output_ids=output)
                 else:
                     handle = self.engine.reserve(rid, ids, params)
@@ -101,56 +157,50 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
             blocks = self.engine.blocks
             admission.set_attributes({"kv.blocks_reserved": len(handle.seq.block_table),
                                       "kv.blocks_free": blocks.num_free, "kv.blocks_total": blocks.num_blocks})
-        pull: list[asyncio.Task] = []
-        # Cleanup runs when the RPC ends however it ends; a cancelled stream's generator may be
-        # finalised much later.
-        context.add_done_callback(lambda _: self._release(handle, pull))
+        return handle
+
+    def _receiver(self, request: worker_pb2.DecodeRequest, handle: RequestHandle, ids: list[int]) -> KVReceiver:
+        """The reservation's receiver (and its staging buffer, if the transport writes into one). It exists before
+        the scheduler learns of the reservation, so the sender always finds it."""
+        staging = None
+        if request.kv_source.kind != worker_pb2.KVTarget.KIND_KV_STORE:
+            staging = self.transports.staging(request.kv_transport, StagedLayout(self.layout, len(ids)).total_bytes)
+        receiver = self.receivers[request.request_id] = KVReceiver(
+            lambda layer, start, k, v: self.engine.write_kv(handle, layer, start, k, v),
+            self.layout, ids, owner=handle, staging=staging)
+        return receiver
+
+    async def _take_kv(self, mode: int, request: worker_pb2.DecodeRequest, receiver: KVReceiver,
+                       handle: RequestHandle, output: list[int], pull: list[asyncio.Task], context,
+                       span) -> worker_pb2.DecodeEvent | None:
+        """Waits for the prompt KV (pulling it from the kv_store when relayed or kept) and starts decoding on it.
+        A resumed request whose kept copy cannot be had is recomputed here instead: the KVFallback event to send."""
+        rid = request.request_id
+        if mode in (worker_pb2.DECODE_MODE_RELAYED, worker_pb2.DECODE_MODE_RESUME_KEPT):
+            stored_as = request.kv_source.request_id or rid
+            # A resumed request's KV is in the kv_store already, or on its way: no long wait for it.
+            resumed = mode == worker_pb2.DECODE_MODE_RESUME_KEPT
+            wait_s = min(RESUME_KV_WAIT_S, self.kv_wait_timeout_s) if resumed else self.kv_wait_timeout_s
+            pull.append(asyncio.create_task(
+                self._pull_from_store(receiver, stored_as, request.kv_source.address, wait_s)))
         try:
-            offer = None
-            if not request.prefill_here:
-                # The receiver (and its staging buffer, if the transport writes into one) exists before the
-                # scheduler learns of the reservation, so the sender always finds it.
-                staging = None
-                if request.kv_source.kind != worker_pb2.KVTarget.KIND_KV_STORE:
-                    staging = self.transports.staging(request.kv_transport, StagedLayout(self.layout, len(ids)).total_bytes)
-                receiver = self.receivers[rid] = KVReceiver(
-                    lambda layer, start, k, v: self.engine.write_kv(handle, layer, start, k, v),
-                    self.layout, ids, owner=handle, staging=staging)
-                offer = convert.offer_to_pb(receiver.offer())
-            yield worker_pb2.DecodeEvent(reserved=worker_pb2.Reserved(
-                layout=convert.layout_to_pb(self.layout), reserved_tokens=len(ids), offer=offer))
-            if not request.prefill_here:
-                if request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE:
-                    stored_as = request.kv_source.request_id or rid
-                    # A resumed request's KV is in the kv_store already, or on its way: no long wait for it.
-                    wait_s = min(RESUME_KV_WAIT_S, self.kv_wait_timeout_s) if output else self.kv_wait_timeout_s
-                    pull.append(asyncio.create_task(
-                        self._pull_from_store(receiver, stored_as, request.kv_source.address, wait_s)))
-                try:
-                    # A resumed request's prompt KV is a kept copy: if it cannot be had, the prompt is recomputed.
-                    first = await self._wait_for_kv(receiver, context, fallible=bool(output))
-                except KeptKVUnavailable as e:
-                    for task in pull:
-                        task.cancel()
-                    await asyncio.gather(*pull, return_exceptions=True)  # nothing more is written into the blocks
-                    self._drop_receiver(handle)
-                    span.add_event("kv_fallback", {"reason": str(e)})
-                    log.warning("request %s: its kept KV cannot be had (%s); recomputing its prompt here", rid, e)
-                    self.engine.resume_decoding(handle, output, prompt_kv_arrived=False)
-                    yield worker_pb2.DecodeEvent(kv_fallback=worker_pb2.KVFallback(reason=str(e)))
-                else:
-                    receiver.close()  # the KV is in its blocks now: the staging buffer goes back at once
-                    if output:  # resumed: recompute the tokens streamed before, then go on
-                        self.engine.resume_decoding(handle, output)
-                    else:
-                        self.engine.start_decoding(handle, first)
-            async for event in self._stream(handle, context):
-                yield event
-        except asyncio.CancelledError:
-            record_cancelled(span, "scheduler")
-            raise
-        finally:
-            self._release(handle, pull)
+            # A resumed request's prompt KV is a kept copy: if it cannot be had, the prompt is recomputed.
+            first = await self._wait_for_kv(receiver, context, fallible=mode == worker_pb2.DECODE_MODE_RESUME_KEPT)
+        except KeptKVUnavailable as e:
+            for task in pull:
+                task.cancel()
+            await asyncio.gather(*pull, return_exceptions=True)  # nothing more is written into the blocks
+            self._drop_receiver(handle)
+            span.add_event("kv_fallback", {"reason": str(e)})
+            log.warning("request %s: its kept KV cannot be had (%s); recomputing its prompt here", rid, e)
+            self.engine.resume_decoding(handle, output, prompt_kv_arrived=False)
+            return worker_pb2.DecodeEvent(kv_fallback=worker_pb2.KVFallback(reason=str(e)))
+        receiver.close()  # the KV is in its blocks now: the staging buffer goes back at once
+        if output:  # resumed: recompute the tokens streamed before, then go on
+            self.engine.resume_decoding(handle, output)
+        else:
+            self.engine.start_decoding(handle, first)
+        return None
 
     def _release(self, handle: RequestHandle, pull: list[asyncio.Task]) -> None:
         """Frees what this request holds here (and nothing of a later request with the same id)."""

@@ -143,6 +143,25 @@ async def test_token_worker_refuses_a_request_it_could_never_hold(cluster):
     assert_all_blocks_free(cluster.token_worker.servicer.engine)
 
 
+@pytest.mark.parametrize("mode, fields, problem", [
+    (worker_pb2.DECODE_MODE_RELAYED, {}, "decode mode relayed, but the request's fields say pushed"),
+    (worker_pb2.DECODE_MODE_PUSHED, {"prefill_here": True}, "decode mode pushed, but the request's fields say prefill_here"),
+    (worker_pb2.DECODE_MODE_RESUME_KEPT, {"output_token_ids": [9]}, "a resumed request takes its prompt KV from the kv_store"),
+    (17, {}, "unknown decode mode 17"),
+])
+async def test_a_decode_mode_the_requests_fields_contradict_is_refused_before_anything_is_held(cluster, mode, fields,
+                                                                                              problem):
+    async with peer_channel(cluster.token_worker.address) as channel:
+        call = worker_pb2_grpc.TokenWorkerStub(channel).Decode(worker_pb2.DecodeRequest(
+            request_id="contradicted", num_prompt_tokens=3, prompt_token_ids=[5, 6, 7], mode=mode,
+            sampling=common_pb2.SamplingParams(max_tokens=4), **fields), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await call.read()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert problem in error.value.details()
+    assert_all_blocks_free(cluster.token_worker.servicer.engine)
+
+
 async def test_kv_pushed_for_an_unknown_request_is_not_found(cluster):
     async with peer_channel(cluster.token_worker.address) as channel:
         header = common_pb2.KVTransferMessage(header=common_pb2.KVHeader(request_id="nobody", num_tokens=3))

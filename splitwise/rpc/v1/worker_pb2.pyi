@@ -9,6 +9,19 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DecodeMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECODE_MODE_UNSPECIFIED: _ClassVar[DecodeMode]
+    DECODE_MODE_PUSHED: _ClassVar[DecodeMode]
+    DECODE_MODE_RELAYED: _ClassVar[DecodeMode]
+    DECODE_MODE_PREFILL_HERE: _ClassVar[DecodeMode]
+    DECODE_MODE_RESUME_KEPT: _ClassVar[DecodeMode]
+DECODE_MODE_UNSPECIFIED: DecodeMode
+DECODE_MODE_PUSHED: DecodeMode
+DECODE_MODE_RELAYED: DecodeMode
+DECODE_MODE_PREFILL_HERE: DecodeMode
+DECODE_MODE_RESUME_KEPT: DecodeMode
+
 class CallsIn(_message.Message):
     __slots__ = ("frames",)
     FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -147,7 +160,7 @@ class KVTransferSummary(_message.Message):
     def __init__(self, num_bytes: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_chunks: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "num_prompt_tokens", "sampling", "kv_source", "prompt_token_ids", "prefill_here", "kv_transport", "output_token_ids")
+    __slots__ = ("request_id", "num_prompt_tokens", "sampling", "kv_source", "prompt_token_ids", "prefill_here", "kv_transport", "output_token_ids", "mode")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +169,7 @@ class DecodeRequest(_message.Message):
     PREFILL_HERE_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_prompt_tokens: int
     sampling: _common_pb2.SamplingParams
@@ -164,7 +178,8 @@ class DecodeRequest(_message.Message):
     prefill_here: bool
     kv_transport: str
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KVTarget, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prefill_here: _Optional[bool] = ..., kv_transport: _Optional[str] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    mode: DecodeMode
+    def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KVTarget, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prefill_here: _Optional[bool] = ..., kv_transport: _Optional[str] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., mode: _Optional[_Union[DecodeMode, str]] = ...) -> None: ...
 
 class DecodeEvent(_message.Message):
     __slots__ = ("reserved", "tokens", "kv_fallback")
