@@ -17,9 +17,18 @@ from splitwise.model import DEFAULT_MOCK_PROFILE
 T = TypeVar("T")
 
 
-def option(default, env: str, help: str):
-    """A config field readable from flag --name and from environment variable `env`."""
-    return field(default=default, metadata={"env": env, "help": help})
+def option(default, env: str, help: str, old_env: str = ""):
+    """A config field readable from flag --name and from environment variable `env` (or, where `env` is unset, from
+    `old_env`: the variable's name before it was renamed, still read)."""
+    return field(default=default, metadata={"env": env, "help": help, "old_env": old_env})
+
+
+def _environment_value(f: dataclasses.Field) -> str | None:
+    """The field's variable as set, or its old name's; None when neither is."""
+    for name in (f.metadata["env"], f.metadata.get("old_env")):
+        if name and name in os.environ:
+            return os.environ[name]
+    return None
 
 
 def _convert(value: str, kind):
@@ -48,12 +57,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, names: Sequ
         if names is not None and f.name not in names:
             continue
         env = f.metadata["env"]
+        value = _environment_value(f)
         try:
-            default = _convert(os.environ[env], f.type) if env in os.environ else f.default
+            default = _convert(value, f.type) if value is not None else f.default
         except ValueError:
             if strict:
                 raise
-            default = os.environ[env]  # argparse converts a string default by the option's type, at parse time
+            default = value  # argparse converts a string default by the option's type, at parse time
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"{f.metadata['help']} [{env}]")
@@ -112,7 +122,8 @@ INSECURE_HELP = ("run without TLS and cluster authentication (anyone who reaches
                  "only")
 METRICS_LISTEN_HELP = "host:port of the Prometheus /metrics endpoint ('off': none)"
 ROLE_HELP = ("prompt, token, or mixed (both phases: the mixed pool): the pool the worker registers in, and the "
-             "defaults of its listen address, metrics endpoint and KV memory")
+             "defaults of its listen address, metrics endpoint and KV memory (SPLITWISE_TOKEN_WORKER_ROLE, its "
+             "old name, is still read when this is unset)")
 WORKER_ROLES = ("prompt", "token", "mixed")
 
 
@@ -224,7 +235,7 @@ class SchedulerConfig(TelemetryOptions, PublicApiOptions, SecurityOptions, Model
 class WorkerConfig(TelemetryOptions, SecurityOptions, RegistryOptions, KVOptions, EngineOptions, ModelOptions):
     """A worker: runs the prompt phase (--role prompt), the token phase (token) or both (mixed) on one engine."""
 
-    role: str = option("token", "SPLITWISE_TOKEN_WORKER_ROLE", ROLE_HELP)
+    role: str = option("token", "SPLITWISE_WORKER_ROLE", ROLE_HELP, old_env="SPLITWISE_TOKEN_WORKER_ROLE")
     listen: str = option("127.0.0.1:50071", "SPLITWISE_TOKEN_WORKER_LISTEN", "host:port the token worker serves on")
     advertise: str = option("", "SPLITWISE_ADVERTISE", "address other services use to reach this worker (default: listen)")
     worker_id: str = option("", "SPLITWISE_WORKER_ID", "unique worker id (default: role-host-random)")
@@ -251,7 +262,7 @@ class WorkerConfig(TelemetryOptions, SecurityOptions, RegistryOptions, KVOptions
 class PromptWorkerConfig(WorkerConfig):
     """A prompt worker: runs the prompt phase and ships the KV cache layer by layer."""
 
-    role: str = option("prompt", "SPLITWISE_TOKEN_WORKER_ROLE", ROLE_HELP)
+    role: str = option("prompt", "SPLITWISE_WORKER_ROLE", ROLE_HELP, old_env="SPLITWISE_TOKEN_WORKER_ROLE")
     listen: str = option("127.0.0.1:50061", "SPLITWISE_PROMPT_WORKER_LISTEN", "host:port the prompt worker serves on")
     kv_memory_bytes: int = option(512 << 20, "SPLITWISE_PROMPT_KV_MEMORY_BYTES", "KV cache budget of the prompt worker")
     metrics_listen: str = option("127.0.0.1:9461", "SPLITWISE_METRICS_LISTEN", METRICS_LISTEN_HELP)

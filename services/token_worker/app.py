@@ -1,4 +1,4 @@
-"""Kept for compatibility: use services.worker.app (its role defaults to SPLITWISE_TOKEN_WORKER_ROLE, else token)."""
+"""Kept for compatibility: use services.worker.app (its role defaults to SPLITWISE_WORKER_ROLE, else token)."""
 
 from services.worker.app import main, serve, start
 

@@ -11,7 +11,7 @@ from splitwise.config import (EngineOptions, GatewayConfig, KVOptions, KVStoreCo
 
 PARTS = (ModelOptions, EngineOptions, KVOptions, RegistryOptions, SecurityOptions, PublicApiOptions, TelemetryOptions)
 CONFIGS = (SchedulerConfig, PromptWorkerConfig, TokenWorkerConfig, KVStoreConfig, GatewayConfig)
-ROLE_VARIABLES = ("SPLITWISE_TOKEN_WORKER_ROLE", "SPLITWISE_PROMPT_WORKER_LISTEN", "SPLITWISE_TOKEN_WORKER_LISTEN",
+ROLE_VARIABLES = ("SPLITWISE_WORKER_ROLE", "SPLITWISE_TOKEN_WORKER_ROLE", "SPLITWISE_PROMPT_WORKER_LISTEN", "SPLITWISE_TOKEN_WORKER_LISTEN",
                   "SPLITWISE_METRICS_LISTEN", "SPLITWISE_PROMPT_KV_MEMORY_BYTES", "SPLITWISE_KV_MEMORY_BYTES")
 
 
@@ -34,8 +34,16 @@ def test_each_role_has_its_own_listen_address_metrics_endpoint_and_kv_memory(rol
 
 def test_the_role_comes_from_the_flag_then_the_variable_the_launcher_set_then_token(monkeypatch):
     assert parse_worker_config([]).role == "token"
+    monkeypatch.setenv("SPLITWISE_WORKER_ROLE", "mixed")
+    assert parse_worker_config([]).role == "mixed"
+    assert parse_worker_config(["--role", "token"]).role == "token"
+
+
+def test_the_role_variables_old_name_is_read_where_the_new_one_is_unset(monkeypatch):
     monkeypatch.setenv("SPLITWISE_TOKEN_WORKER_ROLE", "mixed")
     assert parse_worker_config([]).role == "mixed"
+    monkeypatch.setenv("SPLITWISE_WORKER_ROLE", "prompt")
+    assert parse_worker_config([]).role == "prompt"
     prompt = parse_worker_config(["--role", "prompt"])
     assert type(prompt) is PromptWorkerConfig and prompt.listen == "127.0.0.1:50061"
 
@@ -59,7 +67,7 @@ def test_an_unknown_role_is_refused_with_the_roles_there_are(monkeypatch):
         TokenWorkerConfig(role="decode")
     with pytest.raises(ValueError, match=expected):
         parse_worker_config(["--role", "decode"])
-    monkeypatch.setenv("SPLITWISE_TOKEN_WORKER_ROLE", "decode")
+    monkeypatch.setenv("SPLITWISE_WORKER_ROLE", "decode")
     with pytest.raises(ValueError, match=expected):
         parse_worker_config([])
 
@@ -90,7 +98,7 @@ def test_a_variable_has_one_default_wherever_it_is_read_except_a_services_own_po
         for f in dataclasses.fields(cls):
             defaults.setdefault(f.metadata["env"], set()).add(f.default)
     assert {env for env, values in defaults.items() if len(values) > 1} == {"SPLITWISE_METRICS_LISTEN",
-                                                                            "SPLITWISE_TOKEN_WORKER_ROLE"}
+                                                                            "SPLITWISE_WORKER_ROLE"}
 
 
 def test_the_old_config_names_construct_as_before(tmp_path):
@@ -110,11 +118,11 @@ def test_the_old_modules_run_the_worker_service_in_their_role(monkeypatch):
     from services.worker import app as worker_app, prompt_servicer, token_servicer
 
     assert (prompt_app.start, prompt_app.serve) == (worker_app.start, worker_app.serve)
-    assert token_app.main is worker_app.main  # its role: SPLITWISE_TOKEN_WORKER_ROLE, else token
+    assert token_app.main is worker_app.main  # its role: SPLITWISE_WORKER_ROLE, else token
     assert prompt_server.PromptWorkerServicer is prompt_servicer.PromptWorkerServicer
     assert token_server.TokenWorkerServicer is token_servicer.TokenWorkerServicer
     ran = []
     monkeypatch.setattr(worker_app, "main", ran.append)
-    monkeypatch.setenv("SPLITWISE_TOKEN_WORKER_ROLE", "mixed")
+    monkeypatch.setenv("SPLITWISE_WORKER_ROLE", "mixed")
     prompt_app.main(["--role", "token", "--device", "cpu"])
     assert parse_worker_config(ran[0]).role == "prompt"
