@@ -68,45 +68,16 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         return (ids, params), None
 
     async def Prefill(self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "prompt worker is draining")
-        parsed, problem = self._validate(request)
-        if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        if request.kv_target.HasField("layout"):  # the handshake: the receiver's KV must be ours
-            problem = self.layout.mismatch(convert.layout_from_pb(request.kv_target.layout))
-            if problem:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"the KV receiver cannot take this worker's KV: {problem}")
-        target = request.kv_target
-        if (target.kind != worker_pb2.KVTarget.KIND_KV_STORE and self.known_peers is not None
-                and not await self.known_peers.knows(target.address)):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"kv_target {target.address} is not a registered worker: KV goes to none other")
-        ids, params = parsed
+        """A request's prompt phase: checked (and its KV target with it), its KV senders opened, its prompt
+        submitted to the engine; then its first token, once every layer is on its way, and the transfer's summary
+        once the receiver has it all."""
+        ids, params = await self._check(request, context)
         rid = request.request_id
         span = rpc_span()
         span.set_attributes({"splitwise.request_id": rid, "prompt.tokens": len(ids),
                              "kv.target": request.kv_target.address})
-        writer = None
-        if target.kind != worker_pb2.KVTarget.KIND_KV_STORE and target.HasField("offer"):
-            writer = self.transports.writer(convert.offer_from_pb(target.offer),
-                                            StagedLayout(self.layout, len(ids)).total_bytes)
-        sender = KVSender(*kv_stream(self.channels.get(target.address), target.kind), rid, self.layout, ids,
-                          self.kv_chunk_bytes, self.kv_progress_timeout_s, writer,
-                          layerwise=target.layerwise,
-                          # (the token worker's offer, also where the kv_store relays to it)
-                          layer_runs=target.offer.layer_runs)
-        keeper = None
-        on_layer_kv = sender.on_layer_kv
-        if request.HasField("kv_keep") and request.kv_keep.address:
-            # Serialized: the layers are only copied during the prefill and encoded after it, off its path. In runs
-            # of layers: whoever pulls it back is a token worker resuming the request (one that takes no runs
-            # recomputes the prompt instead).
-            keeper = KVSender(*kv_stream(self.channels.get(request.kv_keep.address), worker_pb2.KVTarget.KIND_KV_STORE),
-                              rid, self.layout, ids, self.kv_chunk_bytes, self.kv_progress_timeout_s, layerwise=False,
-                              span_name="kv_transfer.keep", layer_runs=True)
-            on_layer_kv = _both(sender.on_layer_kv, keeper.on_layer_kv)
+        sender, keeper = self._senders(request, ids)
+        on_layer_kv = sender.on_layer_kv if keeper is None else _both(sender.on_layer_kv, keeper.on_layer_kv)
         submitted_ns = time.time_ns()
         try:
             handle = self.engine.submit(rid, ids, params, prefill_only=True, on_layer_kv=on_layer_kv)
@@ -124,29 +95,13 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
         send_task.add_done_callback(
             lambda t: t.cancelled() or t.exception() is None or self.engine.abort(rid, handle))
         try:
-            try:
-                event = await handle.next_event()
-            except RequestFailed as e:
-                record_error(span, e)
-                await context.abort(engine_status(e), str(e))
-            if isinstance(event, Finished):  # aborted before its first token
-                failed = send_task.done() and not send_task.cancelled() and send_task.exception()
-                record_error(span, failed or "aborted")
-                if isinstance(failed, KVTransferError):
-                    await abort_transfer(context, failed)
-                await context.abort(grpc.StatusCode.ABORTED, str(failed or "prefill aborted"))
+            event = await self._first_token(handle, send_task, context, span)
             self._record_compute_spans(submitted_ns, handle.seq)
             sender.commit(event)
             if keeper is not None:
                 keeper.commit(event)
                 keeper = None  # it has every layer: it goes on alone, whatever happens to this call
-            first = worker_pb2.FirstToken(
-                token_id=event.token_id, logprob=event.logprob,
-                prefill_ms=(handle.seq.first_token_ns - handle.seq.first_scheduled_ns) / 1e6,
-            )
-            if event.top_logprobs:
-                first.top_logprobs.CopyFrom(convert.top_logprobs_to_pb(event.top_logprobs))
-            yield worker_pb2.PrefillEvent(first_token=first)
+            yield worker_pb2.PrefillEvent(first_token=self._first_token_pb(event, handle.seq))
             stats = await send_task
             yield worker_pb2.PrefillEvent(transfer=worker_pb2.KVTransferSummary(
                 num_bytes=stats.num_bytes, num_layers=stats.num_layers, num_chunks=stats.num_chunks,
@@ -162,6 +117,73 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             if keeper is not None:  # the prefill never finished: there is nothing to keep
                 keeper.abort()
             self._release(handle, sender, send_task)
+
+    async def _check(self, request: worker_pb2.PrefillRequest, context) -> tuple[list[int], object]:
+        """The prompt and its sampling, once the request, the receiver's KV layout (the handshake) and its KV target
+        (a registered worker, or the kv_store) are known to be good; the call is aborted otherwise."""
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prompt worker is draining")
+        parsed, problem = self._validate(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        target = request.kv_target
+        if target.HasField("layout"):  # the handshake: the receiver's KV must be ours
+            problem = self.layout.mismatch(convert.layout_from_pb(target.layout))
+            if problem:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"the KV receiver cannot take this worker's KV: {problem}")
+        if (target.kind != worker_pb2.KVTarget.KIND_KV_STORE and self.known_peers is not None
+                and not await self.known_peers.knows(target.address)):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"kv_target {target.address} is not a registered worker: KV goes to none other")
+        return parsed
+
+    def _senders(self, request: worker_pb2.PrefillRequest, ids: list[int]) -> tuple[KVSender, KVSender | None]:
+        """The sender to the request's KV target (writing into the receiver's staging buffer where its offer can
+        be used from here), and the kept copy's to the kv_store, when asked for."""
+        target, rid = request.kv_target, request.request_id
+        writer = None
+        if target.kind != worker_pb2.KVTarget.KIND_KV_STORE and target.HasField("offer"):
+            writer = self.transports.writer(convert.offer_from_pb(target.offer),
+                                            StagedLayout(self.layout, len(ids)).total_bytes)
+        sender = KVSender(*kv_stream(self.channels.get(target.address), target.kind), rid, self.layout, ids,
+                          self.kv_chunk_bytes, self.kv_progress_timeout_s, writer,
+                          layerwise=target.layerwise,
+                          # (the token worker's offer, also where the kv_store relays to it)
+                          layer_runs=target.offer.layer_runs)
+        keeper = None
+        if request.HasField("kv_keep") and request.kv_keep.address:
+            # Serialized: the layers are only copied during the prefill and encoded after it, off its path. In runs
+            # of layers: whoever pulls it back is a token worker resuming the request (one that takes no runs
+            # recomputes the prompt instead).
+            keeper = KVSender(*kv_stream(self.channels.get(request.kv_keep.address), worker_pb2.KVTarget.KIND_KV_STORE),
+                              rid, self.layout, ids, self.kv_chunk_bytes, self.kv_progress_timeout_s, layerwise=False,
+                              span_name="kv_transfer.keep", layer_runs=True)
+        return sender, keeper
+
+    async def _first_token(self, handle: RequestHandle, send_task: asyncio.Task, context, span):
+        """The prefill's first token; the call is aborted with the cause when the request failed or was aborted
+        before it (its transfer's failure, when that was the cause)."""
+        try:
+            event = await handle.next_event()
+        except RequestFailed as e:
+            record_error(span, e)
+            await context.abort(engine_status(e), str(e))
+        if isinstance(event, Finished):  # aborted before its first token
+            failed = send_task.done() and not send_task.cancelled() and send_task.exception()
+            record_error(span, failed or "aborted")
+            if isinstance(failed, KVTransferError):
+                await abort_transfer(context, failed)
+            await context.abort(grpc.StatusCode.ABORTED, str(failed or "prefill aborted"))
+        return event
+
+    @staticmethod
+    def _first_token_pb(event, seq: Sequence) -> worker_pb2.FirstToken:
+        first = worker_pb2.FirstToken(token_id=event.token_id, logprob=event.logprob,
+                                      prefill_ms=(seq.first_token_ns - seq.first_scheduled_ns) / 1e6)
+        if event.top_logprobs:
+            first.top_logprobs.CopyFrom(convert.top_logprobs_to_pb(event.top_logprobs))
+        return first
 
     def _keep(self, keeper: KVSender, transfer: asyncio.Task) -> None:
         """Ships a copy of a request's KV to the kv_store in the background, once the transfer to the token worker
