@@ -1,5 +1,5 @@
 """Import rules: the core (`splitwise/`) never imports the services or the benchmarks, and the client library
-never loads server code."""
+never loads server code; and no RPC handler is longer than a screen."""
 
 import ast
 import subprocess
@@ -40,3 +40,29 @@ def test_the_rule_sees_an_import_inside_a_function(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from bench.replay import run\n    import services.scheduler\n")
     assert imported_modules(sample) == {"bench.replay", "services.scheduler"}
+
+
+MAX_HANDLER_LINES = 60
+
+
+def rpc_names() -> set[str]:
+    from splitwise.rpc.v1 import kv_store_pb2, scheduler_pb2, worker_pb2
+
+    return {method.name for module in (kv_store_pb2, scheduler_pb2, worker_pb2)
+            for service in module.DESCRIPTOR.services_by_name.values() for method in service.methods}
+
+
+def test_no_rpc_handler_is_longer_than_a_screen():
+    """A handler reads as its request's states, each a method of its own (issue 18): none over 60 lines."""
+    names = rpc_names()
+    assert {"Generate", "Prefill", "Decode", "PushKV", "Put", "Get", "Calls"} <= names
+    long = []
+    for path in (ROOT / "services").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and item.name in names:
+                        lines = item.end_lineno - item.lineno + 1
+                        if lines > MAX_HANDLER_LINES:
+                            long.append(f"{path.relative_to(ROOT)}: {node.name}.{item.name}, {lines} lines")
+    assert not long, long
