@@ -39,8 +39,6 @@ MAX_ATTEMPTS = 3
 # request now (RESOURCE_EXHAUSTED: its prompt queue or KV memory is full). When no other worker is left, the client
 # gets that status (with a retry hint when the cluster is full).
 MOVE_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-# How long the scheduler waits for a token worker's own end of a stream it already has every token of.
-WORKER_END_GRACE_S = 0.5
 # How long a continued request looks in Redis for the prompt KV its broken stream kept, before recomputing it.
 KEPT_COPY_LOOKUP_S = 1.0
 
@@ -219,7 +217,9 @@ class Dispatcher:
                     span.add_event("first_token")
                     if keep is not None or self.kv.transfer == "relay":  # the kv_store has (or gets) the prompt KV
                         progress.kv_kept_as = worker_rid
-                    yield output.add([first.token_id], None, [first.logprob], [first.top_logprobs])
+                    # The prompt worker's engine says whether the request ends at its first token.
+                    yield output.add([first.token_id], first.finish_reason or None, [first.logprob],
+                                     [first.top_logprobs])
                     if output.finished:
                         return
                     transfer = await expect_unless(prefill, prompt_w, "transfer", decode, token_w, decode_ended)
@@ -253,15 +253,6 @@ class Dispatcher:
                                   tokens.top_logprobs)
             if response.token_ids or response.text or output.finished:
                 yield response
-        if decode not in ending and output.finish_reason == common_pb2.FINISH_REASON_LENGTH:
-            # The worker stops at max_tokens too: its last message is on its way. Reading it lets the stream end
-            # by itself rather than be cancelled.
-            try:
-                last = await asyncio.wait_for(decode.read(), WORKER_END_GRACE_S)
-                if last is not grpc.aio.EOF and last.WhichOneof("kind") == "tokens" and last.tokens.finish_reason:
-                    ending.add(decode)
-            except (asyncio.TimeoutError, grpc.aio.AioRpcError):
-                pass
         span.set_attributes({"completion.tokens": output.completion_tokens,
                              "finish_reason": common_pb2.FinishReason.Name(output.finish_reason)})
 

@@ -28,7 +28,8 @@ class OutputStream:
     def finished(self) -> bool:
         return self.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
-    def _own_finish_reason(self, token_ids: Sequence[int]) -> int:
+    def _continued_finish_reason(self, token_ids: Sequence[int]) -> int:
+        """Whether output tokens a client sends to continue its stream (no worker has judged them) end it already."""
         if token_ids and token_ids[-1] in self.eos_token_ids and not self.params.ignore_eos:
             return common_pb2.FINISH_REASON_STOP
         if self.completion_tokens >= self.params.max_tokens:
@@ -36,12 +37,14 @@ class OutputStream:
         return common_pb2.FINISH_REASON_UNSPECIFIED
 
     def add(self, token_ids: Sequence[int], worker_finish_reason: int | None = None,
-            logprobs: Sequence[float] = (),
-            top_logprobs: Sequence[common_pb2.TopLogprobs] = ()) -> scheduler_pb2.GenerateResponse:
-        """Takes new tokens (and the worker's finish reason, if it gave one) and returns the message to send, which
-        carries every one of them (and their logprobs, when asked): only text is held back, never tokens."""
+            logprobs: Sequence[float] = (), top_logprobs: Sequence[common_pb2.TopLogprobs] = (),
+            continued: bool = False) -> scheduler_pb2.GenerateResponse:
+        """Takes new tokens and returns the message to send, which carries every one of them (and their logprobs,
+        when asked): only text is held back, never tokens. Whether the request ends is the worker's engine's word
+        (`worker_finish_reason`, with the token that ends it), or a stop string's here; `continued`: tokens the
+        client had already, judged here by the engine's rule as no worker has seen them."""
         self.token_ids += token_ids
-        reason = worker_finish_reason or self._own_finish_reason(token_ids)
+        reason = worker_finish_reason or (self._continued_finish_reason(token_ids) if continued else 0)
         delta = self.detokenizer.add(token_ids, final=bool(reason))
         if delta.stopped:
             reason = common_pb2.FINISH_REASON_STOP

@@ -124,7 +124,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                             "continue_after_token_ids needs the resume_token of the stream it continues (its first "
                             "response's), issued for this request_id and exactly this prompt", "invalid")
         if continued:
-            output.add(continued)  # what the client has: the text it got of them is held back here too
+            output.add(continued, continued=True)  # what the client has: the text it got of them is held back too
             if output.finished:
                 return _Refused(grpc.StatusCode.INVALID_ARGUMENT,
                                 "continue_after_token_ids already ends the output "

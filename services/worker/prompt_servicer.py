@@ -101,7 +101,9 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             if keeper is not None:
                 keeper.commit(event)
                 keeper = None  # it has every layer: it goes on alone, whatever happens to this call
-            yield worker_pb2.PrefillEvent(first_token=self._first_token_pb(event, handle.seq))
+            first = self._first_token_pb(event, handle.seq)
+            first.finish_reason = convert.finish_reason_to_pb(self.engine.request_ends(handle.seq))
+            yield worker_pb2.PrefillEvent(first_token=first)
             stats = await send_task
             yield worker_pb2.PrefillEvent(transfer=worker_pb2.KVTransferSummary(
                 num_bytes=stats.num_bytes, num_layers=stats.num_layers, num_chunks=stats.num_chunks,

@@ -266,7 +266,8 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                     except RequestFailed as e:
                         record_error(span, e)
                         await context.abort(engine_status(e), str(e))
-                    if isinstance(event, Finished):
+                    if isinstance(event, Finished):  # (after a token that did not end it: an abort)
+                        ended, tokens = event, worker_pb2.Tokens()
                         break
                     produced += 1
                     now = time.perf_counter()
@@ -279,17 +280,23 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                     tokens = worker_pb2.Tokens(token_ids=[event.token_id], logprobs=[event.logprob])
                     if event.top_logprobs:
                         tokens.top_logprobs.append(convert.top_logprobs_to_pb(event.top_logprobs))
+                    ended = handle.ended()
+                    if ended is not None:  # the last token: it goes with the reason, in one message
+                        break
                     yield worker_pb2.DecodeEvent(tokens=tokens)
             finally:  # also when the scheduler ends the stream first (it had what it needed, or was cancelled)
                 if gaps:
                     span.set_attributes({"time_between_tokens_mean_ms": sum(gaps) / len(gaps) * 1e3,
                                          "time_between_tokens_max_ms": max(gaps) * 1e3})
                 span.set_attributes({"output.tokens": produced, "preemptions": handle.seq.num_preemptions})
-            span.set_attribute("finish_reason", event.reason.value)
-            if event.reason not in FINISH_REASONS:
-                record_error(span, event.reason.value)
-                await context.abort(grpc.StatusCode.ABORTED, f"request {event.reason.value} on the token worker")
-            yield worker_pb2.DecodeEvent(tokens=worker_pb2.Tokens(finish_reason=FINISH_REASONS[event.reason]))
+            span.set_attribute("finish_reason", ended.reason.value)
+            if ended.reason not in FINISH_REASONS:
+                if tokens.token_ids:
+                    yield worker_pb2.DecodeEvent(tokens=tokens)
+                record_error(span, ended.reason.value)
+                await context.abort(grpc.StatusCode.ABORTED, f"request {ended.reason.value} on the token worker")
+            tokens.finish_reason = FINISH_REASONS[ended.reason]
+            yield worker_pb2.DecodeEvent(tokens=tokens)
 
     async def _pull_from_store(self, receiver: KVReceiver, rid: str, address: str, wait_s: float) -> None:
         stub = kv_store_pb2_grpc.KVStoreStub(self.channels.get(address))

@@ -217,13 +217,18 @@ class Engine:
     def _finish_reason(self, seq: Sequence) -> FinishReason | None:
         return seq.finish_reason_now(self.eos_token_ids, self.max_context)
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
-        """Caller holds the lock."""
+    def request_ends(self, seq: Sequence) -> FinishReason | None:
+        """Whether a request ends with the token it sampled last, and why (STOP, LENGTH): for a prompt-only
+        sequence, whether its whole request ends at its first token (the engine's rule, wherever it runs)."""
+        return self._finish_reason(seq) if seq.output else None
+
+    def _finish(self, seq: Sequence, reason: FinishReason, last: SampledToken | None = None) -> None:
+        """Caller holds the lock. `last`: the token that ends it, delivered with its Finished in one go."""
         self.scheduler.remove(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
         handle = self._handles.pop(seq.request_id, None)
         if handle is not None:
-            handle._deliver(Finished(reason))
+            handle._deliver(*((last,) if last is not None else ()), Finished(reason))
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
         """Ends one request with its failure and frees its blocks; caller holds the lock."""
@@ -300,15 +305,13 @@ class Engine:
             seq.output.append(token)
             if seq.first_token_ns is None:
                 seq.first_token_ns = time.time_ns()
+            reason = FinishReason.PREFILLED if seq.prefill_only else self._finish_reason(seq)
+            if reason is not None:
+                self._finish(seq, reason, last=token)
+                continue
             handle = self._handles.get(seq.request_id)
             if handle is not None:
                 handle._deliver(token)
-            if seq.prefill_only:
-                self._finish(seq, FinishReason.PREFILLED)
-                continue
-            reason = self._finish_reason(seq)
-            if reason is not None:
-                self._finish(seq, reason)
-            elif seq.status is Status.WAITING:
+            if seq.status is Status.WAITING:
                 self.scheduler.waiting.remove(seq)
                 self.scheduler.start_decoding(seq)

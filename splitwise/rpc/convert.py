@@ -8,6 +8,7 @@ import grpc
 
 from splitwise.cluster.registry import WorkerInfo
 from splitwise.engine.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import KVChunk
 from splitwise.kv.layout import KVLayout
 from splitwise.kv.transport.base import TransportOffer
@@ -121,3 +122,9 @@ def offer_to_pb(offer: TransportOffer) -> common_pb2.KVTransportOffer:
 def offer_from_pb(msg: common_pb2.KVTransportOffer) -> TransportOffer:
     return TransportOffer(msg.transport or "grpc", msg.host_id, msg.shm_name, msg.mooncake_session,
                           msg.buffer_address, msg.buffer_bytes, msg.layer_runs)
+
+
+def finish_reason_to_pb(reason) -> int:
+    """The engine's STOP and LENGTH as the contract's; any other (or None) as UNSPECIFIED."""
+    return {FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+            FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}.get(reason, common_pb2.FINISH_REASON_UNSPECIFIED)

@@ -162,6 +162,22 @@ async def test_a_decode_mode_the_requests_fields_contradict_is_refused_before_an
     assert_all_blocks_free(cluster.token_worker.servicer.engine)
 
 
+async def test_the_token_workers_last_token_carries_the_engines_finish_reason_in_the_same_message(cluster):
+    """The scheduler takes the end of a request from the worker's engine, with its last token: no message of its own
+    follows, and nothing is left for the scheduler to decide or wait for."""
+    async with peer_channel(cluster.token_worker.address) as channel:
+        call = worker_pb2_grpc.TokenWorkerStub(channel).Decode(worker_pb2.DecodeRequest(
+            request_id="ends-with-its-token", num_prompt_tokens=3, prompt_token_ids=[5, 6, 7], prefill_here=True,
+            mode=worker_pb2.DECODE_MODE_PREFILL_HERE,
+            sampling=common_pb2.SamplingParams(max_tokens=3, ignore_eos=True)), timeout=30)
+        events = [event async for event in call]
+        assert await call.code() == grpc.StatusCode.OK
+    assert [e.WhichOneof("kind") for e in events] == ["reserved", "tokens", "tokens", "tokens"]
+    assert [(len(e.tokens.token_ids), e.tokens.finish_reason) for e in events[1:]] == [
+        (1, common_pb2.FINISH_REASON_UNSPECIFIED), (1, common_pb2.FINISH_REASON_UNSPECIFIED),
+        (1, common_pb2.FINISH_REASON_LENGTH)]
+
+
 async def test_kv_pushed_for_an_unknown_request_is_not_found(cluster):
     async with peer_channel(cluster.token_worker.address) as channel:
         header = common_pb2.KVTransferMessage(header=common_pb2.KVHeader(request_id="nobody", num_tokens=3))

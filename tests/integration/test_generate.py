@@ -181,3 +181,21 @@ async def test_top_logprobs_of_the_prompt_workers_token_and_the_token_workers_ma
 async def test_top_logprobs_are_left_out_unless_asked(client):
     out = await client.generate(prompt="How likely?", max_tokens=3, ignore_eos=True, logprobs=True, timeout=60)
     assert len(out.logprobs) == 3 and out.top_logprobs == []
+
+
+@pytest.mark.parametrize("prompt_worker_says", [True, False])
+@pytest.mark.parametrize("max_tokens", [1, 2, 5])
+async def test_a_request_ends_where_the_workers_engines_say_whichever_worker_says_it(cluster, client, monkeypatch,
+                                                                                    prompt_worker_says, max_tokens):
+    """The prompt worker's engine says whether the request ends at its first token; a prompt worker that does not
+    say (one older than FirstToken.finish_reason) leaves it to the token worker's engine, which ends it there
+    itself: the same tokens and reason either way, and nothing held after."""
+    ids = [11, 12, 13, 14, 15]
+    greedy = (await client.generate(token_ids=ids, max_tokens=5, ignore_eos=True, timeout=60)).token_ids
+    if not prompt_worker_says:
+        from splitwise.rpc import convert
+        monkeypatch.setattr(convert, "finish_reason_to_pb", lambda reason: 0)
+    out = await client.generate(token_ids=ids, max_tokens=max_tokens, ignore_eos=True, timeout=60)
+    assert out.token_ids == greedy[:max_tokens]
+    assert (out.completion_tokens, out.finish_reason) == (max_tokens, "length")
+    await assert_no_kv_held(cluster)

@@ -474,3 +474,29 @@ def test_mixed_batches_decode_every_running_sequence_in_each_prefill_step_within
     scheduler.step_finished(batch)
     scheduler.waiting.clear()
     assert not scheduler.schedule().prefill  # nothing waits: a plain decode step
+
+
+async def test_the_token_that_ends_a_request_comes_with_its_end_and_the_engine_says_why(tiny):
+    """Finished is the engine's word: the last token and its Finished arrive together (`RequestHandle.ended` right
+    after that token, never after an earlier one), and a prompt-only sequence's engine says whether its request ends
+    at its first token."""
+    loaded, _ = tiny
+    engine = make_engine(loaded)
+    try:
+        handle = engine.submit("r", [5, 6, 7, 8], SamplingParams(max_tokens=4, ignore_eos=True))
+        ended_after = []
+        for _ in range(4):
+            event = await handle.next_event()
+            assert not isinstance(event, Finished)
+            ended = handle.ended()
+            ended_after.append(ended.reason if ended else None)
+        assert ended_after == [None, None, None, FinishReason.LENGTH]
+        for max_tokens, expected in ((1, FinishReason.LENGTH), (2, None)):
+            prompt_only = engine.submit(f"p{max_tokens}", [5, 6, 7], SamplingParams(max_tokens=max_tokens,
+                                                                                     ignore_eos=True),
+                                        prefill_only=True)
+            await prompt_only.next_event()
+            assert prompt_only.ended() == Finished(FinishReason.PREFILLED)
+            assert engine.request_ends(prompt_only.seq) is expected
+    finally:
+        engine.stop()

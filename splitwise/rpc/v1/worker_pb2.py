@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from splitwise.rpc.v1 import common_pb2 as splitwise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitwise/v1/worker.proto\x12\x0csplitwise.v1\x1a\x19splitwise/v1/common.proto\"/\n\x07\x43\x61llsIn\x12$\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x14.splitwise.v1.CallIn\"t\n\x06\x43\x61llIn\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x17.splitwise.v1.CallStartH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.splitwise.v1.CallCancelH\x00\x42\x06\n\x04kind\"\xf3\x01\n\tCallStart\x12/\n\x07prefill\x18\x01 \x01(\x0b\x32\x1c.splitwise.v1.PrefillRequestH\x00\x12-\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x1b.splitwise.v1.DecodeRequestH\x00\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x37\n\x08metadata\x18\x04 \x03(\x0b\x32%.splitwise.v1.CallStart.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07request\"\x0c\n\nCallCancel\"1\n\x08\x43\x61llsOut\x12%\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x15.splitwise.v1.CallOut\"\xa1\x01\n\x07\x43\x61llOut\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12-\n\x07prefill\x18\x02 \x01(\x0b\x32\x1a.splitwise.v1.PrefillEventH\x00\x12+\n\x06\x64\x65\x63ode\x18\x03 \x01(\x0b\x32\x19.splitwise.v1.DecodeEventH\x00\x12$\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x15.splitwise.v1.CallEndH\x00\x42\x06\n\x04kind\"@\n\x07\x43\x61llEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0estatus_details\x18\x03 \x01(\x0c\"\x8c\x02\n\x08KVTarget\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.splitwise.v1.KVTarget.Kind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.splitwise.v1.KVLayout\x12-\n\x05offer\x18\x04 \x01(\x0b\x32\x1e.splitwise.v1.KVTransportOffer\x12\x11\n\tlayerwise\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"F\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11KIND_TOKEN_WORKER\x10\x01\x12\x11\n\rKIND_KV_STORE\x10\x02\"\xc2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.splitwise.v1.SamplingParams\x12)\n\tkv_target\x18\x04 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\x12\'\n\x07kv_keep\x18\x05 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\"|\n\x0cPrefillEvent\x12/\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x18.splitwise.v1.FirstTokenH\x00\x12\x33\n\x08transfer\x18\x02 \x01(\x0b\x32\x1f.splitwise.v1.KVTransferSummaryH\x00\x42\x06\n\x04kind\"t\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12/\n\x0ctop_logprobs\x18\x04 \x01(\x0b\x32\x19.splitwise.v1.TopLogprobs\"_\n\x11KVTransferSummary\x12\x11\n\tnum_bytes\x18\x01 \x01(\x03\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xa1\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.splitwise.v1.SamplingParams\x12)\n\tkv_source\x18\x04 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0cprefill_here\x18\x06 \x01(\x08\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x18\n\x10output_token_ids\x18\x08 \x03(\x05\x12&\n\x04mode\x18\t \x01(\x0e\x32\x18.splitwise.v1.DecodeMode\"\x9a\x01\n\x0b\x44\x65\x63odeEvent\x12*\n\x08reserved\x18\x01 \x01(\x0b\x32\x16.splitwise.v1.ReservedH\x00\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.splitwise.v1.TokensH\x00\x12/\n\x0bkv_fallback\x18\x03 \x01(\x0b\x32\x18.splitwise.v1.KVFallbackH\x00\x42\x06\n\x04kind\"\x1c\n\nKVFallback\x12\x0e\n\x06reason\x18\x01 \x01(\t\"z\n\x08Reserved\x12&\n\x06layout\x18\x01 \x01(\x0b\x32\x16.splitwise.v1.KVLayout\x12\x17\n\x0freserved_tokens\x18\x02 \x01(\x03\x12-\n\x05offer\x18\x03 \x01(\x0b\x32\x1e.splitwise.v1.KVTransportOffer\"\x91\x01\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.splitwise.v1.FinishReason\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.splitwise.v1.TopLogprobs\"B\n\x05KVAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05*\x95\x01\n\nDecodeMode\x12\x1b\n\x17\x44\x45\x43ODE_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45\x43ODE_MODE_PUSHED\x10\x01\x12\x17\n\x13\x44\x45\x43ODE_MODE_RELAYED\x10\x02\x12\x1c\n\x18\x44\x45\x43ODE_MODE_PREFILL_HERE\x10\x03\x12\x1b\n\x17\x44\x45\x43ODE_MODE_RESUME_KEPT\x10\x04\x32U\n\x0cPromptWorker\x12\x45\n\x07Prefill\x12\x1c.splitwise.v1.PrefillRequest\x1a\x1a.splitwise.v1.PrefillEvent0\x01\x32\x93\x01\n\x0bTokenWorker\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.splitwise.v1.DecodeRequest\x1a\x19.splitwise.v1.DecodeEvent0\x01\x12@\n\x06PushKV\x12\x1f.splitwise.v1.KVTransferMessage\x1a\x13.splitwise.v1.KVAck(\x01\x32I\n\x0bWorkerCalls\x12:\n\x05\x43\x61lls\x12\x15.splitwise.v1.CallsIn\x1a\x16.splitwise.v1.CallsOut(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitwise/v1/worker.proto\x12\x0csplitwise.v1\x1a\x19splitwise/v1/common.proto\"/\n\x07\x43\x61llsIn\x12$\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x14.splitwise.v1.CallIn\"t\n\x06\x43\x61llIn\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12(\n\x05start\x18\x02 \x01(\x0b\x32\x17.splitwise.v1.CallStartH\x00\x12*\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x18.splitwise.v1.CallCancelH\x00\x42\x06\n\x04kind\"\xf3\x01\n\tCallStart\x12/\n\x07prefill\x18\x01 \x01(\x0b\x32\x1c.splitwise.v1.PrefillRequestH\x00\x12-\n\x06\x64\x65\x63ode\x18\x02 \x01(\x0b\x32\x1b.splitwise.v1.DecodeRequestH\x00\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x37\n\x08metadata\x18\x04 \x03(\x0b\x32%.splitwise.v1.CallStart.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07request\"\x0c\n\nCallCancel\"1\n\x08\x43\x61llsOut\x12%\n\x06\x66rames\x18\x01 \x03(\x0b\x32\x15.splitwise.v1.CallOut\"\xa1\x01\n\x07\x43\x61llOut\x12\x0c\n\x04\x63\x61ll\x18\x01 \x01(\x04\x12-\n\x07prefill\x18\x02 \x01(\x0b\x32\x1a.splitwise.v1.PrefillEventH\x00\x12+\n\x06\x64\x65\x63ode\x18\x03 \x01(\x0b\x32\x19.splitwise.v1.DecodeEventH\x00\x12$\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x15.splitwise.v1.CallEndH\x00\x42\x06\n\x04kind\"@\n\x07\x43\x61llEnd\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0estatus_details\x18\x03 \x01(\x0c\"\x8c\x02\n\x08KVTarget\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.splitwise.v1.KVTarget.Kind\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.splitwise.v1.KVLayout\x12-\n\x05offer\x18\x04 \x01(\x0b\x32\x1e.splitwise.v1.KVTransportOffer\x12\x11\n\tlayerwise\x18\x05 \x01(\x08\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"F\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11KIND_TOKEN_WORKER\x10\x01\x12\x11\n\rKIND_KV_STORE\x10\x02\"\xc2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.splitwise.v1.SamplingParams\x12)\n\tkv_target\x18\x04 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\x12\'\n\x07kv_keep\x18\x05 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\"|\n\x0cPrefillEvent\x12/\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x18.splitwise.v1.FirstTokenH\x00\x12\x33\n\x08transfer\x18\x02 \x01(\x0b\x32\x1f.splitwise.v1.KVTransferSummaryH\x00\x42\x06\n\x04kind\"\xa7\x01\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x12\n\nprefill_ms\x18\x03 \x01(\x01\x12/\n\x0ctop_logprobs\x18\x04 \x01(\x0b\x32\x19.splitwise.v1.TopLogprobs\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.splitwise.v1.FinishReason\"_\n\x11KVTransferSummary\x12\x11\n\tnum_bytes\x18\x01 \x01(\x03\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xa1\x02\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.splitwise.v1.SamplingParams\x12)\n\tkv_source\x18\x04 \x01(\x0b\x32\x16.splitwise.v1.KVTarget\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x14\n\x0cprefill_here\x18\x06 \x01(\x08\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x18\n\x10output_token_ids\x18\x08 \x03(\x05\x12&\n\x04mode\x18\t \x01(\x0e\x32\x18.splitwise.v1.DecodeMode\"\x9a\x01\n\x0b\x44\x65\x63odeEvent\x12*\n\x08reserved\x18\x01 \x01(\x0b\x32\x16.splitwise.v1.ReservedH\x00\x12&\n\x06tokens\x18\x02 \x01(\x0b\x32\x14.splitwise.v1.TokensH\x00\x12/\n\x0bkv_fallback\x18\x03 \x01(\x0b\x32\x18.splitwise.v1.KVFallbackH\x00\x42\x06\n\x04kind\"\x1c\n\nKVFallback\x12\x0e\n\x06reason\x18\x01 \x01(\t\"z\n\x08Reserved\x12&\n\x06layout\x18\x01 \x01(\x0b\x32\x16.splitwise.v1.KVLayout\x12\x17\n\x0freserved_tokens\x18\x02 \x01(\x03\x12-\n\x05offer\x18\x03 \x01(\x0b\x32\x1e.splitwise.v1.KVTransportOffer\"\x91\x01\n\x06Tokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.splitwise.v1.FinishReason\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.splitwise.v1.TopLogprobs\"B\n\x05KVAck\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tnum_bytes\x18\x02 \x01(\x03\x12\x12\n\nnum_chunks\x18\x03 \x01(\x05*\x95\x01\n\nDecodeMode\x12\x1b\n\x17\x44\x45\x43ODE_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45\x43ODE_MODE_PUSHED\x10\x01\x12\x17\n\x13\x44\x45\x43ODE_MODE_RELAYED\x10\x02\x12\x1c\n\x18\x44\x45\x43ODE_MODE_PREFILL_HERE\x10\x03\x12\x1b\n\x17\x44\x45\x43ODE_MODE_RESUME_KEPT\x10\x04\x32U\n\x0cPromptWorker\x12\x45\n\x07Prefill\x12\x1c.splitwise.v1.PrefillRequest\x1a\x1a.splitwise.v1.PrefillEvent0\x01\x32\x93\x01\n\x0bTokenWorker\x12\x42\n\x06\x44\x65\x63ode\x12\x1b.splitwise.v1.DecodeRequest\x1a\x19.splitwise.v1.DecodeEvent0\x01\x12@\n\x06PushKV\x12\x1f.splitwise.v1.KVTransferMessage\x1a\x13.splitwise.v1.KVAck(\x01\x32I\n\x0bWorkerCalls\x12:\n\x05\x43\x61lls\x12\x15.splitwise.v1.CallsIn\x1a\x16.splitwise.v1.CallsOut(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CALLSTART_METADATAENTRY']._loaded_options = None
   _globals['_CALLSTART_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_DECODEMODE']._serialized_start=2407
-  _globals['_DECODEMODE']._serialized_end=2556
+  _globals['_DECODEMODE']._serialized_start=2459
+  _globals['_DECODEMODE']._serialized_end=2608
   _globals['_CALLSIN']._serialized_start=70
   _globals['_CALLSIN']._serialized_end=117
   _globals['_CALLIN']._serialized_start=119
@@ -61,26 +61,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLREQUEST']._serialized_end=1244
   _globals['_PREFILLEVENT']._serialized_start=1246
   _globals['_PREFILLEVENT']._serialized_end=1370
-  _globals['_FIRSTTOKEN']._serialized_start=1372
-  _globals['_FIRSTTOKEN']._serialized_end=1488
-  _globals['_KVTRANSFERSUMMARY']._serialized_start=1490
-  _globals['_KVTRANSFERSUMMARY']._serialized_end=1585
-  _globals['_DECODEREQUEST']._serialized_start=1588
-  _globals['_DECODEREQUEST']._serialized_end=1877
-  _globals['_DECODEEVENT']._serialized_start=1880
-  _globals['_DECODEEVENT']._serialized_end=2034
-  _globals['_KVFALLBACK']._serialized_start=2036
-  _globals['_KVFALLBACK']._serialized_end=2064
-  _globals['_RESERVED']._serialized_start=2066
-  _globals['_RESERVED']._serialized_end=2188
-  _globals['_TOKENS']._serialized_start=2191
-  _globals['_TOKENS']._serialized_end=2336
-  _globals['_KVACK']._serialized_start=2338
-  _globals['_KVACK']._serialized_end=2404
-  _globals['_PROMPTWORKER']._serialized_start=2558
-  _globals['_PROMPTWORKER']._serialized_end=2643
-  _globals['_TOKENWORKER']._serialized_start=2646
-  _globals['_TOKENWORKER']._serialized_end=2793
-  _globals['_WORKERCALLS']._serialized_start=2795
-  _globals['_WORKERCALLS']._serialized_end=2868
+  _globals['_FIRSTTOKEN']._serialized_start=1373
+  _globals['_FIRSTTOKEN']._serialized_end=1540
+  _globals['_KVTRANSFERSUMMARY']._serialized_start=1542
+  _globals['_KVTRANSFERSUMMARY']._serialized_end=1637
+  _globals['_DECODEREQUEST']._serialized_start=1640
+  _globals['_DECODEREQUEST']._serialized_end=1929
+  _globals['_DECODEEVENT']._serialized_start=1932
+  _globals['_DECODEEVENT']._serialized_end=2086
+  _globals['_KVFALLBACK']._serialized_start=2088
+  _globals['_KVFALLBACK']._serialized_end=2116
+  _globals['_RESERVED']._serialized_start=2118
+  _globals['_RESERVED']._serialized_end=2240
+  _globals['_TOKENS']._serialized_start=2243
+  _globals['_TOKENS']._serialized_end=2388
+  _globals['_KVACK']._serialized_start=2390
+  _globals['_KVACK']._serialized_end=2456
+  _globals['_PROMPTWORKER']._serialized_start=2610
+  _globals['_PROMPTWORKER']._serialized_end=2695
+  _globals['_TOKENWORKER']._serialized_start=2698
+  _globals['_TOKENWORKER']._serialized_end=2845
+  _globals['_WORKERCALLS']._serialized_start=2847
+  _globals['_WORKERCALLS']._serialized_end=2920
 # @@protoc_insertion_point(module_scope)

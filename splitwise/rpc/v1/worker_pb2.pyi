@@ -136,16 +136,18 @@ class PrefillEvent(_message.Message):
     def __init__(self, first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., transfer: _Optional[_Union[KVTransferSummary, _Mapping]] = ...) -> None: ...
 
 class FirstToken(_message.Message):
-    __slots__ = ("token_id", "logprob", "prefill_ms", "top_logprobs")
+    __slots__ = ("token_id", "logprob", "prefill_ms", "top_logprobs", "finish_reason")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     logprob: float
     prefill_ms: float
     top_logprobs: _common_pb2.TopLogprobs
-    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., top_logprobs: _Optional[_Union[_common_pb2.TopLogprobs, _Mapping]] = ...) -> None: ...
+    finish_reason: _common_pb2.FinishReason
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., top_logprobs: _Optional[_Union[_common_pb2.TopLogprobs, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
 
 class KVTransferSummary(_message.Message):
     __slots__ = ("num_bytes", "num_layers", "num_chunks", "seconds")
