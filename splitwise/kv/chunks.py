@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import warnings
+
 import torch
 
 from splitwise.kv.layout import KVLayout
 from splitwise.kv.transport.staged import checksum
 
 DEFAULT_MAX_CHUNK_BYTES = 1 << 20
+# A received chunk's keys and values are read-only views of its message's bytes (no copy before the one into the
+# KV blocks); torch warns about every such view.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 class KVIntegrityError(Exception):
@@ -29,8 +34,12 @@ class KVChunk:
     num_layers: int = 1  # staged only: layers [layer, layer + num_layers) of the token range, one checksum
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+def _tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes in C order, in a buffer of their own (one copy: the tensor may be reused meanwhile)."""
+    t = t.detach().cpu()
+    own = torch.empty(t.shape, dtype=t.dtype)
+    own.copy_(t)
+    return own.view(torch.uint8).numpy().reshape(-1)
 
 
 def split_layer(
@@ -50,8 +59,9 @@ def run_chunk(layer: int, keys: list[torch.Tensor], values: list[torch.Tensor], 
     """Consecutive layers' KV of one token range as one chunk (layers [layer, layer + len(keys))): its key holds
     each layer's keys [num_kv_heads, tokens, head_dim] in layer order, its value the values, and one checksum runs
     over key then value, so a run costs one message, one copy and one checksum however many layers it holds."""
-    k = _tensor_bytes(torch.stack(keys))
-    v = _tensor_bytes(torch.stack(values))
+    # (stack copies them into a buffer of its own, laid out in C order by contiguous if it is not already)
+    k = torch.stack(keys).contiguous().view(torch.uint8).numpy().reshape(-1)
+    v = torch.stack(values).contiguous().view(torch.uint8).numpy().reshape(-1)
     return KVChunk(layer, token_start, keys[0].shape[1], k, v, checksum(k, v), num_layers=len(keys))
 
 
@@ -87,8 +97,8 @@ def decode_chunk(chunk: KVChunk, layout: KVLayout, num_tokens: int) -> tuple[tor
     if checksum(chunk.key, chunk.value) != chunk.xxh3:
         raise KVIntegrityError(f"checksum mismatch in {layers_named(chunk)} tokens [{chunk.token_start}, {end})")
     shape = (chunk.num_layers, layout.num_kv_heads, chunk.token_count, layout.head_dim)
-    keys, values = (
-        torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(layout.torch_dtype).view(shape).transpose(1, 2)
+    keys, values = (  # views of the message's bytes, read only: their reader copies them into its KV blocks
+        torch.frombuffer(raw, dtype=torch.uint8).view(layout.torch_dtype).view(shape).transpose(1, 2)
         for raw in (chunk.key, chunk.value)
     )
     return (keys[0], values[0]) if chunk.num_layers == 1 else (keys, values)

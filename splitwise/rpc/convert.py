@@ -82,8 +82,8 @@ def chunk_to_pb(chunk: KVChunk) -> common_pb2.KVTransferMessage:
             layer=chunk.layer,
             token_start=chunk.token_start,
             token_count=chunk.token_count,
-            key=chunk.key,
-            value=chunk.value,
+            key=bytes(chunk.key),  # (a chunk's bytes may be a buffer: ChunkMessage writes them without this copy)
+            value=bytes(chunk.value),
             xxh3=chunk.xxh3,
             staged=chunk.staged,
             num_layers=chunk.num_layers if chunk.num_layers != 1 else 0,

@@ -10,7 +10,8 @@ import grpc
 from splitwise.kv.transport.base import Fault, KVTransferError
 from splitwise.kv.transport.sender import OpenStream
 from splitwise.rpc.errors import failure_detail, fault_of
-from splitwise.rpc.v1 import common_pb2, kv_store_pb2_grpc, worker_pb2, worker_pb2_grpc
+from splitwise.rpc import kv_wire
+from splitwise.rpc.v1 import common_pb2, kv_store_pb2, worker_pb2
 
 
 def transfer_error(e: grpc.aio.AioRpcError) -> KVTransferError:
@@ -29,10 +30,15 @@ def transfer_error(e: grpc.aio.AioRpcError) -> KVTransferError:
 def kv_stream(channel: grpc.aio.Channel, target_kind: int) -> tuple[OpenStream, str]:
     """(how to open the target's stream, its name), as KVSender takes them: a token worker's PushKV, or the
     kv_store relay's Put."""
+    # The stubs' methods, with a serializer that also takes a ChunkMessage (a chunk written from its buffers).
     if target_kind == worker_pb2.KVTarget.KIND_KV_STORE:
-        target, method = "kv_store", kv_store_pb2_grpc.KVStoreStub(channel).Put
+        target = "kv_store"
+        method = channel.stream_unary("/splitwise.v1.KVStore/Put", request_serializer=kv_wire.serialize,
+                                      response_deserializer=kv_store_pb2.PutReply.FromString)
     else:
-        target, method = "token_worker", worker_pb2_grpc.TokenWorkerStub(channel).PushKV
+        target = "token_worker"
+        method = channel.stream_unary("/splitwise.v1.TokenWorker/PushKV", request_serializer=kv_wire.serialize,
+                                      response_deserializer=worker_pb2.KVAck.FromString)
 
     async def open_stream(messages: AsyncIterator[common_pb2.KVTransferMessage]):
         call = method(messages)  # no deadline: the sender watches progress instead

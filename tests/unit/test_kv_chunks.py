@@ -33,7 +33,8 @@ def test_bfloat16_chunks_round_trip():
 
 def test_corrupt_chunk_is_refused():
     chunk = next(split_layer(0, torch.randn(2, 4, 8), torch.randn(2, 4, 8), 0, LAYOUT, 1 << 20))
-    flipped = bytes([chunk.key[0] ^ 1]) + chunk.key[1:]
+    key = bytes(chunk.key)  # (a chunk's bytes are a buffer of their own: bytes, or an array)
+    flipped = bytes([key[0] ^ 1]) + key[1:]
     with pytest.raises(KVIntegrityError, match="checksum"):
         decode_chunk(dataclasses.replace(chunk, key=flipped), LAYOUT, 4)
 

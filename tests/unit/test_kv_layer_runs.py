@@ -16,6 +16,7 @@ from splitwise.kv.transport.receiver import KVReceiver
 from splitwise.kv.transport.sender import KVSender
 from splitwise.kv.transport.staged import StagedLayout, run_ranges
 from splitwise.rpc import convert
+from splitwise.rpc.v1 import common_pb2
 
 LAYOUT = KVLayout(num_layers=6, num_kv_heads=2, head_dim=8, dtype="float32", model_fingerprint="m")
 TOKENS = list(range(100, 113))
@@ -173,7 +174,8 @@ async def grpc_transfer(max_chunk_bytes: int = 1 << 20, layer_runs: bool = True,
     async def open_stream(messages):
         async def recorded():
             async for msg in messages:
-                if corrupt is not None and msg.WhichOneof("kind") == "chunk":
+                if corrupt is not None and msg.WhichOneof("kind") == "chunk":  # as it would arrive over the wire
+                    msg = common_pb2.KVTransferMessage.FromString(msg.SerializeToString())
                     corrupt(msg.chunk)
                 sent.append(msg)
                 yield msg

@@ -28,6 +28,7 @@ from splitwise.kv.transport.base import (Fault, KVTransferError, StagingBuffer, 
 from splitwise.kv.transport.registry import GRPC
 from splitwise.kv.transport.staged import StagedLayout, ranges_checksum, run_ranges, run_views
 from splitwise.rpc import convert
+from splitwise.rpc.kv_wire import ChunkMessage
 from splitwise.rpc.v1 import common_pb2
 
 # Where received KV goes: (layer, first position, keys, values), keys/values [tokens, kv_heads, head_dim]; or, for
@@ -124,7 +125,8 @@ class KVReceiver:
                     if self.state is TransferState.WAITING:  # the header says what the KV is of: it comes first
                         raise KVIntegrityError("a KV chunk before the transfer's header")
                     start = start or time.perf_counter()
-                    chunk = convert.chunk_from_pb(msg.chunk)
+                    # (a sender in this process hands its chunk over as it is)
+                    chunk = msg.kv_chunk if isinstance(msg, ChunkMessage) else convert.chunk_from_pb(msg.chunk)
                     cpu = time.thread_time()
                     keys, values = self._chunk_kv(chunk)
                     self.sink(chunk.layer, chunk.token_start, keys, values)

@@ -32,6 +32,7 @@ from splitwise.kv.transport.base import (Fault, KVTransferError, StagedWriter, T
 from splitwise.kv.transport.registry import GRPC
 from splitwise.kv.transport.staged import StagedLayout, copy_layer, ranges_checksum, run_ranges, stage_layer
 from splitwise.rpc import convert
+from splitwise.rpc.kv_wire import ChunkMessage
 from splitwise.rpc.v1 import common_pb2
 from splitwise.telemetry.tracing import record_cancelled, record_error, tracer
 
@@ -180,7 +181,7 @@ class KVSender:
             self._progress()
         layer_bytes = 0
         for chunk in encoded.chunks:
-            yield convert.chunk_to_pb(chunk)
+            yield ChunkMessage(chunk)  # (its bytes are copied once, onto the wire)
             self._progress()
             layer_bytes += chunk.token_count * chunk.num_layers * self.layout.bytes_per_token_per_layer
             self.stats.num_chunks += 1
