@@ -34,12 +34,12 @@ class KVChunk:
     num_layers: int = 1  # staged only: layers [layer, layer + num_layers) of the token range, one checksum
 
 
-def _tensor_bytes(t: torch.Tensor):
-    """The tensor's bytes in C order, in a buffer of their own (one copy: the tensor may be reused meanwhile)."""
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The tensor's bytes in C order, in one copy (numpy reads a strided view in order; the tensor may be reused)."""
     t = t.detach().cpu()
-    own = torch.empty(t.shape, dtype=t.dtype)
-    own.copy_(t)
-    return own.view(torch.uint8).numpy().reshape(-1)
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.view(torch.uint8).numpy().tobytes()
 
 
 def split_layer(
@@ -59,9 +59,8 @@ def run_chunk(layer: int, keys: list[torch.Tensor], values: list[torch.Tensor], 
     """Consecutive layers' KV of one token range as one chunk (layers [layer, layer + len(keys))): its key holds
     each layer's keys [num_kv_heads, tokens, head_dim] in layer order, its value the values, and one checksum runs
     over key then value, so a run costs one message, one copy and one checksum however many layers it holds."""
-    # (stack copies them into a buffer of its own, laid out in C order by contiguous if it is not already)
-    k = torch.stack(keys).contiguous().view(torch.uint8).numpy().reshape(-1)
-    v = torch.stack(values).contiguous().view(torch.uint8).numpy().reshape(-1)
+    k = _tensor_bytes(torch.stack(keys))
+    v = _tensor_bytes(torch.stack(values))
     return KVChunk(layer, token_start, keys[0].shape[1], k, v, checksum(k, v), num_layers=len(keys))
 
 
