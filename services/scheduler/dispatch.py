@@ -19,7 +19,7 @@ import redis.asyncio as redis
 
 from services.scheduler.cluster_view import ClusterView
 from services.scheduler.output import OutputStream
-from services.scheduler.worker_calls import WorkerFailed, expect, expect_unless
+from services.scheduler.worker_calls import WorkerFailed, expect, expect_unless, finish_reason_of
 from splitwise.channels import ChannelPool, TracedStream, end_stream
 from splitwise.cluster.journal import RequestJournal
 from splitwise.cluster.kv_index import KVIndex
@@ -218,8 +218,8 @@ class Dispatcher:
                     if keep is not None or self.kv.transfer == "relay":  # the kv_store has (or gets) the prompt KV
                         progress.kv_kept_as = worker_rid
                     # The prompt worker's engine says whether the request ends at its first token.
-                    yield output.add([first.token_id], first.finish_reason or None, [first.logprob],
-                                     [first.top_logprobs])
+                    yield output.add([first.token_id], finish_reason_of(first.finish_reason, prompt_w),
+                                     [first.logprob], [first.top_logprobs])
                     if output.finished:
                         return
                     transfer = await expect_unless(prefill, prompt_w, "transfer", decode, token_w, decode_ended)
@@ -247,10 +247,10 @@ class Dispatcher:
             first = None
             if output.completion_tokens == 0 and tokens.token_ids:
                 span.add_event("first_token")
-            if tokens.finish_reason:
+            reason = finish_reason_of(tokens.finish_reason, token_w)
+            if reason:
                 ending.add(decode)
-            response = output.add(list(tokens.token_ids), tokens.finish_reason or None, list(tokens.logprobs),
-                                  tokens.top_logprobs)
+            response = output.add(list(tokens.token_ids), reason, list(tokens.logprobs), tokens.top_logprobs)
             if response.token_ids or response.text or output.finished:
                 yield response
         span.set_attributes({"completion.tokens": output.completion_tokens,

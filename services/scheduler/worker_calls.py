@@ -52,6 +52,20 @@ class WorkerFailed(Exception):
         return self.kv_transfer_failed and not self.sender_at_fault
 
 
+# How a worker's engine may end a request; any other reason (or an unknown value) is a peer's protocol error.
+WORKER_FINISH_REASONS = (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)
+
+
+def finish_reason_of(value: int, who: WorkerInfo) -> int | None:
+    """A worker's finish reason (None: the request goes on), refused unless its engine may end a request so."""
+    if not value:
+        return None
+    if value not in WORKER_FINISH_REASONS:
+        raise WorkerFailed(who, grpc.StatusCode.INTERNAL,
+                           f"ended the request with finish reason {value}: a worker ends one only with STOP or LENGTH")
+    return value
+
+
 async def expect(call, who: WorkerInfo, kind: str | tuple[str, ...]):
     """Reads the next event of a worker stream, which must be of `kind` (or one of them); returns its payload."""
     kinds = (kind,) if isinstance(kind, str) else kind

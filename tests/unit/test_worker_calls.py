@@ -278,3 +278,17 @@ async def test_refusals_wait_for_a_caller_that_reads_nothing_rather_than_fail_it
         ends += [(f.call, f.end.code) for f in (await stream.read()).frames]
     assert ends == [(i, grpc.StatusCode.UNIMPLEMENTED.value[0]) for i in range(1, 11)]
     stream.cancel()
+
+
+def test_a_worker_ends_a_request_only_with_stop_or_length():
+    from services.scheduler.worker_calls import WorkerFailed, finish_reason_of
+    from splitwise.cluster.registry import WorkerInfo
+    from splitwise.rpc.v1 import common_pb2
+
+    worker = WorkerInfo("token-1", "token", "127.0.0.1:1", "m", "f")
+    assert finish_reason_of(common_pb2.FINISH_REASON_UNSPECIFIED, worker) is None
+    assert finish_reason_of(common_pb2.FINISH_REASON_LENGTH, worker) == common_pb2.FINISH_REASON_LENGTH
+    for hostile in (common_pb2.FINISH_REASON_CANCELLED, common_pb2.FINISH_REASON_ERROR, 99, -1):
+        with pytest.raises(WorkerFailed, match="a worker ends one only with STOP or LENGTH") as error:
+            finish_reason_of(hostile, worker)
+        assert error.value.code == grpc.StatusCode.INTERNAL
