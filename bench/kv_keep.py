@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench.kv_transfer import free_port
 from bench.mock_cluster import cpu_seconds
 from splitwise.channels import ChannelPool
 from splitwise.cluster.redis_server import start_redis
@@ -37,14 +38,6 @@ from splitwise.rpc.v1 import kv_store_pb2, kv_store_pb2_grpc, worker_pb2
 from splitwise.security.tls import ClusterTLS, make_cluster_certs
 
 MODES = {"a message per layer": False, "runs of layers": True}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def layout_of(args) -> KVLayout:

@@ -65,11 +65,8 @@ class Progress:
 def decode_mode(kv_source: worker_pb2.KVTarget | None, resumed: bool) -> int:
     """How the token worker gets the prompt KV (worker.proto DecodeMode): computed there when no source is named;
     else pushed by the prompt worker, relayed through the kv_store, or, for a resumed request, its kept copy."""
-    if kv_source is None:
-        return worker_pb2.DECODE_MODE_PREFILL_HERE
-    if kv_source.kind != worker_pb2.KVTarget.KIND_KV_STORE:
-        return worker_pb2.DECODE_MODE_PUSHED
-    return worker_pb2.DECODE_MODE_RESUME_KEPT if resumed else worker_pb2.DECODE_MODE_RELAYED
+    from_store = kv_source is not None and kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE
+    return convert.decode_mode_of(kv_source is None, from_store, resumed)
 
 
 class Dispatcher:

@@ -15,7 +15,6 @@ from splitwise.engine.block_manager import KVCapacityError
 from splitwise.engine.llm_engine import Engine
 from splitwise.engine.request_handle import Finished, RequestFailed, RequestHandle
 from splitwise.engine.sampling import SampledToken
-from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import KVIntegrityError
 from splitwise.kv.transport.base import Fault, KVTransferError, TransferState
 from splitwise.kv.transport.receiver import KVReceiver
@@ -32,9 +31,6 @@ log = logging.getLogger(__name__)
 # How long a resumed request waits for its kept KV to start arriving from the kv_store (it was stored, or is
 # being stored, when its first token was sampled); after that the token worker recomputes the prompt itself.
 RESUME_KV_WAIT_S = 5.0
-FINISH_REASONS = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
-
-
 MODE_NAMES = {mode: worker_pb2.DecodeMode.Name(mode).removeprefix("DECODE_MODE_").lower()
               for mode in worker_pb2.DecodeMode.values()}
 
@@ -43,15 +39,7 @@ def decode_mode(request: worker_pb2.DecodeRequest) -> int:
     """The request's decode mode: as the scheduler named it, or (unnamed) as its fields imply. Raises ValueError when
     the fields contradict the named mode, or name none that exists."""
     from_store = request.kv_source.kind == worker_pb2.KVTarget.KIND_KV_STORE
-    resumed = bool(request.output_token_ids)
-    if request.prefill_here:
-        implied = worker_pb2.DECODE_MODE_PREFILL_HERE
-    elif from_store:
-        implied = worker_pb2.DECODE_MODE_RESUME_KEPT if resumed else worker_pb2.DECODE_MODE_RELAYED
-    elif resumed:
-        raise ValueError("a resumed request takes its prompt KV from the kv_store, or prefills here")
-    else:
-        implied = worker_pb2.DECODE_MODE_PUSHED
+    implied = convert.decode_mode_of(request.prefill_here, from_store, bool(request.output_token_ids))
     mode = request.mode
     if mode == worker_pb2.DECODE_MODE_UNSPECIFIED:
         return implied
@@ -290,12 +278,12 @@ class TokenWorkerServicer(worker_pb2_grpc.TokenWorkerServicer):
                                          "time_between_tokens_max_ms": max(gaps) * 1e3})
                 span.set_attributes({"output.tokens": produced, "preemptions": handle.seq.num_preemptions})
             span.set_attribute("finish_reason", ended.reason.value)
-            if ended.reason not in FINISH_REASONS:
+            tokens.finish_reason = convert.FINISH_REASONS.get(ended.reason, common_pb2.FINISH_REASON_UNSPECIFIED)
+            if not tokens.finish_reason:  # (aborted, or failed: not a way a request ends for its client)
                 if tokens.token_ids:
                     yield worker_pb2.DecodeEvent(tokens=tokens)
                 record_error(span, ended.reason.value)
                 await context.abort(grpc.StatusCode.ABORTED, f"request {ended.reason.value} on the token worker")
-            tokens.finish_reason = FINISH_REASONS[ended.reason]
             yield worker_pb2.DecodeEvent(tokens=tokens)
 
     async def _pull_from_store(self, receiver: KVReceiver, rid: str, address: str, wait_s: float) -> None:

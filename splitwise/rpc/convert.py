@@ -12,7 +12,7 @@ from splitwise.engine.sequence import FinishReason
 from splitwise.kv.chunks import KVChunk
 from splitwise.kv.layout import KVLayout
 from splitwise.kv.transport.base import TransportOffer
-from splitwise.rpc.v1 import common_pb2, scheduler_pb2
+from splitwise.rpc.v1 import common_pb2, scheduler_pb2, worker_pb2
 
 
 
@@ -124,7 +124,23 @@ def offer_from_pb(msg: common_pb2.KVTransportOffer) -> TransportOffer:
                           msg.buffer_address, msg.buffer_bytes, msg.layer_runs)
 
 
+# The engine's ways a request ends for its client, as the contract's.
+FINISH_REASONS = {FinishReason.STOP: common_pb2.FINISH_REASON_STOP, FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}
+
+
 def finish_reason_to_pb(reason) -> int:
     """The engine's STOP and LENGTH as the contract's; any other (or None) as UNSPECIFIED."""
-    return {FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
-            FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH}.get(reason, common_pb2.FINISH_REASON_UNSPECIFIED)
+    return FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_UNSPECIFIED)
+
+
+def decode_mode_of(prefill_here: bool, from_store: bool, resumed: bool) -> int:
+    """The DecodeMode a Decode request's fields imply (worker.proto): computed on the token worker, else pushed by a
+    prompt worker, relayed through the kv_store, or a resumed request's kept copy there. Raises ValueError for a
+    resumed request whose KV a prompt worker would push (there is none: it ran before)."""
+    if prefill_here:
+        return worker_pb2.DECODE_MODE_PREFILL_HERE
+    if from_store:
+        return worker_pb2.DECODE_MODE_RESUME_KEPT if resumed else worker_pb2.DECODE_MODE_RELAYED
+    if resumed:
+        raise ValueError("a resumed request takes its prompt KV from the kv_store, or prefills here")
+    return worker_pb2.DECODE_MODE_PUSHED
