@@ -14,8 +14,8 @@ from splitwise.engine.mock_runner import MockModelRunner
 from splitwise.kv.layout import KVLayout
 from splitwise.kv.transport.shm import remove_stale_segments
 from splitwise.kv.transport.registry import WorkerTransports
-from splitwise.model.mock import is_mock, load_mock_model, served_model_name
-from splitwise.model.weights import load_model
+from splitwise.model.mock import is_mock, load_mock_model, mock_tokenizer, served_model_name
+from splitwise.model.weights import load_model, load_tokenizer
 from splitwise.rpc.calls import WORKER_CALLS_VERSION
 from splitwise.security.keys import load_cluster_key
 from splitwise.telemetry import metrics
@@ -41,13 +41,13 @@ def load_engine(config) -> LoadedEngine:
     start = time.perf_counter()
     if is_mock(served_model_name(config)):
         loaded = load_mock_model(config.mock_profile, config.mock_time_factor, config.mock_kv_scale)
-        engine = Engine(loaded, "cpu", engine_config, MockModelRunner)
+        engine = Engine(loaded, "cpu", engine_config, MockModelRunner, tokenizer=mock_tokenizer())
         log.info("mock engine %s; %d blocks of %d tokens", loaded.describe(), engine.blocks.num_blocks,
                  engine.blocks.block_size)
     else:
         device = resolve_device(config.device)
         loaded = load_model(config.model, device=device, dtype=config.dtype, cache_dir=cache_dir_of(config))
-        engine = Engine(loaded, device, engine_config)
+        engine = Engine(loaded, device, engine_config, tokenizer=load_tokenizer(loaded.folder))
         log.info("loaded %s on %s (%s) in %.1fs; KV cache %d blocks of %d tokens", loaded.name, device, config.dtype,
                  time.perf_counter() - start, engine.blocks.num_blocks, engine.blocks.block_size)
     engine.on_step = record_step

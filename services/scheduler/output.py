@@ -1,4 +1,9 @@
-"""Builds a request's GenerateResponse stream: detokenized text, stop strings, finish reason and usage."""
+"""Builds a request's GenerateResponse stream: detokenized text (cut before a stop string), finish reason and usage.
+
+Whether a request ends is the worker's engine's word, stop strings included (the engine matches them with the same
+Detokenizer): here the text is only cut where the engine's stop string begins. The one exception is tokens a client
+sends to continue its stream, which no worker has seen: they are judged here, by the engine's rules.
+"""
 
 from __future__ import annotations
 
@@ -41,12 +46,12 @@ class OutputStream:
             continued: bool = False) -> scheduler_pb2.GenerateResponse:
         """Takes new tokens and returns the message to send, which carries every one of them (and their logprobs,
         when asked): only text is held back, never tokens. Whether the request ends is the worker's engine's word
-        (`worker_finish_reason`, with the token that ends it), or a stop string's here; `continued`: tokens the
-        client had already, judged here by the engine's rule as no worker has seen them."""
+        (`worker_finish_reason`, with the token that ends it); `continued`: tokens the client had already, judged
+        here by the engine's rules (end of sequence, a stop string, max_tokens) as no worker has seen them."""
         self.token_ids += token_ids
         reason = worker_finish_reason or (self._continued_finish_reason(token_ids) if continued else 0)
         delta = self.detokenizer.add(token_ids, final=bool(reason))
-        if delta.stopped:
+        if continued and delta.stopped:
             reason = common_pb2.FINISH_REASON_STOP
         self.finish_reason = reason or common_pb2.FINISH_REASON_UNSPECIFIED
         response = scheduler_pb2.GenerateResponse(request_id=self.request_id, token_ids=token_ids, text=delta.text)

@@ -10,13 +10,11 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 
-from splitwise.engine.sampling import SamplingParams
+from splitwise.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams  # noqa: F401 (the limits' home)
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import scheduler_pb2
 
 MAX_REQUEST_ID_CHARS = 128
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
 MAX_INPUT_BYTES = 1 << 20  # a text prompt, or a chat's roles and contents, in UTF-8, whatever the context window
 # The public port takes messages this big (gRPC refuses bigger ones itself, RESOURCE_EXHAUSTED): a prompt over
 # MAX_INPUT_BYTES, or a token_ids list of a whole context, still gets an answer that says what is wrong.
@@ -80,15 +78,6 @@ def _too_long(model: ModelInfo, params: SamplingParams, what: str) -> str:
             f"leave no room for {what}; shorten the prompt or lower max_tokens")
 
 
-def check_stop_strings(stop: tuple[str, ...]) -> None:
-    # Every output delta is matched against every stop string: their number and length bound that work.
-    if len(stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(stop)}")
-    longest = max((len(s) for s in stop), default=0)
-    if longest > MAX_STOP_CHARS:
-        raise InvalidRequest(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
-
-
 async def prompt_token_ids(request: scheduler_pb2.GenerateRequest, model: ModelInfo) -> list[int]:
     tokenizer = model.tokenizer
     kind = request.WhichOneof("input")
@@ -131,7 +120,6 @@ async def validate(request: scheduler_pb2.GenerateRequest, model: ModelInfo) -> 
         params.validate()
     except ValueError as e:
         raise InvalidRequest(str(e)) from e
-    check_stop_strings(params.stop)
     if request.continue_after_token_ids:
         check_continuation(request, model, params)
     # A request that may shrink its max_tokens to fit is sized as if it asked for one token.

@@ -1,4 +1,6 @@
-"""Incremental detokenization with stop strings, as the scheduler streams a request's output.
+"""Incremental detokenization with stop strings: the engine's stop condition (StopCondition) and the text the
+scheduler streams (Detokenizer), one algorithm for both, so the token a stop string ends a request at is the token the
+streamed text is cut at.
 
 Each step decodes only a window of the last few tokens and searches only the new text (and the tail before it a
 stop string could start in), so a request's whole output costs time linear in its length.
@@ -74,6 +76,7 @@ class Detokenizer:
     _prefix_at: int = 0  # tokens [_prefix_at, _read_at) are decoded again with the new ones, for their context
     _read_at: int = 0  # tokens before this are in the text
     _taken_chars: int = 0  # whole characters of the text of tokens [_read_at, ...) taken already
+    stopped: bool = False  # a stop string was found: no text after it is emitted
     _matcher: StopMatcher = field(init=False)
     _decode: Callable[[list[int]], str] = field(init=False)
 
@@ -82,11 +85,14 @@ class Detokenizer:
         self._decode = text_decoder(self.tokenizer)
 
     def add(self, token_ids: Sequence[int], final: bool = False) -> TextDelta:
+        if self.stopped:
+            return TextDelta("", True)
         self.token_ids.extend(token_ids)
         self._recent += self._decode_new(final)
         end = self._recent_at + len(self._recent)
         at = self._matcher.find(self._recent, self._recent_at)
         if at is not None:
+            self.stopped = True
             return self._emit(at, stopped=True)
         if final:
             return self._emit(end, stopped=False)
@@ -124,3 +130,22 @@ class Detokenizer:
             self._recent = self._recent[keep_from - self._recent_at:]
             self._recent_at = keep_from
         return TextDelta(delta, stopped)
+
+
+class StopCondition:
+    """A request's stop strings as the engine's stop condition: whether its output's text holds one yet.
+
+    It reads the output's tokens it has not seen at each check (those an earlier attempt sampled included, on a
+    resumed request), with the Detokenizer the scheduler streams the text with.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self._detokenizer = Detokenizer(tokenizer, tuple(stop))
+        self._read = 0  # output tokens looked at
+
+    def met(self, output) -> bool:
+        """Whether the text of `output` (the request's sampled tokens, each with its .token_id) holds a stop string."""
+        if not self._detokenizer.stopped and len(output) > self._read:
+            self._detokenizer.add([t.token_id for t in output[self._read:]])
+            self._read = len(output)
+        return self._detokenizer.stopped

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import torch
 
 from splitwise.engine.block_manager import BlockManager, KVCapacityError
+from splitwise.engine.detokenizer import StopCondition
 from splitwise.engine.mock_runner import MockModelRunner
 from splitwise.engine.model_runner import ModelRunner
 from splitwise.engine.request_handle import Finished, RequestHandle, failure_of
@@ -60,10 +61,12 @@ class QueueFull(KVCapacityError):
 
 class Engine:
     def __init__(self, loaded: LoadedModel | MockModel, device: str, config: EngineConfig,
-                 runner_type: type[ModelRunner] | type[MockModelRunner] = ModelRunner):
+                 runner_type: type[ModelRunner] | type[MockModelRunner] = ModelRunner, tokenizer=None):
         """`runner_type` computes the steps: the model's forward (ModelRunner), or modelled time (MockModelRunner,
-        with a MockModel)."""
+        with a MockModel). `tokenizer`: the model's, for requests with stop strings (an engine without one refuses
+        them)."""
         self.loaded = loaded
+        self.tokenizer = tokenizer
         self.config = config
         self.blocks = BlockManager(runner_type.num_blocks(loaded, config.kv_memory_bytes, config.block_size),
                                    config.block_size)
@@ -102,6 +105,13 @@ class Engine:
             queued = sum(s.num_tokens - s.num_cached for s in self.scheduler.waiting)
         return queued + self.blocks.num_used * self.blocks.block_size
 
+    def _stop_condition(self, params: SamplingParams) -> StopCondition | None:
+        if not params.stop:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer to match stop strings with")
+        return StopCondition(self.tokenizer, params.stop)
+
     def _check_fits(self, seq: Sequence) -> None:
         # A resumed request's output so far counts within its max_tokens.
         needed = len(seq.prompt_ids) + (0 if seq.prefill_only else seq.params.max_tokens)
@@ -134,7 +144,8 @@ class Engine:
         `output_ids`: a resumed request's tokens already sampled elsewhere; they are recomputed with the prompt
         and sampling goes on after them (the handle delivers only new tokens).
         """
-        seq = Sequence(request_id, list(prompt_ids), params, prefill_only, on_layer_kv, output=_recomputed(output_ids))
+        seq = Sequence(request_id, list(prompt_ids), params, prefill_only, on_layer_kv, self._stop_condition(params),
+                       output=_recomputed(output_ids))
         handle = RequestHandle(seq, asyncio.get_running_loop())
         with self._cond:
             self._check_fits(seq)
@@ -146,7 +157,7 @@ class Engine:
 
     def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
         """Allocates blocks for a prompt's KV that another worker will send (the token worker's admission)."""
-        seq = Sequence(request_id, list(prompt_ids), params, status=Status.RESERVED)
+        seq = Sequence(request_id, list(prompt_ids), params, stop=self._stop_condition(params), status=Status.RESERVED)
         handle = RequestHandle(seq, asyncio.get_running_loop())
         with self._cond:
             self._check_fits(seq)

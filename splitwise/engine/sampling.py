@@ -11,6 +11,9 @@ MAX_TOKENS_LIMIT = 1 << 20
 # Below this temperature sampling is greedy (as in vLLM): dividing by it would overflow the logits.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
+# The engine matches every stop string against each new token's text: their number and length bound that work.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 class NonFiniteLogits(ValueError):
@@ -43,6 +46,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are accepted, got {len(self.stop)}")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, got one of {longest}")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if self.top_logprobs and not self.logprobs:

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from splitwise.engine.detokenizer import StopCondition
 from splitwise.engine.sampling import SampledToken, SamplingParams
 
 _arrival = itertools.count()
@@ -25,7 +26,7 @@ class Status(enum.Enum):
 
 
 class FinishReason(enum.Enum):
-    STOP = "stop"  # end-of-sequence token
+    STOP = "stop"  # end-of-sequence token, or a stop string
     LENGTH = "length"  # max_tokens or the context window
     PREFILLED = "prefilled"  # prompt-only: the prompt phase is done, the first token sampled
     ABORTED = "aborted"
@@ -38,6 +39,7 @@ class Sequence:
     params: SamplingParams
     prefill_only: bool = False
     on_layer_kv: SequenceKVCallback | None = None
+    stop: StopCondition | None = None  # the request's stop strings, where it has any
     output: list[SampledToken] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # positions whose KV is in the cache
@@ -64,6 +66,8 @@ class Sequence:
         """Why the sequence ends after its last sampled token, if it does: the one rule the engine and the
         simulator share."""
         if self.output[-1].token_id in eos_token_ids and not self.params.ignore_eos:
+            return FinishReason.STOP
+        if self.stop is not None and self.stop.met(self.output):  # (before LENGTH: the text ends at the stop string)
             return FinishReason.STOP
         if len(self.output) >= self.params.max_tokens or self.num_tokens >= max_context:
             return FinishReason.LENGTH

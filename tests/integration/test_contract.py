@@ -10,6 +10,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.client import SplitwiseClient
+from splitwise.engine.sampling import MAX_STOP_STRINGS
+from splitwise.model.weights import load_tokenizer
 from splitwise.rpc.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.security import peer_channel
 from tests.integration.cluster import assert_all_blocks_free, assert_no_kv_held, local_cluster
@@ -176,6 +178,35 @@ async def test_the_token_workers_last_token_carries_the_engines_finish_reason_in
     assert [(len(e.tokens.token_ids), e.tokens.finish_reason) for e in events[1:]] == [
         (1, common_pb2.FINISH_REASON_UNSPECIFIED), (1, common_pb2.FINISH_REASON_UNSPECIFIED),
         (1, common_pb2.FINISH_REASON_LENGTH)]
+
+
+async def _decode_here(channel, request_id: str, **sampling) -> list[worker_pb2.DecodeEvent]:
+    call = worker_pb2_grpc.TokenWorkerStub(channel).Decode(worker_pb2.DecodeRequest(
+        request_id=request_id, num_prompt_tokens=3, prompt_token_ids=[5, 6, 7], prefill_here=True,
+        mode=worker_pb2.DECODE_MODE_PREFILL_HERE, sampling=common_pb2.SamplingParams(ignore_eos=True, **sampling)),
+        timeout=30)
+    return [event async for event in call if event.WhichOneof("kind") == "tokens"]
+
+
+async def test_a_stop_string_is_the_token_workers_stop_condition_and_its_limits_are_the_workers_too(cluster,
+                                                                                                  tiny_folder):
+    """The worker's engine ends a request at the token that completes a stop string (finish reason STOP, with that
+    token), where a scheduler only cuts the text; a peer that sends more stop strings than the limit is refused."""
+    tokenizer = load_tokenizer(tiny_folder)
+    async with peer_channel(cluster.token_worker.address) as channel:
+        free = [t for e in await _decode_here(channel, "free", max_tokens=40) for t in e.tokens.token_ids]
+        at = next(i for i in range(len(free) - 1) if all(
+            len(c := tokenizer.decode([t])) == 1 and c.isascii() and c.isprintable() for t in free[i:i + 2]))
+        stop = tokenizer.decode(free[at:at + 2])
+        ends = next(k for k in range(1, len(free) + 1) if stop in tokenizer.decode(free[:k]).rstrip("\ufffd"))
+        events = await _decode_here(channel, "stopped", max_tokens=40, stop=[stop])
+        assert [t for e in events for t in e.tokens.token_ids] == free[:ends]
+        assert events[-1].tokens.finish_reason == common_pb2.FINISH_REASON_STOP
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _decode_here(channel, "too-many", max_tokens=4, stop=[f"s{i}" for i in range(MAX_STOP_STRINGS + 1)])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_STOP_STRINGS} stop strings" in error.value.details()
+    assert_all_blocks_free(cluster.token_worker.servicer.engine)
 
 
 async def test_kv_pushed_for_an_unknown_request_is_not_found(cluster):

@@ -1,6 +1,9 @@
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from splitwise.engine.detokenizer import MAX_PENDING_TOKENS, Detokenizer, StopMatcher, text_decoder
+from splitwise.engine.detokenizer import (INCOMPLETE, MAX_PENDING_TOKENS, Detokenizer, StopCondition, StopMatcher,
+                                          text_decoder)
+from splitwise.engine.sampling import SampledToken
 from splitwise.model.tiny import build_tokenizer
 
 
@@ -109,3 +112,30 @@ def test_a_tokenizer_that_cleans_up_spaces_is_decoded_by_its_python_decode():
     tokenizer.decode = lambda ids, **kwargs: calls.append(ids) or real_decode(ids, **kwargs)
     assert text_decoder(tokenizer)([300, 301]) == real_decode([300, 301], skip_special_tokens=True)
     assert calls == [[300, 301]]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet="ab STOP\nü東😀", min_size=1, max_size=40), data=st.data())
+def test_the_engine_ends_at_the_token_that_completes_a_stop_string_and_the_streamed_text_ends_before_it(
+        tokenizer, text, data):
+    """One algorithm for both sides: the engine's StopCondition, fed token by token, is met at the first token whose
+    text holds a stop string, and the scheduler's Detokenizer, fed the same tokens in any chunks, cuts the text
+    where that stop string begins."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    start = data.draw(st.integers(0, len(text) - 1))
+    stop = text[start:start + data.draw(st.integers(1, 4))]
+    condition = StopCondition(tokenizer, (stop,))
+    output = []
+    for token in ids:
+        output.append(SampledToken(token, 0.0))
+        if condition.met(output):
+            break
+    assert len(output) == next(k for k in range(1, len(ids) + 1) if stop in tokenizer.decode(ids[:k]).rstrip(INCOMPLETE))
+
+    detok, streamed, at = Detokenizer(tokenizer, (stop,)), "", 0
+    while at < len(output):  # the tokens the engine sent, in messages of any size
+        end = min(len(output), at + data.draw(st.integers(1, 5)))
+        delta = detok.add(ids[at:end], final=end == len(output))
+        assert delta.stopped == (end == len(output))
+        streamed, at = streamed + delta.text, end
+    assert streamed == text[:text.index(stop)]

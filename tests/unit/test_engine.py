@@ -2,6 +2,7 @@
 KV moved between two engine instances, and exact block accounting."""
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -32,9 +33,9 @@ def kv_bytes(loaded, tokens: int) -> int:
     return ModelRunner.bytes_per_token(loaded, torch.float32) * tokens
 
 
-def make_engine(loaded, kv_tokens: int = 8192, **overrides) -> Engine:
+def make_engine(loaded, kv_tokens: int = 8192, tokenizer=None, **overrides) -> Engine:
     config = EngineConfig(kv_memory_bytes=kv_bytes(loaded, kv_tokens), **overrides)
-    return Engine(loaded, "cpu", config)
+    return Engine(loaded, "cpu", config, tokenizer=tokenizer)
 
 
 async def collect(handle: RequestHandle) -> tuple[list[int], FinishReason]:
@@ -500,3 +501,48 @@ async def test_the_token_that_ends_a_request_comes_with_its_end_and_the_engine_s
             assert engine.request_ends(prompt_only.seq) is expected
     finally:
         engine.stop()
+
+
+def _ascii_pair(tokenizer, ids: list[int]) -> int:
+    """Where two tokens in a row decode to one printable ASCII character each (the tiny model's bytes are mostly not
+    text on their own)."""
+    for i in range(len(ids) - 1):
+        if all(len(c := tokenizer.decode([t])) == 1 and c.isascii() and c.isprintable() for t in ids[i:i + 2]):
+            return i
+    raise AssertionError("the reference output has no two ASCII characters in a row")
+
+
+async def test_a_stop_string_ends_the_request_in_the_engine_at_the_token_that_completes_it(tiny):
+    """Stop strings are the engine's stop condition: a request ends (STOP, its blocks freed) at the first token whose
+    text completes one, here spanning two tokens; a resumed request finds one that spans the tokens an earlier
+    attempt sampled and its first own one; a prompt-only sequence's engine says its request ends at its first token;
+    an engine without a tokenizer refuses stop strings rather than ignoring them."""
+    loaded, tokenizer = tiny
+    engine = make_engine(loaded, tokenizer=tokenizer)
+    try:
+        ids = tokenizer.encode("The capital of France is", add_special_tokens=False)
+        free, _ = await collect(engine.submit("free", ids, SamplingParams(max_tokens=40, ignore_eos=True)))
+        at = _ascii_pair(tokenizer, free)
+        stop = tokenizer.decode(free[at:at + 2])
+        ends = next(k for k in range(1, len(free) + 1) if stop in tokenizer.decode(free[:k]).rstrip("\ufffd"))
+        params = SamplingParams(max_tokens=40, ignore_eos=True, stop=("never here", stop))
+        assert await collect(engine.submit("stopped", ids, params)) == (free[:ends], FinishReason.STOP)
+        resumed = engine.submit("resumed", ids, params, output_ids=free[:ends - 1])
+        assert await collect(resumed) == (free[ends - 1:ends], FinishReason.STOP)
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+
+        # Prompt-only: the prompt and free[:at] make free[at] its first token, whose text is one ASCII character.
+        for stop, ends_here in ((tokenizer.decode(free[at:at + 1]), FinishReason.STOP), ("never here", None)):
+            first = engine.submit(f"first-{stop}", ids + free[:at], dataclasses.replace(params, stop=(stop,)),
+                                  prefill_only=True)
+            assert (await first.next_event()).token_id == free[at]
+            assert engine.request_ends(first.seq) is ends_here
+    finally:
+        engine.stop()
+    without = make_engine(loaded)
+    try:
+        with pytest.raises(ValueError, match="stop strings"):
+            without.submit("r", ids, params)
+        assert without.blocks.num_free == without.blocks.num_blocks
+    finally:
+        without.stop()
