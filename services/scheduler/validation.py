@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 
-from splitwise.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams  # noqa: F401 (the limits' home)
+from splitwise.engine.sampling import SamplingParams
 from splitwise.rpc import convert
 from splitwise.rpc.v1 import scheduler_pb2
 

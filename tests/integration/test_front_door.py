@@ -14,10 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.scheduler.cluster_view import STALE_AFTER_INTERVALS
-from services.scheduler.validation import (MAX_INPUT_BYTES, MAX_MESSAGE_BYTES, MAX_STOP_CHARS, MAX_STOP_STRINGS,
-                                          NORMALIZER_SHRINK)
+from services.scheduler.validation import MAX_INPUT_BYTES, MAX_MESSAGE_BYTES, NORMALIZER_SHRINK
 from services.token_worker import app as token_app
 from splitwise.client import SplitwiseClient
+from splitwise.engine.sampling import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from splitwise.cluster.pools import MEMBERSHIP_KEY
 from splitwise.cluster.registry import KEY_PREFIX, signed_entry
 from splitwise.config import TokenWorkerConfig
