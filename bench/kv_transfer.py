@@ -27,7 +27,7 @@ import torch
 
 from bench.engine import log, write_section
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions
+from splitwise.launcher import Cluster, UpOptions, on_free_ports, start_healthy
 from splitwise.model.weights import read_hf_config, resolve_model
 from splitwise.telemetry.jsonl_exporter import read_spans
 
@@ -121,15 +121,10 @@ def start_cluster(setup: Setup, run_dir: Path) -> Cluster:
     if not setup.colocated:
         env["SPLITWISE_KV_TRANSPORTS"] = setup.transport
         env["SPLITWISE_KV_LAYERWISE_MIN_TOKENS"] = "0" if setup.layerwise else SERIALIZED
-    options = UpOptions(model=MODEL, device="cpu", run_dir=run_dir, scheduler_port=free_port(),
-                        prompt_port=free_port(), token_port=free_port(), kv_store_port=free_port(),
-                        redis_port=free_port(), mixed_port=free_port(), metrics_port=0,
-                        prompt_workers=0 if setup.colocated else 1, token_workers=0 if setup.colocated else 1,
-                        mixed_workers=1 if setup.colocated else 0, extra_env=env, insecure=setup.insecure)
-    cluster = Cluster(options)
-    cluster.start()
-    cluster.wait_healthy()
-    return cluster
+    return start_healthy(on_free_ports(UpOptions(
+        model=MODEL, device="cpu", run_dir=run_dir, prompt_workers=0 if setup.colocated else 1,
+        token_workers=0 if setup.colocated else 1, mixed_workers=1 if setup.colocated else 0, extra_env=env,
+        insecure=setup.insecure)))
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from splitwise.replay import TraceRequest, load_trace, replay
 from splitwise.slo import format_report, summarize, write_csv
-from splitwise.launcher import Cluster, UpOptions, free_port_ranges
+from splitwise.launcher import Cluster, UpOptions, on_free_ports, start_healthy
 from splitwise.model import DEFAULT_MOCK_PROFILE
 from splitwise.model.mock import MOCK_CONTEXT_TOKENS, MOCK_VOCAB_SIZE, load_mock_model
 
@@ -127,20 +127,16 @@ async def run(args) -> int:
                           max_context_tokens=MOCK_CONTEXT_TOKENS)
     requests = at_rate(requests, args.rate, args.poisson, args.seed)
     run_dir = Path(tempfile.mkdtemp(prefix="mock-cluster-"))
-    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(
-        1, args.prompt_workers, args.token_workers, 1, 1)
-    options = UpOptions(
+    options = on_free_ports(UpOptions(
         model="", engine="mock", mock_profile=args.profile, mock_time_factor=args.time_factor,
         mock_kv_scale=args.kv_scale, prompt_workers=args.prompt_workers, token_workers=args.token_workers,
-        scheduler_port=scheduler_port, prompt_port=prompt_port, token_port=token_port, kv_store_port=kv_store_port,
-        redis_port=redis_port, metrics_port=0, run_dir=run_dir, startup_timeout_s=600,
-        extra_env={"SPLITWISE_LOG_LEVEL": "WARNING", "SPLITWISE_MAX_REQUESTS_IN_FLIGHT": "4096"})
-    cluster = ProfiledCluster(options, args.cprofile) if args.cprofile else Cluster(options)
+        run_dir=run_dir, startup_timeout_s=600,
+        extra_env={"SPLITWISE_LOG_LEVEL": "WARNING", "SPLITWISE_MAX_REQUESTS_IN_FLIGHT": "4096"}))
     started = time.monotonic()
     print(f"starting {args.prompt_workers + args.token_workers} mock workers (logs in {run_dir})...", file=sys.stderr)
+    cluster = await asyncio.to_thread(start_healthy, options, (lambda o: ProfiledCluster(o, args.cprofile))
+                                      if args.cprofile else Cluster)
     try:
-        cluster.start()
-        await asyncio.to_thread(cluster.wait_healthy)
         os.environ["SPLITWISE_API_KEY"] = cluster.credentials.api_key  # what replay's client sends
         print(f"cluster healthy in {time.monotonic() - started:.0f}s; {IDLE_WINDOW_S:.0f}s idle, then the replay",
               file=sys.stderr)

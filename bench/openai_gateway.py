@@ -23,7 +23,7 @@ from pathlib import Path
 
 from splitwise.replay import OpenAIClient, TraceRequest, _one, synthetic_prompt
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions, cluster_model_name, free_port_ranges
+from splitwise.launcher import UpOptions, cluster_model_name, on_free_ports, start_healthy
 from splitwise.model import DEFAULT_MOCK_PROFILE
 from splitwise.model.mock import MOCK_VOCAB_SIZE
 
@@ -107,17 +107,12 @@ def report(lat: dict, loads: dict, args) -> tuple[str, dict]:
 
 async def run(args) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="openai-gateway-"))
-    scheduler_port, prompt_port, token_port, kv_store_port, redis_port, http_port = free_port_ranges(1, 1, 1, 1, 1, 1)
-    options = UpOptions(
-        model="", engine="mock", mock_profile=args.profile, mock_kv_scale=args.kv_scale, scheduler_port=scheduler_port,
-        prompt_port=prompt_port, token_port=token_port, kv_store_port=kv_store_port, redis_port=redis_port,
-        http_port=http_port, metrics_port=0, run_dir=run_dir, startup_timeout_s=300,
-        extra_env={"SPLITWISE_LOG_LEVEL": "WARNING"})
-    cluster = Cluster(options)
+    options = on_free_ports(UpOptions(
+        model="", engine="mock", mock_profile=args.profile, mock_kv_scale=args.kv_scale, http_port=1, run_dir=run_dir,
+        startup_timeout_s=300, extra_env={"SPLITWISE_LOG_LEVEL": "WARNING"}))
     print(f"starting a mock cluster with the gateway (logs in {run_dir})...", file=sys.stderr)
+    cluster = await asyncio.to_thread(start_healthy, options)
     try:
-        cluster.start()
-        await asyncio.to_thread(cluster.wait_healthy)
         gateway_pid = next(c.proc.pid for c in cluster.children if c.name == "gateway")
         model = cluster_model_name(options)
         key = cluster.credentials.api_key

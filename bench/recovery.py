@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.engine import log, write_section
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions, free_port_ranges
+from splitwise.launcher import Cluster, UpOptions, on_free_ports, start_healthy
 from splitwise.telemetry.jsonl_exporter import read_spans
 
 MODEL = "smollm2-135m-instruct"
@@ -63,16 +63,10 @@ class Stream:
 
 
 def start_cluster(run_dir: Path, keep: bool) -> Cluster:
-    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(2, 1, 2, 1, 1)
-    cluster = Cluster(UpOptions(
-        model=MODEL, device="cpu", run_dir=run_dir, scheduler_port=scheduler_port, prompt_port=prompt_port,
-        token_port=token_port, kv_store_port=kv_store_port, redis_port=redis_port, metrics_port=0, schedulers=2,
-        prompt_workers=1, token_workers=2,
+    return start_healthy(on_free_ports(UpOptions(
+        model=MODEL, device="cpu", run_dir=run_dir, schedulers=2, prompt_workers=1, token_workers=2,
         extra_env={"SPLITWISE_NUM_THREADS": "1", "SPLITWISE_LOG_LEVEL": "WARNING", "SPLITWISE_HEARTBEAT_S": "0.2",
-                   "SPLITWISE_KV_KEEP": str(keep).lower()}))
-    cluster.start()
-    cluster.wait_healthy()
-    return cluster
+                   "SPLITWISE_KV_KEEP": str(keep).lower()})))
 
 
 async def run_streams(addresses: list[str], prompts: list[list[int]], max_tokens: int,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from bench.mock_cluster import CPROFILE_ENV, cpu_seconds
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions, free_port_ranges
+from splitwise.launcher import Cluster, UpOptions, on_free_ports, start_healthy
 from splitwise.model import DEFAULT_MOCK_PROFILE
 from splitwise.model.mock import MOCK_VOCAB_SIZE
 
@@ -196,15 +196,11 @@ def report(args, runs: dict[str, dict], idle: dict[str, float]) -> str:
 async def run(args) -> int:
     tree = unpack(args.baseline) if args.baseline else None
     run_dir = Path(tempfile.mkdtemp(prefix="scheduler-cpu-"))
-    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(
-        2, args.prompt_workers, args.token_workers, 1, 1)
-    options = UpOptions(
+    options = on_free_ports(UpOptions(
         model="", engine="mock", mock_profile=args.profile, mock_time_factor=args.time_factor,
         mock_kv_scale=args.kv_scale, schedulers=2, prompt_workers=args.prompt_workers,
-        token_workers=args.token_workers, scheduler_port=scheduler_port, prompt_port=prompt_port,
-        token_port=token_port, kv_store_port=kv_store_port, redis_port=redis_port, metrics_port=0, run_dir=run_dir,
-        startup_timeout_s=300, extra_env={"SPLITWISE_LOG_LEVEL": "WARNING"})
-    cluster = TwoSchedulers(options, tree, args.cprofile, args.baseline_calls)
+        token_workers=args.token_workers, run_dir=run_dir, startup_timeout_s=300,
+        extra_env={"SPLITWISE_LOG_LEVEL": "WARNING"}))
     first = f"baseline ({args.baseline})" if tree else "replica 0 (this tree)"
     if args.baseline_calls:
         first += f", worker calls: {args.baseline_calls}"
@@ -212,9 +208,9 @@ async def run(args) -> int:
     phases = [Phase("short", args.requests, 1, args.concurrency),
               Phase("long", args.long_requests, args.long_tokens, args.concurrency)]
     print(f"starting the mock cluster (logs in {run_dir})...", file=sys.stderr)
+    cluster = await asyncio.to_thread(start_healthy, options,
+                                      lambda o: TwoSchedulers(o, tree, args.cprofile, args.baseline_calls))
     try:
-        cluster.start()
-        await asyncio.to_thread(cluster.wait_healthy)
         os.environ["SPLITWISE_API_KEY"] = cluster.credentials.api_key
         schedulers = [(c.address, c.proc.pid) for c in cluster.schedulers]
         warmup = Phase("warmup", 2 * args.concurrency, 4, args.concurrency)

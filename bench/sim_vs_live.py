@@ -30,7 +30,7 @@ from pathlib import Path
 
 from splitwise.replay import baseline_lengths, cluster_model, load_trace, measure_idle_baseline, replay
 from splitwise.slo import PERCENTILES, RequestResult, percentile, write_csv
-from splitwise.launcher import Cluster, UpOptions, free_port_ranges
+from splitwise.launcher import Cluster, UpOptions, on_free_ports, start_healthy
 from splitwise.sim.designs import ClusterDesign, Pool
 from splitwise.sim.machines import resolve_profile
 from splitwise.sim.simulator import SimConfig, simulate
@@ -44,19 +44,14 @@ def log(message: str) -> None:
 
 
 def start(args, prompt_workers: int, token_workers: int, mixed_workers: int) -> Cluster:
-    ports = free_port_ranges(1, max(prompt_workers, 1), max(token_workers, 1), max(mixed_workers, 1), 1, 1)
-    options = UpOptions(
+    options = on_free_ports(UpOptions(
         model=args.model, device="cpu", run_dir=Path(tempfile.mkdtemp(prefix="sw-simlive-")),
-        scheduler_port=ports[0], prompt_port=ports[1], token_port=ports[2], mixed_port=ports[3],
-        kv_store_port=ports[4], redis_port=ports[5], metrics_port=0, prompt_workers=prompt_workers,
-        token_workers=token_workers, mixed_workers=mixed_workers,
+        prompt_workers=prompt_workers, token_workers=token_workers, mixed_workers=mixed_workers,
         startup_timeout_s=600, pin_workers=args.pin, engine=args.engine, mock_profile=args.mock_profile,
         mock_time_factor=args.time_factor, mock_kv_scale=args.kv_scale,
         extra_env={"SPLITWISE_NUM_THREADS": "1", "SPLITWISE_LOG_LEVEL": "WARNING", "SPLITWISE_KV_KEEP": "false",
-                   "SPLITWISE_POOL_BORROW_PROMPT_TOKENS": "0"})
-    cluster = Cluster(options)
-    cluster.start()
-    cluster.wait_healthy()
+                   "SPLITWISE_POOL_BORROW_PROMPT_TOKENS": "0"}))
+    cluster = start_healthy(options)
     if cluster.credentials:  # this process's clients (replay, status) take the cluster's keys
         os.environ["SPLITWISE_API_KEY"] = cluster.credentials.api_key
         os.environ["SPLITWISE_ADMIN_KEY"] = cluster.credentials.admin_key

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from splitwise.replay import baseline_lengths, load_trace, measure_idle_baseline, replay
 from splitwise.slo import IdleBaseline, goodput, read_csv, slo_attainment, summarize, write_csv
 from bench.slo_plots import plot_goodput, plot_latency_cdfs
-from splitwise.launcher import Cluster, UpOptions
+from splitwise.launcher import Cluster, UpOptions, on_free_ports, start_healthy
 from splitwise.model.weights import read_hf_config, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,17 +61,12 @@ def log(message: str) -> None:
 
 
 def start(setup: Setup, args, run_dir: Path) -> Cluster:
-    base_port = args.base_port
-    options = UpOptions(
-        model=args.model, device="cpu", run_dir=run_dir, scheduler_port=base_port, prompt_port=base_port + 10,
-        token_port=base_port + 20, kv_store_port=base_port + 30, redis_port=base_port + 40,
-        mixed_port=base_port + 50, metrics_port=0, prompt_workers=setup.prompt_workers,
+    options = on_free_ports(UpOptions(
+        model=args.model, device="cpu", run_dir=run_dir, prompt_workers=setup.prompt_workers,
         token_workers=setup.token_workers, mixed_workers=setup.mixed_workers, startup_timeout_s=600,
         pin_workers=args.pin, extra_env={"SPLITWISE_NUM_THREADS": "1", "SPLITWISE_LOG_LEVEL": "WARNING",
-                                         "SPLITWISE_KV_KEEP": str(args.kv_keep).lower(), **setup.env})
-    cluster = Cluster(options)
-    cluster.start()
-    cluster.wait_healthy()
+                                         "SPLITWISE_KV_KEEP": str(args.kv_keep).lower(), **setup.env}))
+    cluster = start_healthy(options)
     for child in cluster.children:
         if child.cores:
             log(f"  {child.name} on cores {sorted(child.cores)}")
@@ -239,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setups", nargs="+", default=[s.name for s in SETUPS])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout-s", type=float, default=300.0)
-    parser.add_argument("--base-port", type=int, default=52000)
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="let the workers float over all cores instead of one share each")
     parser.add_argument("--kv-keep", action="store_true",

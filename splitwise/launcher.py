@@ -11,8 +11,10 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -387,6 +389,46 @@ class Cluster:
                 self.redis.wait(5)
             except subprocess.TimeoutExpired:
                 self.redis.kill()
+
+
+def on_free_ports(options: UpOptions) -> UpOptions:
+    """`options` with each kind of service on a range of free ports of this host, and /metrics on free ports (several
+    clusters on one host: tests, benchmarks). A gateway stays off unless `options` asked for one."""
+    o = options
+    scheduler, prompt, token, kv_store, mixed, redis, http = free_port_ranges(
+        o.schedulers, max(o.prompt_workers, 1), max(o.token_workers, 1), 1, max(o.mixed_workers, 1), 1, 1)
+    return replace(o, scheduler_port=scheduler, prompt_port=prompt, token_port=token, kv_store_port=kv_store,
+                   mixed_port=mixed, redis_port=redis, http_port=http if o.http_port else 0, metrics_port=0)
+
+
+class ClusterDidNotStart(RuntimeError):
+    """A cluster that did not become healthy (it has been stopped): why, and the end of each service's log."""
+
+
+def start_healthy(options: UpOptions, make: Callable[[UpOptions], Cluster] = Cluster,
+                  log_tail_chars: int = 2000) -> Cluster:
+    """A cluster (`make(options)`: Cluster, or a subclass) started and healthy, or ClusterDidNotStart with everything
+    it started stopped. Whoever gets the cluster stops it (`running_cluster` does, around a with-block)."""
+    cluster = make(options)
+    try:
+        cluster.start()
+        cluster.wait_healthy()
+    except (RuntimeError, TimeoutError, ValueError, OSError, grpc.RpcError) as e:
+        cluster.stop()
+        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-log_tail_chars:]}"
+                         for p in sorted((options.run_dir / "logs").glob("*.log")))
+        raise ClusterDidNotStart(f"the cluster did not start: {e}\n{logs}") from e
+    return cluster
+
+
+@contextmanager
+def running_cluster(options: UpOptions, make: Callable[[UpOptions], Cluster] = Cluster) -> Iterator[Cluster]:
+    """`start_healthy` on entry, `Cluster.stop` on exit: how tests and benchmarks launch a cluster."""
+    cluster = start_healthy(options, make)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def num_workers_seen(scheduler: str, deadline: float, admin_key: str = "") -> int:

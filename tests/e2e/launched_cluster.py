@@ -8,12 +8,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions, free_port_ranges
+from splitwise.launcher import Cluster, ClusterDidNotStart, UpOptions, on_free_ports, start_healthy
 from splitwise.model.weights import resolve_model
 
 HEARTBEAT_S = 0.2
@@ -21,25 +20,18 @@ HEARTBEAT_S = 0.2
 
 @contextmanager
 def launched_cluster(run_dir: Path, cache_dir: Path, env: dict | None = None, **options) -> Iterator[Cluster]:
-    """Started and healthy on entry (the test fails with the services' logs otherwise), stopped on exit."""
+    """`splitwise.launcher.running_cluster` of the tiny model on CPU, on free ports, one compute thread a service:
+    started and healthy on entry (the test fails with the services' logs otherwise), stopped on exit. `options`:
+    UpOptions fields; `env`: the services' environment on top of the tests'."""
     resolve_model("tiny-llama", cache_dir)
-    schedulers = options.get("schedulers", 1)
-    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(
-        schedulers, options.get("prompt_workers", 1), options.get("token_workers", 1), 1, 1)
-    cluster = Cluster(UpOptions(
-        model="tiny-llama", device="cpu", run_dir=run_dir, scheduler_port=scheduler_port,
-        prompt_port=prompt_port, token_port=token_port, kv_store_port=kv_store_port, redis_port=redis_port,
-        metrics_port=0, startup_timeout_s=120,
-        extra_env={"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
-                   "SPLITWISE_HEARTBEAT_S": str(HEARTBEAT_S), **(env or {})},
-        **options))
+    test_env = {"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
+                "SPLITWISE_HEARTBEAT_S": str(HEARTBEAT_S)}
+    options = on_free_ports(UpOptions(**{"model": "tiny-llama", "device": "cpu", "run_dir": run_dir,
+                                         "startup_timeout_s": 120, **options}, extra_env={**test_env, **(env or {})}))
     try:
-        cluster.start()
-        cluster.wait_healthy()
-    except (RuntimeError, TimeoutError, grpc.RpcError) as e:
-        cluster.stop()
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in (run_dir / "logs").glob("*.log"))
-        pytest.fail(f"the cluster did not start: {e}\n{logs}")
+        cluster = start_healthy(options)
+    except ClusterDidNotStart as e:
+        pytest.fail(str(e))
     try:
         yield cluster
     finally:

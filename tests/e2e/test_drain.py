@@ -8,8 +8,7 @@ import grpc
 import pytest
 
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions, free_port_ranges
-from splitwise.model.weights import resolve_model
+from tests.e2e.launched_cluster import launched_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -18,24 +17,8 @@ MAX_TOKENS = 600  # long enough that the SIGTERM lands mid-stream
 
 @pytest.fixture
 def cluster(tmp_path, cache_dir):
-    resolve_model("tiny-llama", cache_dir)
-    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(1, 1, 1, 1, 1)
-    options = UpOptions(model="tiny-llama", device="cpu", run_dir=tmp_path, scheduler_port=scheduler_port,
-                        prompt_port=prompt_port, token_port=token_port, kv_store_port=kv_store_port,
-                        redis_port=redis_port, metrics_port=0, startup_timeout_s=120,
-                        extra_env={"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
-                                   "SPLITWISE_HEARTBEAT_S": "0.2", "SPLITWISE_DRAIN_GRACE_S": "60"})
-    processes = Cluster(options)
-    processes.start()
-    try:
-        try:
-            processes.wait_healthy()
-        except (RuntimeError, TimeoutError, grpc.RpcError) as e:
-            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in (tmp_path / "logs").glob("*.log"))
-            pytest.fail(f"the cluster did not start: {e}\n{logs}")
+    with launched_cluster(tmp_path, cache_dir, {"SPLITWISE_DRAIN_GRACE_S": "60"}) as processes:
         yield processes
-    finally:
-        processes.stop()
 
 
 @pytest.mark.parametrize("role", ["token_worker", "prompt_worker"])

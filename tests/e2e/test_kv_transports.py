@@ -6,8 +6,8 @@ import os
 import pytest
 
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
+from tests.e2e.launched_cluster import launched_cluster
 from tests.prerequisites import needs_mooncake
 from tests.reference import hf_greedy
 from tests.traces import wait_for_whole_trace
@@ -24,26 +24,10 @@ MAX_TOKENS = 12
 def cluster(request, tmp_path_factory, cache_dir):
     transport = request.param
     run_dir = tmp_path_factory.mktemp(f"kv-{transport}")
-    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(1, 1, 1, 1, 1)
-    options = UpOptions(
-        model="tiny-llama", device="cpu", run_dir=run_dir, scheduler_port=scheduler_port, prompt_port=prompt_port,
-        token_port=token_port, kv_store_port=kv_store_port, redis_port=redis_port, metrics_port=0,
-        startup_timeout_s=120,
-        extra_env={"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
-                   "SPLITWISE_KV_TRANSPORTS": transport, "SPLITWISE_KV_LAYERWISE_MIN_TOKENS": str(LAYERWISE_MIN_TOKENS)},
-    )
-    resolve_model("tiny-llama", cache_dir)
-    processes = Cluster(options)
-    try:
-        processes.start()
-        processes.wait_healthy()
-    except (RuntimeError, TimeoutError) as e:
-        processes.stop()
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in (run_dir / "logs").glob("*.log"))
-        pytest.fail(f"cluster with KV transport {transport} did not start: {e}\n{logs}")
-    yield transport, processes, run_dir
-    ours = {str(c.proc.pid) for c in processes.children}
-    processes.stop()
+    env = {"SPLITWISE_KV_TRANSPORTS": transport, "SPLITWISE_KV_LAYERWISE_MIN_TOKENS": str(LAYERWISE_MIN_TOKENS)}
+    with launched_cluster(run_dir, cache_dir, env) as processes:
+        yield transport, processes, run_dir
+        ours = {str(c.proc.pid) for c in processes.children}
     assert not staging_segments(ours), "a staging segment outlived the worker that pooled it"
 
 

@@ -16,13 +16,11 @@ import asyncio
 import random
 import signal
 
-import grpc
 import pytest
 
 from splitwise.client import SplitwiseClient
-from splitwise.launcher import Cluster, UpOptions, free_port_ranges
 from splitwise.model.weights import resolve_model
-from tests.e2e.launched_cluster import recoveries, run_streams
+from tests.e2e.launched_cluster import launched_cluster, recoveries, run_streams
 from tests.reference import assert_same_greedy_output, hf_greedy
 
 pytestmark = pytest.mark.e2e
@@ -31,25 +29,10 @@ STREAMS = 20
 MAX_TOKENS = 320  # long enough that the kill lands while most streams decode, on a loaded 2-core machine too
 
 
-def start_cluster(tmp_path, cache_dir, keep: bool = True, prompt_workers: int = 1, token_workers: int = 2,
-                  **env: str) -> Cluster:
-    scheduler_port, prompt_port, token_port, kv_store_port, redis_port = free_port_ranges(
-        1, prompt_workers, token_workers, 1, 1)
-    options = UpOptions(model="tiny-llama", device="cpu", run_dir=tmp_path, scheduler_port=scheduler_port,
-                        prompt_port=prompt_port, token_port=token_port, kv_store_port=kv_store_port,
-                        redis_port=redis_port, metrics_port=0, prompt_workers=prompt_workers,
-                        token_workers=token_workers, startup_timeout_s=120,
-                        extra_env={"SPLITWISE_CACHE_DIR": str(cache_dir), "SPLITWISE_NUM_THREADS": "1",
-                                   "SPLITWISE_HEARTBEAT_S": "0.1", "SPLITWISE_KV_KEEP": str(keep).lower(), **env})
-    cluster = Cluster(options)
-    cluster.start()
-    try:
-        cluster.wait_healthy()
-    except (RuntimeError, TimeoutError, grpc.RpcError) as e:
-        cluster.stop()
-        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in (tmp_path / "logs").glob("*.log"))
-        pytest.fail(f"the cluster did not start: {e}\n{logs}")
-    return cluster
+def workers_cluster(tmp_path, cache_dir, keep: bool = True, prompt_workers: int = 1, token_workers: int = 2,
+                    **env: str):
+    return launched_cluster(tmp_path, cache_dir, {"SPLITWISE_HEARTBEAT_S": "0.1", "SPLITWISE_KV_KEEP": str(keep).lower(),
+                                                  **env}, prompt_workers=prompt_workers, token_workers=token_workers)
 
 
 @pytest.mark.parametrize("keep, kv_store_dies, kv", [(True, False, "kv_store"), (False, False, "recompute"),
@@ -58,8 +41,7 @@ async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, ca
     folder = resolve_model("tiny-llama", cache_dir)[1]
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randrange(8, 90))] for _ in range(STREAMS)]
-    cluster = start_cluster(tmp_path, cache_dir, keep)
-    try:
+    with workers_cluster(tmp_path, cache_dir, keep) as cluster:
         victim = next(c for c in cluster.children if c.name == "token_worker-0")
         scheduler = next(c for c in cluster.children if c.name == "scheduler")
         if kv_store_dies:  # first: the prompt workers' copies fail (requests go on), and resumes recompute
@@ -80,8 +62,6 @@ async def test_sigkill_of_a_token_worker_mid_decode_loses_no_stream(tmp_path, ca
         # kv_store dead, the token worker finds the kept copy gone and recomputes: still one resume each).
         assert resumed.get(("resume", kv), 0) >= 3, resumed
         assert set(resumed) <= {("resume", kv)}, resumed
-    finally:
-        cluster.stop()
 
 
 async def test_a_token_worker_that_hangs_mid_decode_is_found_by_keepalive_and_its_streams_resume(tmp_path, cache_dir):
@@ -89,29 +69,27 @@ async def test_a_token_worker_that_hangs_mid_decode_is_found_by_keepalive_and_it
     connections). The scheduler's keepalive pings go unanswered, its calls there fail, and the streams resume."""
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 250) for _ in range(rng.randrange(8, 90))] for _ in range(8)]
-    cluster = start_cluster(tmp_path, cache_dir, SPLITWISE_GRPC_KEEPALIVE_S="1")
-    victim = next(c for c in cluster.children if c.name == "token_worker-0")
-    try:
-        scheduler = next(c for c in cluster.children if c.name == "scheduler")
-        references = await run_streams(scheduler.address, prompts, MAX_TOKENS)
-        outputs = await run_streams(scheduler.address, prompts, MAX_TOKENS, kill=lambda: victim.proc.send_signal(signal.SIGSTOP))
-        assert victim.proc.poll() is None  # hung, not dead
-        folder = resolve_model("tiny-llama", cache_dir)[1]
-        for i, (prompt, output, reference) in enumerate(zip(prompts, outputs, references)):
-            assert_same_greedy_output(folder, prompt, output, reference, what=f"stream {i}")
-        resumed = recoveries(scheduler.metrics_address)
-        assert resumed.get(("resume", "kv_store"), 0) >= 1 and set(resumed) == {("resume", "kv_store")}, resumed
-    finally:
-        victim.proc.send_signal(signal.SIGKILL)
-        cluster.stop()
+    with workers_cluster(tmp_path, cache_dir, SPLITWISE_GRPC_KEEPALIVE_S="1") as cluster:
+        victim = next(c for c in cluster.children if c.name == "token_worker-0")
+        try:
+            scheduler = next(c for c in cluster.children if c.name == "scheduler")
+            references = await run_streams(scheduler.address, prompts, MAX_TOKENS)
+            outputs = await run_streams(scheduler.address, prompts, MAX_TOKENS, kill=lambda: victim.proc.send_signal(signal.SIGSTOP))
+            assert victim.proc.poll() is None  # hung, not dead
+            folder = resolve_model("tiny-llama", cache_dir)[1]
+            for i, (prompt, output, reference) in enumerate(zip(prompts, outputs, references)):
+                assert_same_greedy_output(folder, prompt, output, reference, what=f"stream {i}")
+            resumed = recoveries(scheduler.metrics_address)
+            assert resumed.get(("resume", "kv_store"), 0) >= 1 and set(resumed) == {("resume", "kv_store")}, resumed
+        finally:
+            victim.proc.send_signal(signal.SIGKILL)
 
 
 async def test_sigkill_of_a_prompt_worker_mid_prefill_retries_the_request_on_the_other(tmp_path, cache_dir):
     # Chunks of 2 tokens make a 900-token prefill take 450 engine steps (seconds): the kill lands inside it.
-    cluster = start_cluster(tmp_path, cache_dir, prompt_workers=2, token_workers=1, SPLITWISE_MAX_BATCH_TOKENS="2",
-                            SPLITWISE_REGISTRY_REFRESH_S="0.02")
     prompt = [(11 * i) % 240 + 3 for i in range(900)]
-    try:
+    with workers_cluster(tmp_path, cache_dir, prompt_workers=2, token_workers=1, SPLITWISE_MAX_BATCH_TOKENS="2",
+                         SPLITWISE_REGISTRY_REFRESH_S="0.02") as cluster:
         scheduler = next(c for c in cluster.children if c.name == "scheduler")
         prompt_workers = {c.name: c for c in cluster.children if c.name.startswith("prompt_worker")}
         async with SplitwiseClient(scheduler.address) as client:
@@ -138,5 +116,3 @@ async def test_sigkill_of_a_prompt_worker_mid_prefill_retries_the_request_on_the
         assert out.token_ids == reference.token_ids and out.finish_reason == "length"
         recovered = recoveries(scheduler.metrics_address)
         assert recovered == {("retry", "recompute"): 1}, f"not killed mid-prefill: {recovered}"
-    finally:
-        cluster.stop()

@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from splitwise.launcher import Child, Cluster, UpOptions, worker_cores
+from splitwise.launcher import (Child, Cluster, ClusterDidNotStart, UpOptions, on_free_ports, port_is_free,
+                                start_healthy, worker_cores)
 
 
 def test_workers_get_disjoint_equal_shares_while_there_are_enough_cores():
@@ -168,3 +169,25 @@ def test_free_metrics_ports_are_outside_the_ephemeral_range_and_distinct(tmp_pat
     ports = [int(cluster.metrics_address("token_worker", i).rsplit(":", 1)[1]) for i in range(50)]
     assert len(set(ports)) == 50 and all(p in listen_ports() for p in ports)
     assert not set(ports) & {50051, 50061, 50071, 50081, 6379}
+
+
+def test_a_cluster_on_free_ports_gives_each_service_its_own_free_port():
+    options = on_free_ports(UpOptions(model="tiny-llama", schedulers=2, prompt_workers=3, token_workers=11,
+                                      mixed_workers=2, http_port=1))
+    cluster = Cluster(options)
+    cluster._check_options()  # no two services share a port (11 token workers would reach the default kv_store's)
+    grpc = {first + i for first, count in cluster.first_ports().values() for i in range(count)}
+    assert len(grpc) == 2 + 3 + 11 + 1 + 2 and not grpc & {options.redis_port, options.http_port}
+    assert all(port_is_free(p) for p in grpc | {options.redis_port, options.http_port})
+    assert options.metrics_port == 0 and on_free_ports(UpOptions(model="tiny-llama")).http_port == 0
+
+
+def test_a_cluster_that_does_not_start_is_stopped_and_says_why_with_its_logs(tmp_path):
+    options = on_free_ports(UpOptions(model="no-such-model", device="cpu", run_dir=tmp_path, startup_timeout_s=60,
+                                      extra_env={"SPLITWISE_CACHE_DIR": str(tmp_path / "cache")}))
+    made = []
+    with pytest.raises(ClusterDidNotStart, match="exited with code") as failure:
+        start_healthy(options, lambda o: made.append(Cluster(o)) or made[0])
+    assert "--- " in str(failure.value) and "no-such-model" in str(failure.value)  # a service's log, saying why
+    assert made[0].children and all(c.proc.poll() is not None for c in made[0].children)
+    assert made[0].redis is None or made[0].redis.poll() is not None
