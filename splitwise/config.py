@@ -110,16 +110,7 @@ MOCK_KV_SCALE_HELP = "mock engine: the KV bytes a worker sends are the modelled 
 MIXED_BATCHES_HELP = ("a step that prefills also decodes every running sequence (prompt chunks fill the rest of "
                       "the token budget), as vLLM's chunked prefill; off: prefill and decode steps alternate, "
                       "prompts first but decodes never held back past 50 ms")
-# Options of a part that a service which does not take the whole part reads too: one default, one meaning.
 REDIS_URL = "redis://127.0.0.1:6379/0"
-REDIS_URL_HELP = "Redis holding the worker registry (and the kv_store index)"
-GRPC_KEEPALIVE_HELP = ("while calls to a peer are open, ping it every this many seconds; one that does not answer "
-                       "within as long (a hung process, a host gone without closing its connections) fails them with "
-                       "UNAVAILABLE; 0: no pings")
-KV_PROGRESS_TIMEOUT_HELP = ("a KV transfer that makes no progress this long fails (waiting for compute does not "
-                            "count)")
-INSECURE_HELP = ("run without TLS and cluster authentication (anyone who reaches a port is trusted): for debugging "
-                 "only")
 METRICS_LISTEN_HELP = "host:port of the Prometheus /metrics endpoint ('off': none)"
 ROLE_HELP = ("prompt, token, or mixed (both phases: the mixed pool): the pool the worker registers in, and the "
              "defaults of its listen address, metrics endpoint and KV memory (SPLITWISE_TOKEN_WORKER_ROLE, its "
@@ -157,32 +148,65 @@ class EngineOptions:
 
 
 @dataclass
-class KVOptions:
+class KVProgressOptions:
+    kv_progress_timeout_s: float = option(30.0, "SPLITWISE_KV_PROGRESS_TIMEOUT_S", "a KV transfer that makes no "
+                                          "progress this long fails (waiting for compute does not count)")
+
+
+@dataclass
+class KVOptions(KVProgressOptions):
     """How a worker sends and receives KV caches."""
 
     kv_chunk_bytes: int = option(1 << 20, "SPLITWISE_KV_CHUNK_BYTES", "largest KV chunk on the wire (grpc transport)")
     kv_transports: str = option("shm,grpc", "SPLITWISE_KV_TRANSPORTS", "KV transports this worker offers: shm (same host), mooncake (RDMA or TCP; opt in: its engine listens on every interface and authenticates no peer, see README Security), grpc (always; mTLS), fake (tests only: in-process, faults on demand)")
     kv_mooncake_protocol: str = option("tcp", "SPLITWISE_KV_MOONCAKE_PROTOCOL", "Mooncake Transfer Engine protocol: tcp, or rdma where the machine has it")
     kv_wait_timeout_s: float = option(600.0, "SPLITWISE_KV_WAIT_TIMEOUT_S", "how long a reservation waits for its KV to start arriving (the sender's queue included)")
-    kv_progress_timeout_s: float = option(30.0, "SPLITWISE_KV_PROGRESS_TIMEOUT_S", KV_PROGRESS_TIMEOUT_HELP)
 
 
 @dataclass
-class RegistryOptions:
+class RedisOptions:
+    """The cluster's Redis."""
+
+    redis_url: str = option(REDIS_URL, "SPLITWISE_REDIS_URL", "Redis holding the worker registry, the pools, the "
+                            "request journal and the kv_store's KV index")
+
+
+@dataclass
+class PeerOptions:
+    """How a service that calls its peers finds out that one hangs."""
+
+    grpc_keepalive_s: float = option(5.0, "SPLITWISE_GRPC_KEEPALIVE_S", (
+        "while calls to a peer are open, ping it every this many seconds; one that does not answer within as long (a "
+        "hung process, a host gone without closing its connections) fails them with UNAVAILABLE; 0: no pings"))
+
+
+@dataclass
+class RegistryOptions(PeerOptions, RedisOptions):
     """How a worker keeps its registry entry alive and talks to its peers."""
 
-    redis_url: str = option(REDIS_URL, "SPLITWISE_REDIS_URL", REDIS_URL_HELP)
     heartbeat_s: float = option(1.0, "SPLITWISE_HEARTBEAT_S", "registry heartbeat interval")
-    grpc_keepalive_s: float = option(5.0, "SPLITWISE_GRPC_KEEPALIVE_S", GRPC_KEEPALIVE_HELP)
     registry_ttl_s: float = option(3.0, "SPLITWISE_REGISTRY_TTL_S", "a worker silent this long leaves the registry")
 
 
 @dataclass
-class SecurityOptions:
+class AdvertiseOptions:
+    """Where other services reach a service that is found through Redis (a worker, the kv_store)."""
+
+    advertise: str = option("", "SPLITWISE_ADVERTISE", "address other services use to reach this service (default: "
+                            "its listen address)")
+
+
+@dataclass
+class InsecureOptions:
+    insecure: bool = option(False, "SPLITWISE_INSECURE", "run without TLS and cluster authentication (anyone who "
+                            "reaches a port is trusted): for debugging only")
+
+
+@dataclass
+class SecurityOptions(InsecureOptions):
     """A cluster service's identity: its certificate and the cluster key, or none at all."""
 
     tls_dir: str = option("", "SPLITWISE_TLS_DIR", "folder of the cluster CA, this service's certificate and key, and the cluster key (made by `splitwise certs`): mTLS between services; required unless --insecure")
-    insecure: bool = option(False, "SPLITWISE_INSECURE", INSECURE_HELP)
 
 
 @dataclass
@@ -204,11 +228,10 @@ class TelemetryOptions:
 
 
 @dataclass
-class SchedulerConfig(TelemetryOptions, PublicApiOptions, SecurityOptions, ModelOptions):
+class SchedulerConfig(TelemetryOptions, PublicApiOptions, SecurityOptions, PeerOptions, RedisOptions, ModelOptions):
     """The scheduler: the cluster's front door."""
 
     listen: str = option("127.0.0.1:50051", "SPLITWISE_SCHEDULER_LISTEN", "host:port the scheduler serves on")
-    redis_url: str = option(REDIS_URL, "SPLITWISE_REDIS_URL", REDIS_URL_HELP)
     kv_transfer: str = option("direct", "SPLITWISE_KV_TRANSFER", "direct: prompt worker pushes KV to the token worker; relay: through kv_store")
     kv_store_address: str = option("127.0.0.1:50081", "SPLITWISE_KV_STORE_ADDRESS", "kv_store host:port (relay mode, and where KV is kept)")
     kv_keep: bool = option(True, "SPLITWISE_KV_KEEP", "direct mode: prompt workers also keep each prompt's KV in kv_store for its TTL, so a request whose token worker dies resumes elsewhere without a new prompt phase (relay mode always keeps it)")
@@ -221,7 +244,6 @@ class SchedulerConfig(TelemetryOptions, PublicApiOptions, SecurityOptions, Model
     pool_cooldown_s: float = option(2.0, "SPLITWISE_POOL_COOLDOWN_S", "least time between two pool changes")
     kv_layerwise_min_tokens: int = option(512, "SPLITWISE_KV_LAYERWISE_MIN_TOKENS", "prompts this long or longer ship KV layer by layer during prefill; shorter ones after it (serialized)")
     registry_refresh_s: float = option(0.25, "SPLITWISE_REGISTRY_REFRESH_S", "how often the scheduler re-reads the registry")
-    grpc_keepalive_s: float = option(5.0, "SPLITWISE_GRPC_KEEPALIVE_S", GRPC_KEEPALIVE_HELP)
     worker_calls: str = option("stream", "SPLITWISE_WORKER_CALLS", "stream: the Prefill and Decode calls to a worker go as frames of one long-lived WorkerCalls stream per worker (cheaper for the scheduler); rpc: one RPC each, as a worker whose registry entry does not offer WorkerCalls (an older one) always gets")
     public_tls: bool = option(False, "SPLITWISE_PUBLIC_TLS", "serve the public API over TLS with the scheduler's cluster certificate (clients verify it with the cluster CA, ca.pem in the TLS dir)")
     metrics_listen: str = option("127.0.0.1:9451", "SPLITWISE_METRICS_LISTEN", METRICS_LISTEN_HELP)
@@ -232,12 +254,12 @@ class SchedulerConfig(TelemetryOptions, PublicApiOptions, SecurityOptions, Model
 # config's class is its role's (WorkerConfig.for_role), and parse_worker_config reads the role before the rest.
 
 @dataclass
-class WorkerConfig(TelemetryOptions, SecurityOptions, RegistryOptions, KVOptions, EngineOptions, ModelOptions):
+class WorkerConfig(TelemetryOptions, SecurityOptions, AdvertiseOptions, RegistryOptions, KVOptions, EngineOptions,
+                   ModelOptions):
     """A worker: runs the prompt phase (--role prompt), the token phase (token) or both (mixed) on one engine."""
 
     role: str = option("token", "SPLITWISE_WORKER_ROLE", ROLE_HELP, old_env="SPLITWISE_TOKEN_WORKER_ROLE")
     listen: str = option("127.0.0.1:50071", "SPLITWISE_TOKEN_WORKER_LISTEN", "host:port the token worker serves on")
-    advertise: str = option("", "SPLITWISE_ADVERTISE", "address other services use to reach this worker (default: listen)")
     worker_id: str = option("", "SPLITWISE_WORKER_ID", "unique worker id (default: role-host-random)")
     kv_memory_bytes: int = option(1 << 30, "SPLITWISE_KV_MEMORY_BYTES", "KV cache budget of the token worker")
     metrics_listen: str = option("127.0.0.1:9471", "SPLITWISE_METRICS_LISTEN", METRICS_LISTEN_HELP)
@@ -282,27 +304,23 @@ def parse_worker_config(argv: Sequence[str] | None = None) -> WorkerConfig:
 
 
 @dataclass
-class KVStoreConfig(TelemetryOptions, SecurityOptions):
+class KVStoreConfig(TelemetryOptions, SecurityOptions, AdvertiseOptions, KVProgressOptions, RedisOptions):
     """The kv_store: relays and keeps KV transfers by request id, listed in a KV index in Redis."""
 
     listen: str = option("127.0.0.1:50081", "SPLITWISE_KV_STORE_LISTEN", "host:port the kv_store serves on")
-    advertise: str = option("", "SPLITWISE_ADVERTISE", "address other services use to reach this kv_store (default: listen)")
-    redis_url: str = option(REDIS_URL, "SPLITWISE_REDIS_URL", "Redis holding the KV index (which kv_store holds which request's KV)")
     ttl_s: float = option(300.0, "SPLITWISE_KV_STORE_TTL_S", "how long a stored transfer is kept")
     max_bytes: int = option(4 << 30, "SPLITWISE_KV_STORE_MAX_BYTES", "refuse new transfers beyond this many bytes held")
     get_wait_s: float = option(30.0, "SPLITWISE_KV_STORE_GET_WAIT_S", "default wait for a transfer that has not arrived")
-    kv_progress_timeout_s: float = option(30.0, "SPLITWISE_KV_PROGRESS_TIMEOUT_S", KV_PROGRESS_TIMEOUT_HELP)
     metrics_listen: str = option("127.0.0.1:9481", "SPLITWISE_METRICS_LISTEN", METRICS_LISTEN_HELP)
 
 
 @dataclass
-class GatewayConfig(TelemetryOptions, PublicApiOptions, ModelOptions):
+class GatewayConfig(TelemetryOptions, PublicApiOptions, InsecureOptions, ModelOptions):
     """The OpenAI-compatible HTTP gateway: /v1/chat/completions, /v1/completions and /v1/models in front of the
     scheduler's gRPC API."""
 
     listen: str = option("127.0.0.1:8000", "SPLITWISE_GATEWAY_LISTEN", "host:port the HTTP gateway serves on")
     schedulers: str = option("127.0.0.1:50051", "SPLITWISE_GATEWAY_SCHEDULERS", "the scheduler replicas' host:port, comma-separated: the gateway fails over between them")
-    insecure: bool = option(False, "SPLITWISE_INSECURE", INSECURE_HELP)
     tls_ca: str = option("", "SPLITWISE_TLS_CA", "gateway: the CA (PEM) of schedulers that serve the public API over TLS (--public-tls); empty: plaintext")
     chat_max_tokens: int = option(2048, "SPLITWISE_GATEWAY_CHAT_MAX_TOKENS", "a chat completion that sets no max_tokens generates up to this many, fewer where the context window ends first (a token worker reserves KV for them at admission); completions default to 16, as OpenAI's")
     max_body_bytes: int = option(8 << 20, "SPLITWISE_GATEWAY_MAX_BODY_BYTES", "a request body over this many bytes is refused with 413 before it is read")

@@ -5,11 +5,13 @@ import dataclasses
 
 import pytest
 
-from splitwise.config import (EngineOptions, GatewayConfig, KVOptions, KVStoreConfig, ModelOptions,
-                              PromptWorkerConfig, PublicApiOptions, RegistryOptions, SchedulerConfig, SecurityOptions,
+from splitwise.config import (AdvertiseOptions, EngineOptions, GatewayConfig, InsecureOptions, KVOptions,
+                              KVProgressOptions, KVStoreConfig, ModelOptions, PeerOptions, PromptWorkerConfig,
+                              PublicApiOptions, RedisOptions, RegistryOptions, SchedulerConfig, SecurityOptions,
                               TelemetryOptions, TokenWorkerConfig, WorkerConfig, parse_worker_config)
 
-PARTS = (ModelOptions, EngineOptions, KVOptions, RegistryOptions, SecurityOptions, PublicApiOptions, TelemetryOptions)
+PARTS = (ModelOptions, EngineOptions, KVProgressOptions, KVOptions, RedisOptions, PeerOptions, RegistryOptions,
+         AdvertiseOptions, InsecureOptions, SecurityOptions, PublicApiOptions, TelemetryOptions)
 CONFIGS = (SchedulerConfig, PromptWorkerConfig, TokenWorkerConfig, KVStoreConfig, GatewayConfig)
 ROLE_VARIABLES = ("SPLITWISE_WORKER_ROLE", "SPLITWISE_TOKEN_WORKER_ROLE", "SPLITWISE_PROMPT_WORKER_LISTEN", "SPLITWISE_TOKEN_WORKER_LISTEN",
                   "SPLITWISE_METRICS_LISTEN", "SPLITWISE_PROMPT_KV_MEMORY_BYTES", "SPLITWISE_KV_MEMORY_BYTES")
@@ -81,11 +83,17 @@ def test_a_role_in_the_config_class_of_another_role_is_refused():
 
 
 def test_every_option_is_defined_once():
+    """In one part or one service's config, wherever it is read; only a service's own metrics endpoint and the prompt
+    role's defaults are defined again."""
     defined_in: dict[str, list[str]] = {}
-    for part in PARTS:
-        for f in dataclasses.fields(part):
-            defined_in.setdefault(f.metadata["env"], []).append(part.__name__)
-    assert {env: parts for env, parts in defined_in.items() if len(parts) > 1} == {}
+    for cls in {*PARTS, *CONFIGS, WorkerConfig}:
+        own = vars(cls).get("__annotations__", {})
+        for f in dataclasses.fields(cls):
+            if f.name in own:
+                defined_in.setdefault(f.metadata["env"], []).append(cls.__name__)
+    assert {env: sorted(where) for env, where in defined_in.items() if len(where) > 1} == {
+        "SPLITWISE_METRICS_LISTEN": ["KVStoreConfig", "PromptWorkerConfig", "SchedulerConfig", "WorkerConfig"],
+        "SPLITWISE_WORKER_ROLE": ["PromptWorkerConfig", "WorkerConfig"]}
     assert all(issubclass(WorkerConfig, part) for part in PARTS if part is not PublicApiOptions)
     # The roles share every option but the three whose default is their own, and the role itself.
     assert set(vars(PromptWorkerConfig)["__annotations__"]) == {"role", "listen", "kv_memory_bytes", "metrics_listen"}
