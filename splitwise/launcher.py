@@ -11,10 +11,9 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -408,7 +407,7 @@ class ClusterDidNotStart(RuntimeError):
 def start_healthy(options: UpOptions, make: Callable[[UpOptions], Cluster] = Cluster,
                   log_tail_chars: int = 2000) -> Cluster:
     """A cluster (`make(options)`: Cluster, or a subclass) started and healthy, or ClusterDidNotStart with everything
-    it started stopped. Whoever gets the cluster stops it (`running_cluster` does, around a with-block)."""
+    it started stopped. Whoever gets the cluster stops it: how tests and benchmarks launch one."""
     cluster = make(options)
     try:
         cluster.start()
@@ -419,16 +418,6 @@ def start_healthy(options: UpOptions, make: Callable[[UpOptions], Cluster] = Clu
                          for p in sorted((options.run_dir / "logs").glob("*.log")))
         raise ClusterDidNotStart(f"the cluster did not start: {e}\n{logs}") from e
     return cluster
-
-
-@contextmanager
-def running_cluster(options: UpOptions, make: Callable[[UpOptions], Cluster] = Cluster) -> Iterator[Cluster]:
-    """`start_healthy` on entry, `Cluster.stop` on exit: how tests and benchmarks launch a cluster."""
-    cluster = start_healthy(options, make)
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def num_workers_seen(scheduler: str, deadline: float, admin_key: str = "") -> int:
