@@ -6,6 +6,7 @@ import os
 import sys
 
 import grpc
+import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from splitwise.telemetry.tracing import _configured_exporters
@@ -105,3 +106,16 @@ async def test_the_grpc_instrumentations_spurious_detach_error_is_not_logged_as_
     assert proc.returncode == 0, err.decode()
     records = [json.loads(line) for line in err.decode().splitlines()]
     assert [(r["severity"], r["message"]) for r in records] == [("ERROR", "a real error")]
+
+
+@pytest.mark.parametrize("method, traced", [
+    ("/splitwise.v1.Scheduler/Generate", True), (b"/splitwise.v1.PromptWorker/Prefill", True),
+    ("/grpc.health.v1.Health/Check", False), ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", False),
+    (b"/splitwise.v1.WorkerCalls/Calls", False),
+])
+def test_health_reflection_and_worker_call_streams_are_not_traced_as_rpcs_of_their_own(method, traced):
+    from types import SimpleNamespace
+
+    from splitwise.telemetry.tracing import _traced_rpc
+
+    assert _traced_rpc(SimpleNamespace(method=method)) is traced
