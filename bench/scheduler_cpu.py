@@ -12,9 +12,10 @@ rate (measured first, both at once: the registry refresh) over the phase's wall 
 
 The workers' CPU per output token is measured beside it (all worker processes, over each phase, less their idle rate).
 With --baseline-calls rpc, replica 0 runs this tree's scheduler with SPLITWISE_WORKER_CALLS=rpc (an RPC per worker
-call) instead of a git ref's: the worker-call stream measured alone, on both ends.
+call) instead of a git ref's: the worker-call stream measured alone, on both ends. --baseline-env KEY=VALUE sets any
+other variable of replica 0, to measure what an option costs (SPLITWISE_TRACE_FILE= : no span file).
 
-Run: python -m bench.scheduler_cpu [--baseline REF | --baseline-calls rpc] [--cprofile FILE]
+Run: python -m bench.scheduler_cpu [--baseline REF | --baseline-calls rpc | --baseline-env KEY=VALUE] [--cprofile FILE]
      (FILE: this tree's scheduler under cProfile)
 """
 
@@ -63,17 +64,17 @@ class TwoSchedulers(Cluster):
     """Scheduler replica 0 runs the code of `tree` (None: this tree's); replica 1 this tree's, under cProfile
     into `cprofile` when given."""
 
-    def __init__(self, options: UpOptions, tree: Path | None, cprofile: Path | None, baseline_calls: str = ""):
+    def __init__(self, options: UpOptions, tree: Path | None, cprofile: Path | None, baseline_env: dict | None = None):
         super().__init__(options)
-        self.tree, self.cprofile, self.baseline_calls = tree, cprofile, baseline_calls
+        self.tree, self.cprofile, self.baseline_env = tree, cprofile, baseline_env or {}
 
     @property
     def workers(self) -> list:
         return [c for c in self.children if c.name.split("-")[0] in ("prompt_worker", "token_worker")]
 
     def _spawn(self, name, module, env, address, cores=None, args=()):
-        if name == "scheduler-0" and self.baseline_calls:
-            env = {**env, "SPLITWISE_WORKER_CALLS": self.baseline_calls}
+        if name == "scheduler-0" and self.baseline_env:
+            env = {**env, **self.baseline_env}
         if name == "scheduler-0" and self.tree is not None:
             module, env = "bench.scheduler_from_tree", {**env, TREE_ENV: str(self.tree)}
         elif name == "scheduler-1" and self.cprofile is not None:
@@ -202,14 +203,17 @@ async def run(args) -> int:
         token_workers=args.token_workers, run_dir=run_dir, startup_timeout_s=300,
         extra_env={"SPLITWISE_LOG_LEVEL": "WARNING"}))
     first = f"baseline ({args.baseline})" if tree else "replica 0 (this tree)"
+    baseline_env = dict(kv.split("=", 1) for kv in args.baseline_env)
     if args.baseline_calls:
-        first += f", worker calls: {args.baseline_calls}"
+        baseline_env["SPLITWISE_WORKER_CALLS"] = args.baseline_calls
+    if baseline_env:
+        first += ", " + ", ".join(f"{k}={v!r}" for k, v in baseline_env.items())
     names = [first, "this tree"]
     phases = [Phase("short", args.requests, 1, args.concurrency),
               Phase("long", args.long_requests, args.long_tokens, args.concurrency)]
     print(f"starting the mock cluster (logs in {run_dir})...", file=sys.stderr)
     cluster = await asyncio.to_thread(start_healthy, options,
-                                      lambda o: TwoSchedulers(o, tree, args.cprofile, args.baseline_calls))
+                                      lambda o: TwoSchedulers(o, tree, args.cprofile, baseline_env))
     try:
         os.environ["SPLITWISE_API_KEY"] = cluster.credentials.api_key
         schedulers = [(c.address, c.proc.pid) for c in cluster.schedulers]
@@ -252,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default="", help="git ref whose scheduler runs beside this tree's")
     parser.add_argument("--baseline-calls", default="", choices=["", "rpc", "stream"],
                         help="replica 0's SPLITWISE_WORKER_CALLS (rpc: an RPC per worker call)")
+    parser.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable of replica 0 (this tree's code, unless --baseline): what an "
+                             "option costs, e.g. SPLITWISE_TRACE_FILE= (no span file)")
     parser.add_argument("--profile", default=DEFAULT_MOCK_PROFILE, help="the machine profile the workers model")
     parser.add_argument("--prompt-workers", type=int, default=2)
     parser.add_argument("--token-workers", type=int, default=2)
