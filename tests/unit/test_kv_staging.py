@@ -147,3 +147,91 @@ def test_segments_of_dead_processes_are_removed_and_live_ones_kept():
     finally:
         stale.unlink(missing_ok=True)
         live.close()
+
+
+def test_a_new_segment_is_offered_before_its_pages_exist_and_the_sender_writes_only_once_they_all_do():
+    size = 4 << 20
+    segment = SharedSegment.create(size)  # as the pool creates it, before its thread allocates the pages
+    peer = SharedSegment.open(segment.name, size)
+    try:
+        assert segment.path.stat().st_blocks == 0  # offered at once: nothing allocated on the request's path
+        whole = threading.Event()
+        waiter = threading.Thread(target=lambda: (peer.wait_whole(10), whole.set()))
+        waiter.start()
+        assert not whole.wait(0.2)  # the sender's first write waits: a write into an unallocated page may SIGBUS
+        segment.allocate()
+        waiter.join(10)
+        assert whole.is_set() and segment.path.stat().st_blocks * 512 >= size
+        peer.wait_whole(0)  # known whole from now on: no wait, no stat
+    finally:
+        peer.close()
+        segment.close()
+
+
+def test_a_segment_that_cannot_be_allocated_fails_its_transfer_and_is_never_pooled(monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("splitwise.kv.transport.shm.os.posix_fallocate", full)
+    backend = ShmBackend(host_id())
+    staged = StagedLayout(LAYOUT, num_tokens=10)
+    try:
+        staging = backend.staging(staged.total_bytes)
+        staging.segment.allocated.wait(10)
+        writer = backend.writer(staging.offer(), staged.total_bytes)
+        with pytest.raises(OSError, match="could not allocate"):
+            writer.buffer  # the sender writes nothing into it
+        with pytest.raises(OSError, match="No space left"):
+            staging.tensor  # nor does the receiver read it
+        path = staging.segment.path
+        staging.close(clean=True)
+        assert backend.pool.free_names == [] and not path.exists()
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_a_transfer_into_a_segment_that_cannot_be_allocated_fails_as_the_receivers_fault(monkeypatch, layerwise):
+    import asyncio
+
+    import grpc
+
+    from splitwise.engine.sampling import SampledToken
+    from splitwise.kv.transport.base import Fault, KVTransferError
+    from splitwise.kv.transport.receiver import KVReceiver
+    from splitwise.kv.transport.sender import KVSender
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("splitwise.kv.transport.shm.os.posix_fallocate", full)
+    tokens = list(range(10))
+    size = StagedLayout(LAYOUT, len(tokens)).total_bytes
+    written = []
+
+    async def run():
+        backend = ShmBackend(host_id())
+        receiver = KVReceiver(lambda *kv: written.append(kv), LAYOUT, tokens, staging=backend.staging(size))
+        offer = receiver.offer()
+        sender = KVSender(receiver.consume, "t", "r1", LAYOUT, tokens, 1 << 20, 5.0, backend.writer(offer, size),
+                          layerwise=layerwise, layer_runs=True)
+        task = asyncio.create_task(sender.send())
+
+        def compute():  # the compute thread: nothing it calls raises
+            for layer in range(LAYOUT.num_layers):
+                kv = torch.randn(LAYOUT.num_kv_heads, len(tokens), LAYOUT.head_dim)
+                sender.on_layer_kv(layer, kv, kv, 0)
+
+        await asyncio.to_thread(compute)
+        await asyncio.sleep(0)
+        sender.commit(SampledToken(7, -0.5, None))
+        outcome = (await asyncio.gather(task, return_exceptions=True))[0]
+        receiver.close()
+        backend.close()
+        return outcome, receiver
+
+    outcome, receiver = asyncio.run(run())
+    assert isinstance(outcome, KVTransferError), outcome
+    assert outcome.fault is Fault.RECEIVER and outcome.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "could not allocate" in str(outcome)
+    assert written == [] and receiver.committed.done() and receiver.committed.exception() is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import time
 from typing import AsyncIterator, Callable
 
@@ -193,7 +194,12 @@ class KVReceiver:
         if self.staging is None or self.transport == GRPC:
             raise KVIntegrityError("a staged chunk, but this transfer has no staging buffer")
         check_chunk_bounds(chunk, self.layout, self.num_tokens)
-        buffer = self.staging.tensor
+        try:
+            buffer = self.staging.tensor
+        except OSError as e:  # its allocation failed (this end's), or the sender announced bytes before it could write
+            fault = Fault.SENDER if e.errno == errno.ETIMEDOUT else Fault.RECEIVER
+            raise KVTransferError(f"the staging buffer cannot be read: {e}", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  fault) from e
         ranges = run_ranges(self.staged, chunk.layer, chunk.num_layers, chunk.token_start, chunk.token_count)
         if ranges_checksum(buffer, ranges) != chunk.xxh3:
             end = chunk.token_start + chunk.token_count

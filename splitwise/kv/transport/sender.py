@@ -132,15 +132,27 @@ class KVSender:
             if self.writer is None:
                 return _Encoded(layer, list(split_layer(layer, keys, values, token_start, self.layout,
                                                         self.max_chunk_bytes)), [])
-            buffer = self.writer.buffer  # a reference keeps the mapping alive even if the writer closes meanwhile
+            buffer = self._staging_buffer()
             if buffer is None:
-                return None
+                return None if self._error is None else _Encoded(layer, [], [])  # (the stream tells the receiver)
             digest = stage_layer(buffer, self.staged, layer, token_start, keys, values)
             count = keys.shape[1]
             return _Encoded(layer, [KVChunk(layer, token_start, count, b"", b"", digest, staged=True)],
                             list(self.staged.ranges(layer, token_start, count)))
         finally:
             self.stats.cpu_seconds += time.thread_time() - cpu  # one writer at a time: layers come in order
+
+    def _staging_buffer(self) -> torch.Tensor | None:
+        """The writer's buffer (a reference keeps the mapping alive even if the writer closes meanwhile), or None when
+        it is gone or cannot be written (then `_error` says why: a receiver that could not allocate its buffer)."""
+        if self._error is not None:
+            return None
+        try:
+            return self.writer.buffer
+        except OSError as e:
+            self._error = KVTransferError(f"KV transfer failed: the receiver's {self.transport} buffer cannot be "
+                                          f"written: {e}", grpc.StatusCode.RESOURCE_EXHAUSTED, Fault.RECEIVER)
+            return None
 
     def commit(self, first: SampledToken) -> None:
         """The prefill is over: `first` goes to the receiver after the last layer."""
@@ -290,7 +302,9 @@ class KVSender:
                 chunk = run_chunk(run[0].layer, [raw.keys for raw in run], [raw.values for raw in run],
                                   run[0].token_start)
                 return _Encoded(run[0].layer, [chunk], [], len(run))
-            buffer = self.writer.buffer
+            buffer = self._staging_buffer()
+            if buffer is None and self._error is not None:
+                return _Encoded(run[0].layer, [], [])  # nothing staged: the stream tells the receiver why
             if buffer is None or self._aborted:
                 return None
             for raw in run:
