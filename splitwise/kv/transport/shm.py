@@ -126,10 +126,10 @@ class SharedSegment:
     def wait_whole(self, timeout_s: float = ALLOCATION_WAIT_S) -> None:
         """Peer: returns once every page of the segment is allocated (at once for a segment that served before);
         raises SegmentUnusable when its allocation failed or did not end within timeout_s."""
-        if self._fd < 0 and self._unusable is None:
-            return
         if self._unusable is not None:
             raise self._unusable
+        if self._fd < 0:
+            return
         deadline = time.monotonic() + timeout_s
         while True:
             with self._fd_lock:
