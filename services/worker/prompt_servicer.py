@@ -96,11 +96,11 @@ class PromptWorkerServicer(worker_pb2_grpc.PromptWorkerServicer):
             lambda t: t.cancelled() or t.exception() is None or self.engine.abort(rid, handle))
         try:
             event = await self._first_token(handle, send_task, context, span)
-            self._record_compute_spans(submitted_ns, handle.seq)
-            sender.commit(event)
+            sender.commit(event)  # (first: the token worker waits for it; the spans below do not)
             if keeper is not None:
                 keeper.commit(event)
                 keeper = None  # it has every layer: it goes on alone, whatever happens to this call
+            self._record_compute_spans(submitted_ns, handle.seq)
             first = self._first_token_pb(event, handle.seq)
             first.finish_reason = convert.finish_reason_to_pb(self.engine.request_ends(handle.seq))
             yield worker_pb2.PrefillEvent(first_token=first)

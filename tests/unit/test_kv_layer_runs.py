@@ -11,7 +11,8 @@ from splitwise.engine.sampling import SampledToken
 from splitwise.kv.chunks import KVChunk, KVIntegrityError
 from splitwise.kv.layout import KVLayout
 from splitwise.kv.transport import sender as sender_module
-from splitwise.kv.transport.fake import FakeBackend
+from splitwise.kv.transport.base import Fault
+from splitwise.kv.transport.fake import FakeBackend, Faults
 from splitwise.kv.transport.receiver import KVReceiver
 from splitwise.kv.transport.sender import KVSender
 from splitwise.kv.transport.staged import StagedLayout, run_ranges
@@ -30,10 +31,12 @@ def prefill_kv(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(LAYOUT.num_layers)]
 
 
-async def transfer(layer_runs: bool, corrupt=None, token_ranges=((0, len(TOKENS)),)):
+async def transfer(layer_runs: bool, corrupt=None, token_ranges=((0, len(TOKENS)),), faults=None, before_commit=None):
     """One serialized transfer through the fake staged backend; returns (sent messages, the receiver's cache, the
-    receiver, its outcome)."""
+    receiver, its outcome). `before_commit(receiver, sent)` runs once the prefill's layers are exported."""
     backend = FakeBackend("")
+    if faults is not None:
+        backend.faults = faults
     size = StagedLayout(LAYOUT, len(TOKENS)).total_bytes
     cache = torch.zeros(LAYOUT.num_layers, 2, len(TOKENS), LAYOUT.num_kv_heads, LAYOUT.head_dim)
     sinks = []
@@ -73,6 +76,8 @@ async def transfer(layer_runs: bool, corrupt=None, token_ranges=((0, len(TOKENS)
 
     await asyncio.to_thread(compute)
     await asyncio.sleep(0)  # the layers it handed to the loop are queued before the commit, as after a prefill
+    if before_commit is not None:
+        before_commit(receiver, sent)
     sender.commit(SampledToken(7, -0.5, None))
     outcome = await asyncio.gather(task, return_exceptions=True)
     receiver.close()
@@ -116,6 +121,35 @@ async def test_runs_are_bounded_so_a_large_transfer_pipelines(monkeypatch):
     chunks, cache, _, _, kv = await transfer(layer_runs=True)
     assert [(c.chunk.layer, c.chunk.num_layers) for c in chunks] == [(0, 2), (2, 2), (4, 2)]
     assert torch.equal(cache, expected_cache(kv))
+
+
+async def test_staged_layers_are_in_the_receivers_buffer_when_the_prefill_ends_and_announced_only_at_the_commit():
+    """Serialized with a staged writer, each layer is copied into the receiver's buffer on the compute thread as it
+    is ready: after the prefill only the announcement is left, no copy."""
+    seen = {}
+
+    def before_commit(receiver, sent):
+        seen["chunks"] = [m for m in sent if m.WhichOneof("kind") == "chunk"]
+        seen["staged"] = receiver.staging.tensor.clone()
+
+    chunks, _, _, stats, kv = await transfer(layer_runs=True, before_commit=before_commit)
+    assert seen["chunks"] == [] and len(chunks) == 1
+    staged = StagedLayout(LAYOUT, len(TOKENS))
+    for layer, (keys, values) in enumerate(kv):
+        (k_off, length), (v_off, _) = staged.ranges(layer, 0, len(TOKENS))
+        assert seen["staged"][k_off:k_off + length].view(torch.float32).equal(keys.transpose(0, 1).flatten())
+        assert seen["staged"][v_off:v_off + length].view(torch.float32).equal(values.transpose(0, 1).flatten())
+    assert stats.staging_seconds > 0 and stats.cpu_seconds >= 0
+
+
+async def test_a_staged_runs_failed_flush_fails_the_transfer_as_the_senders_and_announces_nothing_after_it(
+        monkeypatch):
+    layer_bytes = len(TOKENS) * LAYOUT.bytes_per_token_per_layer
+    monkeypatch.setattr(sender_module, "MAX_RUN_BYTES", 2 * layer_bytes)
+    chunks, _, receiver, outcome, _ = await transfer(layer_runs=True, faults=Faults(fail_at_layer=1))
+    assert [(c.chunk.layer, c.chunk.num_layers) for c in chunks] == [(0, 2)]  # the second run's write failed
+    assert outcome.fault is Fault.SENDER and "write of layer 2" in str(outcome)
+    assert receiver.committed.done() and "the sender gave up" in str(receiver.committed.exception())
 
 
 async def test_a_byte_changed_anywhere_in_a_run_fails_its_checksum():

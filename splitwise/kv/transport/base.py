@@ -63,13 +63,15 @@ class TransferStats:
     num_bytes: int = 0
     num_chunks: int = 0  # messages carrying KV (a layer, or a bounded chunk of one)
     num_layers: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the first layer's bytes moving (serialized: from the prefill's end) to the commit
     cpu_seconds: float = 0.0  # this side's own work on the bytes: copies, checksums, the write into blocks
+    staging_seconds: float = 0.0  # serialized, staged: copying layers into the receiver's buffer during the prefill
 
     def attributes(self) -> dict:
         return {"kv.bytes": self.num_bytes, "kv.layers": self.num_layers, "kv.chunks": self.num_chunks,
                 "kv.bytes_per_message": self.num_bytes // max(self.num_chunks, 1),
                 "kv.seconds": self.seconds, "kv.cpu_seconds": self.cpu_seconds,
+                "kv.staging_seconds": self.staging_seconds,
                 "kv.bandwidth_mbps": self.num_bytes * 8 / 1e6 / max(self.seconds, 1e-9)}
 
 

@@ -22,6 +22,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 import torch
+import xxhash
 
 from splitwise.engine.sampling import SampledToken
 from splitwise.kv.binding import kv_hash
@@ -30,7 +31,7 @@ from splitwise.kv.layout import KVLayout
 from splitwise.kv.transport.base import (Fault, KVTransferError, StagedWriter, TransferState, TransferStats,
                                          record_transfer)
 from splitwise.kv.transport.registry import GRPC
-from splitwise.kv.transport.staged import StagedLayout, copy_layer, ranges_checksum, run_ranges, stage_layer
+from splitwise.kv.transport.staged import StagedLayout, copy_layer, run_ranges, stage_layer
 from splitwise.rpc import convert
 from splitwise.rpc.kv_wire import ChunkMessage
 from splitwise.rpc.v1 import common_pb2
@@ -60,7 +61,25 @@ class _Commit:  # serialized mode: the first token, queued after the last encode
 
 
 @dataclass
-class _Held:  # serialized mode: a layer kept until the prefill ends
+class _StagedRun:
+    """Serialized mode with a staged writer: consecutive layers of one token range, staged (and checksummed) on the
+    compute thread while the prefill runs, announced as one chunk after it."""
+
+    layer: int
+    token_start: int
+    token_count: int
+    digest: "xxhash.xxh3_64"
+    num_layers: int = 0
+
+    def encoded(self, staged: StagedLayout) -> _Encoded:
+        chunk = KVChunk(self.layer, self.token_start, self.token_count, b"", b"", self.digest.intdigest(),
+                        staged=True, num_layers=self.num_layers)
+        return _Encoded(self.layer, [chunk], run_ranges(staged, self.layer, self.num_layers, self.token_start,
+                                                        self.token_count), self.num_layers)
+
+
+@dataclass
+class _Held:  # serialized mode over gRPC: a layer kept until the prefill ends
     layer: int
     keys: torch.Tensor
     values: torch.Tensor
@@ -71,11 +90,13 @@ class KVSender:
     """Streams one request's KV to its receiver (a token worker, or the kv_store relay), named by `target`.
 
     Layer-wise, each layer is encoded (staged) on the compute thread as soon as it is ready and `send`, on
-    the event loop, ships it while later layers compute. Serialized, the layers are only copied during the
-    prefill, and encoded and sent after it: to a receiver that takes layer runs (`layer_runs`, from its offer),
-    the layers of one token range (the whole prompt, or each chunk of a chunked prefill) go as one run, one
-    message and one staged write for them all (over gRPC, one message of their bytes, up to max_chunk_bytes), so a
-    transfer's fixed cost is paid once rather than per layer.
+    the event loop, ships it while later layers compute. Serialized, the layers are announced after the prefill:
+    to a receiver that takes layer runs (`layer_runs`, from its offer), the layers of one token range (the whole
+    prompt, or each chunk of a chunked prefill) go as one run, one message and one checksum for them all, so a
+    transfer's fixed cost is paid once rather than per layer. With a staged writer (shm, Mooncake) each layer is
+    still staged on the compute thread as it is ready, the run's checksum taken as it grows, so what is left after
+    the prefill is the announcement (and a remote writer's flush), not a copy; over gRPC the layers are copied
+    during the prefill and encoded into messages of their bytes (up to max_chunk_bytes) after it.
     """
 
     def __init__(self, open_stream: OpenStream, target: str, request_id: str, layout: KVLayout,
@@ -108,6 +129,8 @@ class KVSender:
         self._aborted = False
         self._transfer_started: float | None = None  # the first layer's bytes started moving
         self._error: KVTransferError | None = None  # a staged write that failed; the stream stops short
+        # Serialized with a staged writer: the runs staged so far (compute thread), announced at the commit.
+        self._staged_runs: list[_StagedRun] | None = [] if writer is not None and not layerwise else None
 
     def poll(self) -> TransferState:
         return self.state
@@ -119,6 +142,9 @@ class KVSender:
             return
         if self.layerwise:
             item = self._encode(layer, keys, values, token_start)
+        elif self._staged_runs is not None:
+            self._stage_into_run(layer, keys, values, token_start)
+            return
         else:
             item = _Held(layer, keys.clone(), values.clone(), token_start)
         if item is not None:
@@ -141,6 +167,30 @@ class KVSender:
                             list(self.staged.ranges(layer, token_start, count)))
         finally:
             self.stats.cpu_seconds += time.thread_time() - cpu  # one writer at a time: layers come in order
+
+    def _stage_into_run(self, layer: int, keys: torch.Tensor, values: torch.Tensor, token_start: int) -> None:
+        """Compute thread, serialized with a staged writer: the layer goes into the receiver's buffer now, and into
+        the open run's checksum (a run's digest is over its merged ranges in order, as the receiver takes it)."""
+        cpu, wall = time.thread_time(), time.perf_counter()
+        try:
+            buffer = self._staging_buffer()
+            if buffer is None:  # gone, or unusable: `_error` says why, and the stream tells the receiver
+                return
+            ranges = copy_layer(buffer, self.staged, layer, token_start, keys, values)
+            count = keys.shape[1]
+            run = self._staged_runs[-1] if self._staged_runs else None
+            if not (self.layer_runs and run and layer == run.layer + run.num_layers and token_start == run.token_start
+                    and count == run.token_count
+                    and (run.num_layers + 1) * count * self.layout.bytes_per_token_per_layer <= MAX_RUN_BYTES):
+                run = _StagedRun(layer, token_start, count, xxhash.xxh3_64())
+                self._staged_runs.append(run)
+            data = buffer.numpy()
+            for offset, length in ranges:
+                run.digest.update(data[offset:offset + length])
+            run.num_layers += 1
+        finally:
+            self.stats.cpu_seconds += time.thread_time() - cpu
+            self.stats.staging_seconds += time.perf_counter() - wall
 
     def _staging_buffer(self) -> torch.Tensor | None:
         """The writer's buffer (a reference keeps the mapping alive even if the writer closes meanwhile), or None when
@@ -224,6 +274,10 @@ class KVSender:
             self._error = KVTransferError(f"KV transfer failed: {self.transport} write of layer "
                                           f"{encoded.layer}: {flush.exception()}", fault=Fault.SENDER)
 
+    def _abort_message(self) -> common_pb2.KVTransferMessage:
+        return common_pb2.KVTransferMessage(abort=common_pb2.KVAbort(reason=str(self._error),
+                                                                     code=self._error.code.value[0]))
+
     def _commit_message(self, first: SampledToken) -> common_pb2.KVTransferMessage:
         commit = common_pb2.KVCommit(
             first_token_id=first.token_id, first_token_logprob=first.logprob,
@@ -249,9 +303,25 @@ class KVSender:
                 async for msg in self._chunk_messages(item, span):
                     yield msg
                 if self._error:  # the receiver fails the transfer too, for the cause named here
-                    yield common_pb2.KVTransferMessage(abort=common_pb2.KVAbort(
-                        reason=str(self._error), code=self._error.code.value[0]))
+                    yield self._abort_message()
                     return
+            elif self._staged_runs is not None and not isinstance(item, _Commit):
+                # Serialized, staged during the prefill, which is over: announce the runs (flushing each first where
+                # the writer is remote), then commit.
+                self._start_transfer()
+                for run in [] if self._error else self._staged_runs:
+                    async for msg in self._chunk_messages(run.encoded(self.staged), span):
+                        yield msg
+                    if self._error or self._aborted:
+                        break
+                if self._aborted:
+                    return
+                if self._error:
+                    yield self._abort_message()
+                    return
+                yield self._commit_message(item)
+                self._progress()
+                return
             elif held:  # serialized, and the prefill is over: encode the layers now, in order, then commit
                 self._start_transfer()
                 self._loop.run_in_executor(None, self._encode_held, held, _Commit(item))
@@ -275,10 +345,9 @@ class KVSender:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, commit)
 
     def _runs(self, held: list[_Held]) -> list[list[_Held]]:
-        """The held layers as runs: consecutive layers of one token range, where the receiver takes runs. A staged
-        run holds at most MAX_RUN_BYTES, one in a message at most max_chunk_bytes (a layer bigger than that goes
-        alone, in chunks of tokens)."""
-        bound = MAX_RUN_BYTES if self.writer is not None else self.max_chunk_bytes
+        """The held layers as runs: consecutive layers of one token range, where the receiver takes runs, at most
+        max_chunk_bytes in a message (a layer bigger than that goes alone, in chunks of tokens)."""
+        bound = self.max_chunk_bytes
         runs: list[list[_Held]] = []
         for raw in held:
             run = runs[-1] if runs else None
@@ -292,28 +361,15 @@ class KVSender:
         return runs
 
     def _encode_run(self, run: list[_Held]) -> _Encoded | None:
-        """Stages a run of layers, or copies it into one message's bytes, and takes one checksum over them all (in
-        layer order, keys then values)."""
+        """Copies a run of layers into one message's bytes, with one checksum over them all (in layer order, keys
+        then values)."""
+        if self._aborted:
+            return None
         cpu = time.thread_time()
         try:
-            if self.writer is None:
-                if self._aborted:
-                    return None
-                chunk = run_chunk(run[0].layer, [raw.keys for raw in run], [raw.values for raw in run],
-                                  run[0].token_start)
-                return _Encoded(run[0].layer, [chunk], [], len(run))
-            buffer = self._staging_buffer()
-            if buffer is None and self._error is not None:
-                return _Encoded(run[0].layer, [], [])  # nothing staged: the stream tells the receiver why
-            if buffer is None or self._aborted:
-                return None
-            for raw in run:
-                copy_layer(buffer, self.staged, raw.layer, raw.token_start, raw.keys, raw.values)
-            first, count = run[0], run[0].keys.shape[1]
-            ranges = run_ranges(self.staged, first.layer, len(run), first.token_start, count)
-            chunk = KVChunk(first.layer, first.token_start, count, b"", b"", ranges_checksum(buffer, ranges),
-                            staged=True, num_layers=len(run))
-            return _Encoded(first.layer, [chunk], ranges, len(run))
+            chunk = run_chunk(run[0].layer, [raw.keys for raw in run], [raw.values for raw in run],
+                              run[0].token_start)
+            return _Encoded(run[0].layer, [chunk], [], len(run))
         finally:
             self.stats.cpu_seconds += time.thread_time() - cpu
 
