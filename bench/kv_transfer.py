@@ -3,8 +3,9 @@ memcpy and a plain socket; and TTFT / second-token latency split (layer-wise and
 against colocated on the same cores; and what mTLS costs the gRPC transport (the same transfers with --insecure).
 SmolLM2-135M, fp32, one compute thread per worker.
 
-Run: .venv/bin/python -m bench.kv_transfer [--quick] [--tls-only] [--no-write]   (writes docs/benchmarks.md's KV
-section; --tls-only measures only gRPC with and without mTLS)
+Run: .venv/bin/python -m bench.kv_transfer [--quick] [--tls-only] [--bandwidth-only] [--no-write]   (writes
+docs/benchmarks.md's KV section; --tls-only measures only gRPC with and without mTLS; --bandwidth-only only the
+serialized bandwidths, printed)
 """
 
 from __future__ import annotations
@@ -100,6 +101,48 @@ def socket_gbps(num_bytes: int, repeats: int, send_bytes: int = 4 * MB) -> float
         receiver.kill()
 
 
+MOONCAKE_RECEIVER = """
+import sys, torch
+from mooncake.engine import TransferEngine
+n = int(sys.argv[1])
+engine = TransferEngine()
+assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+buffer = torch.zeros(n, dtype=torch.uint8)
+assert engine.register_memory(buffer.data_ptr(), n) == 0
+print(f"127.0.0.1:{engine.get_rpc_port()} {buffer.data_ptr()}", flush=True)
+sys.stdin.read()
+"""
+
+
+def mooncake_raw_gbps(num_bytes: int, repeats: int) -> float:
+    """The Mooncake Transfer Engine's own write between two processes over loopback TCP, as our backend runs it (P2P
+    handshake, registered buffers): one descriptor of num_bytes, nothing else (no staging, checksum or control
+    stream). The first write, which opens the connection, is not counted."""
+    from mooncake.engine import TransferEngine
+
+    receiver = subprocess.Popen([sys.executable, "-c", MOONCAKE_RECEIVER, str(num_bytes)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        session, address = receiver.stdout.readline().split()
+        engine = TransferEngine()
+        if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+            raise RuntimeError("the Mooncake transfer engine did not start")
+        source = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8)
+        if engine.register_memory(source.data_ptr(), num_bytes) != 0:
+            raise RuntimeError("cannot register the benchmark's buffer with Mooncake")
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            if engine.batch_transfer_sync_write(session, [source.data_ptr()], [int(address)], [num_bytes]) != 0:
+                raise RuntimeError("the raw Mooncake write failed")
+            times.append(time.perf_counter() - start)
+        engine.unregister_memory(source.data_ptr())
+        return num_bytes / min(times[1:]) / 1e9
+    finally:
+        receiver.stdin.close()
+        receiver.wait(timeout=30)
+
+
 # -- the cluster ----------------------------------------------------------------------------------
 
 
@@ -163,7 +206,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes and one repeat, to check the program")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     parser.add_argument("--tls-only", action="store_true", help="only the gRPC transport, with mTLS and without")
+    parser.add_argument("--bandwidth-only", action="store_true",
+                        help="only the serialized transfers' bandwidth (no latency runs; prints, writes nothing)")
+    parser.add_argument("--setups", default="",
+                        help="only these setups, comma-separated (colocated, 'shm serialized', 'grpc layer-wise', "
+                             "...); prints, writes nothing")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment setting for every cluster (e.g. SPLITWISE_KV_KEEP=false); prints, writes "
+                             "nothing")
     args = parser.parse_args()
+    if args.bandwidth_only or args.setups or args.env:
+        args.no_write = True
     repeats = 1 if args.quick else 3
     sizes_mb = [1, 8] if args.quick else [1, 8, 64]
     prompt_lengths = [128, 256] if args.quick else [512, 1024, 2048]
@@ -180,7 +233,9 @@ def main() -> None:
     for size in sizes_mb:
         log(f"baselines at {size} MB...")
         rows_bw.append({"size_mb": size, "memcpy": memcpy_gbps(size * MB, 20),
-                        "socket": socket_gbps(size * MB, repeats)})
+                        "socket": socket_gbps(size * MB, repeats),
+                        "mooncake raw": mooncake_raw_gbps(size * MB, max(repeats, 5)) if "mooncake" in transports
+                        else float("nan")})
 
     latency: dict[tuple[str, int], list[Latency]] = {}
     transfer: dict[tuple[str, int], list[dict]] = {}
@@ -189,6 +244,13 @@ def main() -> None:
     setups.append(Setup(f"grpc serialized {PLAINTEXT}", "grpc", False, insecure=True))
     if args.tls_only:
         setups = [s for s in setups if s.transport == "grpc" and not s.layerwise]
+    if args.bandwidth_only:
+        setups = [s for s in setups if s.transport and not s.layerwise and not s.insecure]
+    for setup in setups:
+        setup.env.update(dict(item.split("=", 1) for item in args.env))
+    if args.setups:
+        wanted = {name.strip() for name in args.setups.split(",")}
+        setups = [s for s in setups if s.name in wanted]
     with tempfile.TemporaryDirectory(prefix="bench-kv-") as tmp:
         for setup in setups:
             run_dir = Path(tmp) / setup.name.replace(" ", "-")
@@ -208,7 +270,7 @@ def main() -> None:
                             transfer.setdefault((transport, size), []).append(attrs)
                         best = max(a["kv.bytes"] / a["kv.seconds"] for a in transfer[(transport, size)])
                         log(f"  {size} MB ({tokens} tokens): {best / 1e9:.2f} GB/s")
-                for length in prompt_lengths if not (args.tls_only or setup.insecure) else ():
+                for length in prompt_lengths if not (args.tls_only or args.bandwidth_only or setup.insecure) else ():
                     for r in range(repeats):
                         out = asyncio.run(stream_once(address, prompt(length, vocab, r), output_tokens, key))
                         latency.setdefault((setup.name, length), []).append(out)
@@ -222,6 +284,9 @@ def main() -> None:
         print(text)
         if not args.no_write:
             write_section("KV transfer over mTLS", text)
+        return
+    if args.bandwidth_only:
+        print(render(rows_bw, transfer, {}, transports, sizes_mb, [], output_tokens))
         return
     text = render(rows_bw, transfer, latency, transports, sizes_mb, prompt_lengths, output_tokens)
     text += "\n" + render_tls(transfer, sizes_mb)
@@ -252,29 +317,43 @@ def render(rows_bw, transfer, latency, transports, sizes_mb, prompt_lengths, out
         runs = transfer.get((transport, size), [])
         return max(a["kv.bytes"] / a["kv.seconds"] for a in runs) / 1e9 if runs else float("nan")
 
+    def with_staging_gbps(transport, size):
+        runs = transfer.get((transport, size), [])
+        return max(a["kv.bytes"] / (a["kv.seconds"] + a.get("kv.staging_seconds", 0.0)) for a in runs) / 1e9 \
+            if runs else float("nan")
+
+    staged = [t for t in transports if t != "grpc"]
     lines = [f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {MODEL}, float32, "
              "one compute thread per worker. Run `python -m bench.kv_transfer`.", "",
-             "Bandwidth of real KV between a prompt worker process and a token worker process (serialized, so the "
-             "transfer runs alone: from the first layer's bytes to the receiver's commit, checksums and the "
-             "write into the KV blocks included), against a plain memcpy and a plain TCP socket over loopback "
-             "(two processes, 4 MiB sends); GB/s, best of the repeats.", "",
-             "| KV size | memcpy | socket | " + " | ".join(transports) + " | shm / memcpy | grpc / socket |",
-             "|---|---|---|" + "---|" * len(transports) + "---|---|"]
+             "Bandwidth of real KV between a prompt worker process and a token worker process, serialized (the "
+             "transfer announced after the prefill): bytes over the time from the prefill's end to the receiver's "
+             "acknowledged commit (checksums and the write into the KV blocks included). A staged transport (shm, "
+             "Mooncake) copies each layer into the receiver's buffer while the prefill runs; `+ staging` counts that "
+             "copy's time too, as if it were not hidden. Against a plain memcpy, a plain TCP socket over loopback "
+             "(two processes, 4 MiB sends) and the Mooncake Transfer Engine's own write between two processes (one "
+             "descriptor, loopback TCP); GB/s, best of the repeats.", "",
+             "| KV size | memcpy | socket | mooncake raw | " + " | ".join(transports) + " | "
+             + " | ".join(f"{t} + staging" for t in staged) + " | shm / memcpy | grpc / socket | mooncake / raw |",
+             "|---|---|---|---|" + "---|" * (len(transports) + len(staged)) + "---|---|---|"]
     for row in rows_bw:
         size = row["size_mb"]
-        cells = [best_gbps(t, size) for t in transports]
-        shm = best_gbps("shm", size)
-        grpc_ = best_gbps("grpc", size)
-        lines.append(f"| {size} MB | {row['memcpy']:.2f} | {row['socket']:.2f} | "
+        cells = [best_gbps(t, size) for t in transports] + [with_staging_gbps(t, size) for t in staged]
+        shm, grpc_, mooncake = (best_gbps(t, size) for t in ("shm", "grpc", "mooncake"))
+        lines.append(f"| {size} MB | {row['memcpy']:.2f} | {row['socket']:.2f} | {row['mooncake raw']:.2f} | "
                      + " | ".join(f"{c:.2f}" for c in cells)
-                     + f" | {shm / row['memcpy']:.0%} | {grpc_ / row['socket']:.0%} |")
+                     + f" | {shm / row['memcpy']:.0%} | {grpc_ / row['socket']:.0%} | "
+                     f"{mooncake / row['mooncake raw']:.0%} |")
+    if not prompt_lengths:
+        return "\n".join(lines) + "\n"
     lines += ["", f"Latency as the client sees it (median of the repeats, {output_tokens} output tokens): time to "
               "first token, second-token latency (first to second token), end to end; ratios against colocated "
               "(one mixed worker doing both phases on one thread; split: prompt and token worker one thread each).",
               "", "| prompt | setup | TTFT ms | vs colocated | 2nd token ms | vs colocated | E2E ms | "
               "visible transfer share of E2E |", "|---|---|---|---|---|---|---|---|"]
     for length in prompt_lengths:
-        base = latency[("colocated", length)]
+        base = latency.get(("colocated", length))
+        if not base:
+            continue
         base_ttft = statistics.median(x.ttft_s for x in base)
         base_second = statistics.median(x.second_token_s for x in base)
         for name in ["colocated"] + [f"{t} {m}" for t in transports for m in ("layer-wise", "serialized")]:
