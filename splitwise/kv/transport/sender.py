@@ -42,8 +42,8 @@ from splitwise.telemetry.tracing import record_cancelled, record_error, tracer
 OpenStream = Callable[[AsyncIterator[common_pb2.KVTransferMessage]], Awaitable[object]]
 
 _DONE = object()
-# The most bytes one run of layers announces: a small transfer goes as one message, a large one in runs of about
-# this size, so that the receiver verifies and copies one run while the sender stages the next.
+# The most bytes one staged run of layers announces: a small transfer goes as one message, a large one in runs of
+# about this size, so that the receiver verifies and copies one run while the next is announced (or written, remote).
 MAX_RUN_BYTES = 8 << 20
 
 
